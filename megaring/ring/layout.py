@@ -1,0 +1,78 @@
+"""Where each rank's tokens sit in the global sequence.
+
+Two layouts of a global sequence of length S over a cp group of size W:
+
+- ``"zigzag"``: the sequence is cut in ``2*W`` equal chunks; rank r holds chunks
+  ``r`` and ``2W-1-r``, concatenated in that order. Under a causal mask every rank then
+  does the same amount of attention work.
+- ``"contiguous"``: rank r holds chunk r of W.
+
+Everything here is pure indexing: no communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def num_chunks(world_size: int, layout: str) -> int:
+    """How many equal chunks the global sequence is cut into."""
+    check_layout(layout)
+    return 2 * world_size if layout == "zigzag" else world_size
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def chunk_ids(rank: int, world_size: int, layout: str) -> tuple[int, ...]:
+    """The chunk indices rank ``rank`` holds, in local order."""
+    check_layout(layout)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a group of size {world_size}")
+    if layout == "zigzag":
+        return (rank, 2 * world_size - 1 - rank)
+    return (rank,)
+
+
+def shard_ranges(seq_len: int, rank: int, world_size: int, layout: str = "zigzag") -> list[tuple[int, int]]:
+    """Half-open global ranges ``[start, end)`` of the tokens rank ``rank`` holds, in local order."""
+    n = num_chunks(world_size, layout)
+    if seq_len % n:
+        raise ValueError(
+            f"sequence length {seq_len} must be divisible by {n} "
+            f"({'2*cp' if layout == 'zigzag' else 'cp'}, cp={world_size}, layout={layout!r})"
+        )
+    chunk = seq_len // n
+    return [(c * chunk, (c + 1) * chunk) for c in chunk_ids(rank, world_size, layout)]
+
+
+def shard_positions(seq_len: int, rank: int, world_size: int, layout: str = "zigzag") -> torch.Tensor:
+    """Global positions of this rank's tokens, shape ``(seq_len // world_size,)``."""
+    return torch.cat([torch.arange(a, b) for a, b in shard_ranges(seq_len, rank, world_size, layout)])
+
+
+def shard_sequence(x: torch.Tensor, *, dim: int, rank: int, world_size: int, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's slice of ``x`` along ``dim`` (a contiguous copy)."""
+    ranges = shard_ranges(x.shape[dim], rank, world_size, layout)
+    return torch.cat([x.narrow(dim, a, b - a) for a, b in ranges], dim=dim).contiguous()
+
+
+def unshard_sequence(shards: Sequence[torch.Tensor], *, dim: int, layout: str = "zigzag") -> torch.Tensor:
+    """Inverse of :func:`shard_sequence`: ``shards[r]`` is rank r's slice."""
+    world_size = len(shards)
+    n = num_chunks(world_size, layout)
+    per_rank = n // world_size
+    chunks: list[torch.Tensor | None] = [None] * n
+    for rank, shard in enumerate(shards):
+        if shard.shape[dim] % per_rank:
+            raise ValueError(f"shard {rank} has length {shard.shape[dim]}, not divisible by {per_rank}")
+        pieces = shard.chunk(per_rank, dim=dim)
+        for cid, piece in zip(chunk_ids(rank, world_size, layout), pieces):
+            chunks[cid] = piece
+    return torch.cat(chunks, dim=dim)

@@ -1,0 +1,90 @@
+"""A pool of gloo worker processes that stays up for a whole test module.
+
+Spawning processes and importing torch costs seconds per rank; a module-scoped pool pays
+it once and then runs many small distributed cases. Each task is a picklable module-level
+function ``fn(rank, world_size, *args)``; every rank runs it and the pool returns the list
+of per-rank results. A failing rank raises in the test with its traceback; a hang ends
+after ``timeout_s`` (collectives also time out), and the pool is torn down.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        except BaseException:  # noqa: BLE001 - report everything to the parent
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    def __init__(self, world_size: int, timeout_s: float = 180.0):
+        ctx = mp.get_context("spawn")
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results),
+                                  daemon=True) for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args) -> list:
+        """Run ``fn(rank, world_size, *args)`` on every rank; return results ordered by rank."""
+        for q in self.tasks:
+            q.put((fn, args))
+        out: dict[int, object] = {}
+        errors = []
+        while len(out) + len(errors) < self.world_size:
+            try:
+                rank, ok, value = self.results.get(timeout=self.timeout_s)
+            except queue.Empty:
+                self.close(force=True)
+                raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks "
+                                   f"within {self.timeout_s}s (finished: {sorted(out)})") from None
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+        if errors:
+            raise RuntimeError(f"{fn.__name__} failed\n" + "\n".join(errors))
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        for p, q in zip(self.procs, self.tasks):
+            if not force and p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.kill()
