@@ -1,0 +1,170 @@
+"""Ring attention: exact attention over a sequence sharded across a cp process group.
+
+Forward: K/V blocks (with ``H_kv`` heads, never expanded) travel around the ring; the next
+block's transfer is posted before the current block is computed, and block results are
+merged with a float32 online softmax. Backward runs a second ring: K/V travel again,
+together with float32 dK/dV accumulators that return to their owners after a full turn.
+The autograd function only orchestrates: kernels compute, :class:`RingComm` communicates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megaring.kernels import BlockKernel, select_kernel
+from megaring.ring.comm import RingComm
+from megaring.ring.layout import check_layout
+from megaring.ring.merge import merge_into
+from megaring.ring.schedule import BlockPlan, plan_block
+
+KV_TAG, GRAD_TAG = 11, 12
+
+
+def _block_mask(seg_q, seg_k, plan: BlockPlan):
+    """Boolean (B, Sq, Sk) same-document mask of a block, or None without segment ids."""
+    if seg_q is None:
+        return None
+    return seg_q[:, plan.q, None] == seg_k[:, None, plan.kv]
+
+
+def _visible(mask, causal: bool) -> bool:
+    """Whether any query-key pair of the block may attend (skip fully masked blocks)."""
+    if mask is None:
+        return True
+    if causal:
+        mask = mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril_()
+    return bool(mask.any())
+
+
+class _Ring:
+    """Facts shared by forward and backward: group, rank, size and the block plan."""
+
+    def __init__(self, group, causal: bool, layout: str, local_len: int):
+        self.group, self.causal, self.layout, self.local_len = group, causal, layout, local_len
+        self.size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if self.size > 1 else 0
+
+    def plan(self, step: int) -> BlockPlan | None:
+        src = (self.rank - step) % self.size
+        return plan_block(self.rank, src, self.size, self.local_len, causal=self.causal, layout=self.layout)
+
+
+def _ring_forward(ring: _Ring, kernel: BlockKernel, q, k, v, seg, scale):
+    b, s, h, d = q.shape
+    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
+    k_cur, v_cur, seg_cur = k, v, seg
+    for step in range(ring.size):
+        if step < ring.size - 1:
+            nxt = comm.send_recv([k_cur, v_cur] + ([seg_cur] if seg is not None else []))
+        plan = ring.plan(step)
+        mask = _block_mask(seg, seg_cur, plan) if plan else None
+        if plan and _visible(mask, plan.causal):
+            o_b, lse_b = kernel.forward(q[:, plan.q], k_cur[:, plan.kv], v_cur[:, plan.kv],
+                                        scale=scale, causal=plan.causal, mask=mask)
+            merge_into(out[:, plan.q], lse[:, :, plan.q], o_b, lse_b)
+        if step < ring.size - 1:
+            comm.wait()
+            k_cur, v_cur = nxt[0], nxt[1]
+            seg_cur = nxt[2] if seg is not None else None
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dk = torch.zeros_like(k, dtype=torch.float32)  # accumulator of the block held this step
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    kv_comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
+    grad_comm = RingComm(ring.group, GRAD_TAG) if ring.size > 1 else None
+    k_cur, v_cur, seg_cur = k, v, seg
+    received: list[torch.Tensor] = []  # dk/dv accumulators arriving from the previous rank
+    for step in range(ring.size):
+        if step < ring.size - 1:
+            nxt = kv_comm.send_recv([k_cur, v_cur] + ([seg_cur] if seg is not None else []))
+        plan = ring.plan(step)
+        mask = _block_mask(seg, seg_cur, plan) if plan else None
+        grads = None
+        if plan and _visible(mask, plan.causal):
+            grads = kernel.backward(dout[:, plan.q], q[:, plan.q], k_cur[:, plan.kv], v_cur[:, plan.kv],
+                                    out[:, plan.q], lse[:, :, plan.q], scale=scale, causal=plan.causal, mask=mask)
+            dq[:, plan.q] += grads[0]
+        if step > 0:
+            grad_comm.wait()  # dk/dv accumulators of the block we now hold
+            dk, dv = received
+        if grads is not None:
+            dk[:, plan.kv] += grads[1]
+            dv[:, plan.kv] += grads[2]
+        if ring.size > 1:
+            received = grad_comm.send_recv([dk, dv])
+        if step < ring.size - 1:
+            kv_comm.wait()
+            k_cur, v_cur = nxt[0], nxt[1]
+            seg_cur = nxt[2] if seg is not None else None
+    if ring.size > 1:
+        grad_comm.wait()  # after a full turn each rank receives its own blocks' gradients
+        dk, dv = received
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segment_ids, group, causal, scale, layout, kernel):
+        ring = _Ring(group, causal, layout, q.shape[1])
+        out, lse = _ring_forward(ring, kernel, q, k, v, segment_ids, scale)
+        ctx.save_for_backward(q, k, v, out, lse, segment_ids)
+        ctx.ring, ctx.kernel, ctx.scale = ring, kernel, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seg = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(ctx.ring, ctx.kernel, dout.contiguous(), q, k, v, out, lse, seg, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def check_inputs(q, k, v, segment_ids, layout: str) -> None:
+    """Raise one ValueError naming every problem with the inputs (before any communication)."""
+    check_layout(layout)
+    problems = []
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (batch, local_seq, heads, head_dim); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        problems.append(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        problems.append(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, local_seq and head_dim")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        problems.append(f"n_heads={q.shape[2]} must be a multiple of n_kv_heads={k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        problems.append(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        problems.append(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if layout == "zigzag" and q.shape[1] % 2:
+        problems.append(f"local_seq={q.shape[1]} must be even with the zigzag layout (two chunks per rank)")
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != tuple(q.shape[:2]):
+            problems.append(f"segment_ids must have shape (batch, local_seq) = {tuple(q.shape[:2])}; "
+                            f"got {tuple(segment_ids.shape)}")
+        if segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
+            problems.append(f"segment_ids must be integers; got {segment_ids.dtype}")
+    if problems:
+        raise ValueError("ring_attention: " + "; ".join(problems))
+
+
+def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
+                   segment_ids=None, layout: str = "zigzag", kernel: str | None = None):
+    """Exact attention over a sequence sharded across ``group`` in ``layout``.
+
+    q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); segment_ids: optional (B, S_local)
+    integers, a query attends only to keys of its own segment (and, if ``causal``, at a
+    global position not after its own). ``group=None`` is the default group, or plain
+    attention when torch.distributed is not initialised. Returns (B, S_local, H, D).
+    """
+    check_inputs(q, k, v, segment_ids, layout)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    block_kernel = select_kernel(kernel, q, needs_mask=segment_ids is not None)
+    seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
+    return RingAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), seg,
+                                       group, causal, scale, layout, block_kernel)

@@ -1,0 +1,38 @@
+"""Point-to-point ring communication: send to the next rank, receive from the previous one.
+
+``RingComm.send_recv`` posts the transfers and returns the receive buffers at once, so the
+caller can compute on the current block while the next one is in flight; ``wait``
+completes them. Every rank posts its transfers in the same program order, and each kind of
+message has its own tag, so messages between a pair of ranks match one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class RingComm:
+    def __init__(self, group: dist.ProcessGroup | None, tag: int = 0):
+        self.group = group
+        self.tag = tag
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size) if group else (self.rank + 1) % self.size
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size) if group else (self.rank - 1) % self.size
+        self._works: list = []
+
+    def send_recv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
+        if self._works:
+            raise RuntimeError("RingComm.send_recv called twice without wait()")
+        buffers = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, self.tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, self.tag) for b in buffers]
+        self._works = dist.batch_isend_irecv(ops)
+        return buffers
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works = []

@@ -1,0 +1,121 @@
+"""Single-process pieces of ring attention: layout, schedule balance, merge, kernels, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaring import ring_attention, shard_sequence, unshard_sequence
+from megaring.kernels import KERNELS, select_kernel
+from megaring.ring.layout import shard_positions, shard_ranges
+from megaring.ring.merge import merge_into
+from megaring.ring.schedule import plan_block
+from tests.helpers.attention_ref import make_inputs, reference_attention
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_shard_roundtrip(world, layout):
+    x = torch.arange(3 * 48).view(3, 48)
+    shards = [shard_sequence(x, dim=1, rank=r, world_size=world, layout=layout) for r in range(world)]
+    assert all(s.shape == (3, 48 // world) for s in shards)
+    assert torch.equal(unshard_sequence(shards, dim=1, layout=layout), x)
+    for r, s in enumerate(shards):
+        assert torch.equal(s[0], shard_positions(48, r, world, layout))
+
+
+def test_zigzag_chunks():
+    # W=2, 8 tokens: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 holds chunks 1 and 2.
+    assert shard_ranges(8, 0, 2, "zigzag") == [(0, 2), (6, 8)]
+    assert shard_ranges(8, 1, 2, "zigzag") == [(2, 4), (4, 6)]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        shard_ranges(10, 0, 2, "zigzag")
+
+
+def _work(plan, local_len):
+    if plan is None:
+        return 0
+    nq = len(range(local_len)[plan.q])
+    nk = len(range(local_len)[plan.kv])
+    return nq * nk // (2 if plan.causal else 1)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_zigzag_causal_work_is_equal_every_step(world):
+    local = 16
+    for step in range(world):
+        work = [_work(plan_block(r, (r - step) % world, world, local, causal=True, layout="zigzag"), local)
+                for r in range(world)]
+        assert len(set(work)) == 1, f"step {step}: {work}"
+    # contiguous is imbalanced under causality: rank 0 skips every block but its own
+    contiguous = [sum(_work(plan_block(r, (r - s) % world, world, local, causal=True, layout="contiguous"), local)
+                      for s in range(world)) for r in range(world)]
+    assert contiguous[0] < contiguous[-1]
+
+
+def test_merge_matches_joint_softmax():
+    torch.manual_seed(0)
+    scores = torch.randn(1, 2, 3, 10)  # (B, H, Sq, Sk)
+    scores[..., 0, :4] = float("-inf")  # row 0 sees nothing in the first block
+    v = torch.randn(1, 10, 2, 5)
+    full = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    out = torch.zeros(1, 3, 2, 5)
+    lse = torch.full((1, 2, 3), float("-inf"))
+    for a, b in ((0, 4), (4, 10)):
+        blk = scores[..., a:b]
+        blk_lse = torch.logsumexp(blk, -1)
+        probs = torch.exp(blk - torch.where(torch.isfinite(blk_lse), blk_lse, 0)[..., None]).nan_to_num(0)
+        merge_into(out, lse, torch.einsum("bhqk,bkhd->bqhd", probs, v[:, a:b]), blk_lse)
+    assert torch.allclose(out, full, atol=1e-6)
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-6)
+
+
+def test_cpu_flash_empty_rows_get_minus_inf_lse():
+    q, k, v, _, _ = make_inputs(0, 1, 6, 2, 2, 8, False)
+    mask = torch.ones(1, 6, 6, dtype=torch.bool)
+    mask[:, 2] = False
+    for name in ("cpu_flash", "torch"):
+        out, lse = KERNELS[name].forward(q, k, v, scale=0.3, causal=False, mask=mask)
+        assert torch.isneginf(lse[:, :, 2]).all(), name
+        assert (out[:, 2] == 0).all(), name
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpu_flash"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_process_equals_plain_attention(kernel, causal):
+    q, k, v, dout, seg = make_inputs(1, 2, 20, 6, 2, 8, True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ring_attention(q, k, v, causal=causal, segment_ids=seg, kernel=kernel)
+    out.backward(dout)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qr, kr, vr, causal=causal, segment_ids=seg)
+    ref.backward(dout.double())
+    assert (out.double() - ref).abs().max() < 1e-5
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_auto_kernel_on_cpu_is_fused():
+    assert select_kernel(None, torch.zeros(1), needs_mask=True).name == "cpu_flash"
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        select_kernel("nope", torch.zeros(1), needs_mask=False)
+
+
+@pytest.mark.parametrize("q_shape,k_shape,seg_shape,dtype_k,match", [
+    ((1, 5, 4, 8), (1, 5, 4, 8), None, torch.float32, "must be even with the zigzag"),
+    ((1, 6, 4, 8), (1, 6, 3, 8), None, torch.float32, "multiple of n_kv_heads"),
+    ((1, 6, 4, 8), (1, 4, 4, 8), None, torch.float32, "must agree in batch"),
+    ((1, 6, 4, 8), (1, 6, 4, 8), None, torch.float64, "share one floating dtype"),
+    ((1, 6, 4, 8), (1, 6, 4, 8), (1, 5), torch.float32, "segment_ids must have shape"),
+])
+def test_bad_inputs(q_shape, k_shape, seg_shape, dtype_k, match):
+    q, k = torch.randn(q_shape), torch.randn(k_shape, dtype=dtype_k)
+    seg = None if seg_shape is None else torch.zeros(seg_shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        ring_attention(q, k, k, segment_ids=seg)
+
+
+def test_unknown_layout():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_attention(q, q, q, layout="spiral")
