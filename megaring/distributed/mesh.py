@@ -10,6 +10,7 @@ Communication code never reads a global: it receives an :class:`Axis`.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -108,8 +109,12 @@ def group_ranks(dims: ParallelDims, rank: int, axes: tuple[str, ...]) -> tuple[i
     return tuple(members)
 
 
-def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> ParallelMesh:
-    """Build the mesh over the initialised default group. Validates before any collective."""
+def build_mesh(dims: ParallelDims, device_type: str = "cpu", timeout_s: float | None = 600.0) -> ParallelMesh:
+    """Build the mesh over the initialised default group. Validates before any collective.
+
+    ``timeout_s`` bounds every collective on the axis groups (torch would otherwise give
+    sub-groups its 10/30-minute default, so a dead rank would stall the job for that long).
+    """
     if not dist.is_initialized():
         dims.validate(1)
         return ParallelMesh.single()
@@ -127,5 +132,14 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> ParallelMesh:
         ("dp_cp", flat, ("dp", "cp")),
     ):
         ranks = group_ranks(dims, rank, members)
-        axes[name] = Axis(name, sub.get_group(), ranks.index(rank), len(ranks), ranks)
+        group = sub.get_group()
+        if timeout_s is not None:
+            _set_timeout(group, timeout_s)
+        axes[name] = Axis(name, group, ranks.index(rank), len(ranks), ranks)
     return ParallelMesh(dims, rank, axes["dp"], axes["cp"], axes["tp"], axes["dp_cp"], mesh)
+
+
+def _set_timeout(group: dist.ProcessGroup, timeout_s: float) -> None:
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.3
+    if setter is not None:
+        setter(datetime.timedelta(seconds=timeout_s), group)
