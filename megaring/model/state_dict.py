@@ -1,0 +1,59 @@
+"""Full (1, 1) state dicts from and into any (cp, tp) layout.
+
+cp ranks hold identical weights, so only tp communicates: gathering all-gathers each split
+parameter over tp (every rank receives the full dict); loading slices locally. Keys are the
+(1, 1) model's parameter names; with tied embeddings only ``tok_embeddings.weight`` appears.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megaring.model.context import ParallelContext
+from megaring.model.init import full_shape, tp_partitions
+from megaring.tensor_parallel.mappings import all_gather_list
+
+
+def _gather(tensors: dict[str, torch.Tensor], model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    partitions = tp_partitions(model)
+    out = {}
+    for name, local in tensors.items():
+        part = partitions.get(name)
+        if part is None or ctx.tp.size == 1:
+            out[name] = local.detach().clone()
+        else:
+            out[name] = part.unshard(all_gather_list(local.detach(), ctx.tp))
+    return out
+
+
+def gather_full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """The full weights on every rank (collective over tp: call it on all tp ranks)."""
+    return _gather(dict(model.named_parameters()), model, ctx)
+
+
+def gather_full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """Each parameter's ``.grad`` at full shape (collective over tp). Not reduced over cp or dp."""
+    grads = {}
+    for name, param in model.named_parameters():
+        grads[name] = param.grad if param.grad is not None else torch.zeros_like(param)
+    return _gather(grads, model, ctx)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: ParallelContext) -> None:
+    """Copy this rank's shards of the full ``state`` into ``model`` (no communication)."""
+    partitions = tp_partitions(model)
+    params = dict(model.named_parameters())
+    problems = [f"missing key {k!r}" for k in params if k not in state]
+    problems += [f"unexpected key {k!r}" for k in state if k not in params]
+    for name, param in params.items():
+        expected = full_shape(param, partitions.get(name), ctx.tp.size)
+        if name in state and tuple(state[name].shape) != expected:
+            problems.append(f"{name}: shape {tuple(state[name].shape)}, expected {expected}")
+    if problems:
+        raise ValueError("cannot load the state dict:\n  - " + "\n  - ".join(problems))
+    for name, param in params.items():
+        part = partitions.get(name)
+        full = state[name].to(dtype=param.dtype, device=param.device)
+        param.copy_(full if part is None else part.shard(full, ctx.tp.rank, ctx.tp.size))

@@ -1,0 +1,78 @@
+"""The Llama-family decoder: embedding, blocks, final norm, vocab-parallel output.
+
+``build_model(cfg, ctx)`` checks the config against the layout (before any communication),
+builds the tp shards and fills them with the layout-independent initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megaring.model.blocks import RMSNorm, TransformerBlock
+from megaring.model.config import ModelConfig, check_model_config
+from megaring.model.context import ParallelContext
+from megaring.model.init import init_weights
+from megaring.model.rope import rope_cos_sin
+from megaring.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, parallel_lm_logits
+
+
+class Transformer(nn.Module):
+    """``model(tokens, positions, segment_ids) -> logits (B, S_local, V / tp)``.
+
+    tokens, positions, segment_ids: ``(B, S_local)`` for this cp rank's shard; positions are the
+    tokens' global (or per-document) positions and feed the rotary embeddings; segment_ids (optional)
+    keep attention inside documents. The logits are this tp rank's vocab shard.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        sp = ctx.sequence_parallel_active
+        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp_axis=ctx.tp, sequence_parallel=sp)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, ctx) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx)
+        self.output = None if cfg.tie_embeddings else ColumnParallelLinear(
+            cfg.dim, cfg.vocab_size, tp_axis=ctx.tp, sequence_parallel=sp)
+
+    def check_inputs(self, tokens, positions, segment_ids) -> None:
+        """Raise one error naming every problem, before any communication."""
+        cp, tp = self.ctx.cp.size, self.ctx.tp.size
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, local_seq); got shape {tuple(tokens.shape)}")
+        local_len, problems = tokens.shape[1], []
+        if self.ctx.layout == "zigzag" and local_len % 2:
+            problems.append(f"the global sequence length {local_len * cp} must be divisible by 2*cp={2 * cp} "
+                            f"(zigzag layout; local length {local_len})")
+        if self.ctx.sequence_parallel_active and local_len % tp:
+            problems.append(f"with sequence parallelism the local sequence length {local_len} "
+                            f"must be divisible by tp={tp}")
+        for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+            if x is not None and x.shape != tokens.shape:
+                problems.append(f"{name} {tuple(x.shape)} must match tokens {tuple(tokens.shape)}")
+        if problems:
+            raise ValueError("invalid model inputs:\n  - " + "\n  - ".join(problems))
+
+    def forward(self, tokens, positions, segment_ids=None):
+        self.check_inputs(tokens, positions, segment_ids)
+        h = self.tok_embeddings(tokens)  # (B, S[/tp], dim)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)  # (B, S, 1, D)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, segment_ids, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, segment_ids)
+        h = self.norm(h)
+        if self.output is not None:
+            return self.output(h)  # (B, S, V / tp)
+        return parallel_lm_logits(h, self.tok_embeddings.weight, self.ctx.tp, self.ctx.sequence_parallel_active)
+
+
+def build_model(cfg: ModelConfig, ctx: ParallelContext, *, seed: int = 0) -> Transformer:
+    """The model's shards for this rank, initialised as slices of the (1, 1) model of ``seed``."""
+    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, sequence_parallel=ctx.sequence_parallel,
+                       layout=ctx.layout)
+    model = Transformer(cfg, ctx)
+    init_weights(model, cfg, ctx, seed=seed)
+    return model
