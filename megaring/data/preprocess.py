@@ -1,0 +1,179 @@
+"""``megaring-preprocess``: text, JSONL or the stdlib corpus -> a token store directory.
+
+    megaring-preprocess input=<file|dir|glob|stdlib> output=<dir> [workers=N] [tokenizer.model=<.model>]
+
+Writes ``tokens.bin``, ``tokens.idx`` (:mod:`megaring.data.store`), ``tokenizer.model`` and
+``metadata.json`` into a temporary sibling directory and renames it to ``output`` only once
+everything is written, so an interrupted run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from megaring.config_dir import CONFIG_DIR
+from megaring.data.config import PreprocessConfig
+from megaring.data.dataset import METADATA_NAME, TOKENIZER_NAME
+from megaring.data.encode import EncodeSpec, batch_records, encode_stream
+from megaring.data.sources import InputError, Record, Source, decode_record, resolve_sources
+from megaring.data.store import TokenStoreWriter, token_dtype
+from megaring.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+
+MAX_REPORTED_BAD = 20  # skipped-record messages kept in metadata.json
+
+
+class PreprocessError(ValueError):
+    """Preprocessing cannot go on; the message says why."""
+
+
+def preprocess(cfg: PreprocessConfig, command_config: dict | None = None) -> dict:
+    """Run the whole preprocessing; returns the summary also stored in ``metadata.json``."""
+    problems = cfg.problems()
+    if problems:
+        raise PreprocessError("invalid preprocess config:\n  - " + "\n  - ".join(problems))
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:
+        raise PreprocessError(f"output {output} already exists (pass overwrite=true to replace it)")
+    sources = resolve_sources(cfg.input, cfg.max_bytes)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = _prepare_tokenizer(cfg, sources, tmp / TOKENIZER_NAME)
+        summary = _encode_all(cfg, sources, tokenizer, tmp)
+        summary["config"] = command_config if command_config is not None else _plain(cfg)
+        (tmp / METADATA_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _prepare_tokenizer(cfg: PreprocessConfig, sources: list[Source], dest: Path) -> Tokenizer:
+    """Copy the given model into the output, or train one on a sample of the input."""
+    if cfg.tokenizer.model:
+        shutil.copyfile(Tokenizer(cfg.tokenizer.model).path, dest)
+        return Tokenizer(dest)
+    sample = _sample_texts(sources, cfg)
+    return train_tokenizer(sample, cfg.tokenizer, dest, num_threads=max(1, cfg.workers))
+
+
+def _sample_texts(sources: list[Source], cfg: PreprocessConfig) -> Iterator[str]:
+    """Up to ``tokenizer.sample_bytes`` of document text, from the sources in a seeded random order.
+
+    Unreadable records are passed over here; the encoding pass reports them.
+    """
+    order = list(sources)
+    random.Random(cfg.seed).shuffle(order)
+    budget = cfg.tokenizer.sample_bytes
+    for record in _records(order, cfg.max_bytes):
+        try:
+            text = decode_record(record, cfg.text_key)
+        except InputError:
+            continue
+        yield text[:budget]
+        budget -= len(record.data)
+        if budget <= 0:
+            return
+
+
+def _records(sources: list[Source], max_bytes: int) -> Iterator[Record]:
+    """Every record of every source, stopping once ``max_bytes`` (if > 0) have been read."""
+    read = 0
+    for source in sources:
+        for record in source.records():
+            if 0 < max_bytes <= read:
+                return
+            read += len(record.data)
+            yield record
+
+
+def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokenizer, out: Path) -> dict:
+    """Stream every record through the encoding workers into the token store."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    spec = EncodeSpec(str(tokenizer.path), cfg.text_key, cfg.skip_bad_lines, dtype.str,
+                      split_lines=tokenizer.splits_at_newlines)
+    writer = TokenStoreWriter(out, dtype)
+    counts = {"input_bytes": 0, "empty_documents": 0, "skipped_records": 0}
+    bad: list[str] = []
+    start = time.perf_counter()
+    bar = tqdm(unit=" docs", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        batches = batch_records(_records(sources, cfg.max_bytes), cfg.batch_bytes)
+        for batch in encode_stream(batches, spec, cfg.workers):
+            writer.add(batch.tokens, batch.lengths)
+            counts["input_bytes"] += batch.input_bytes
+            counts["empty_documents"] += batch.empty
+            counts["skipped_records"] += len(batch.bad)
+            bad.extend(batch.bad[: MAX_REPORTED_BAD - len(bad)])
+            bar.update(batch.lengths.size)
+            rate = writer.num_tokens / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{writer.num_tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+    writer.close()
+    seconds = time.perf_counter() - start
+    if writer.num_documents == 0:
+        raise PreprocessError(f"empty corpus: no document with text in {_describe(sources)}"
+                              + (f" ({counts['skipped_records']} bad records skipped)" if bad else ""))
+    return {
+        "documents": writer.num_documents, "tokens": writer.num_tokens, **counts,
+        "skipped_examples": bad, "seconds": round(seconds, 3),
+        "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9)),
+        "dtype": dtype.name,
+        "tokenizer": {"file": TOKENIZER_NAME, "sha256": tokenizer.sha256(), "vocab_size": tokenizer.vocab_size,
+                      "eod_id": tokenizer.eod_id, "source": cfg.tokenizer.model or "trained"},
+        "sources": [s.name for s in sources],
+    }
+
+
+def _describe(sources: list[Source]) -> str:
+    names = [s.name for s in sources]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _plain(cfg: PreprocessConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def summary_lines(summary: dict, output: str) -> list[str]:
+    """The human-readable summary printed at the end of a run."""
+    lines = [f"wrote {output}: {summary['documents']:,} documents, {summary['tokens']:,} tokens "
+             f"({summary['dtype']}), vocab {summary['tokenizer']['vocab_size']:,}, "
+             f"{summary['tokens_per_second']:,} tokens/s"]
+    if summary["skipped_records"]:
+        lines.append(f"skipped {summary['skipped_records']} bad records, e.g. {summary['skipped_examples'][0]}")
+    if summary["empty_documents"]:
+        lines.append(f"{summary['empty_documents']} empty documents were not stored")
+    return lines
+
+
+ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="preprocess")
+def main(cfg: DictConfig) -> None:
+    """Console entry point (``megaring-preprocess``)."""
+    conf: PreprocessConfig = OmegaConf.to_object(cfg)
+    try:
+        summary = preprocess(conf, command_config=OmegaConf.to_container(cfg))
+    except (PreprocessError, InputError, TokenizerError) as e:
+        print(f"megaring-preprocess: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(summary_lines(summary, conf.output)))
+
+
+if __name__ == "__main__":
+    main()

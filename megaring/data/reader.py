@@ -1,0 +1,198 @@
+"""The trainer's view of the data: per-(dp, cp) rank micro-batches of pre-sharded samples.
+
+Sample order (a pure function of seed, global batch size G and step, independent of the mesh):
+step ``s`` consumes sample ordinals ``[s*G, (s+1)*G)`` of the shuffled order
+(:mod:`megaring.data.sample_index`); dp rank ``r`` takes the ``G/dp`` ordinals starting at
+``s*G + r*G/dp`` and cuts them into micro-batches of ``micro_batch_size`` in order. So the
+global position ``r*G/dp + m*mb + row`` of a step always holds the same sample, whatever dp,
+cp and tp are, and the data state is just the number of consumed samples ``s*G``.
+
+Sharding: a sample is ``L + 1`` tokens from ``start_token``; for each of this cp rank's ranges
+``[a, b)`` (:func:`megaring.ring.layout.shard_ranges`) the reader copies tokens
+``[start + a, start + b + 1)`` out of the memory map, so labels (the next token) are right at
+chunk edges and only ``O(L / cp)`` token bytes are read per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megaring.data.config import DataConfig
+from megaring.data.dataset import open_dataset
+from megaring.data.mock import MockSource
+from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
+from megaring.ring.layout import shard_ranges
+
+FIELDS = ("tokens", "labels", "positions", "segment_ids")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the trainer checks before any collective."""
+
+    kind: str
+    vocab_size: int
+    eod_id: int
+    num_documents: int
+    num_tokens: int
+
+
+def read_shard(source, start_doc: int, start_token: int, ranges: list[tuple[int, int]],
+               reset_positions: bool = True) -> dict[str, np.ndarray]:
+    """One sample's shard: each field (sum of range lengths,) int64, ranges in local order.
+
+    ``segment_ids`` number documents from 0 at the sample's first document; ``positions``
+    restart at each document start and at the sample start (or run ``a..b`` across the
+    sample when ``reset_positions`` is False).
+    """
+    parts = [_read_range(source, start_doc, start_token, a, b, reset_positions) for a, b in ranges]
+    return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
+
+
+def _read_range(source, start_doc: int, t0: int, a: int, b: int, reset: bool) -> dict[str, np.ndarray]:
+    """Fields of sample positions ``[a, b)`` of the sample starting at token ``t0``."""
+    window = source.read(t0 + a, t0 + b + 1).astype(np.int64)  # (b - a + 1,): tokens and the next one
+    doc_starts = source.doc_starts
+    lo = int(np.searchsorted(doc_starts, t0 + a, side="right")) - 1  # document holding position a
+    hi = int(np.searchsorted(doc_starts, t0 + b, side="left"))  # documents [lo, hi) overlap [a, b)
+    starts = np.asarray(doc_starts[lo:hi], dtype=np.int64)  # (hi - lo,)
+    edges = np.append(np.maximum(starts, t0 + a), t0 + b)  # (hi - lo + 1,)
+    counts = np.diff(edges)  # (hi - lo,) positions of each document in [a, b)
+    segment_ids = np.repeat(np.arange(lo, hi, dtype=np.int64) - start_doc, counts)  # (b - a,)
+    if reset:
+        positions = np.arange(t0 + a, t0 + b, dtype=np.int64) - np.repeat(np.maximum(starts, t0), counts)
+    else:
+        positions = np.arange(a, b, dtype=np.int64)
+    return {"tokens": window[:-1], "labels": window[1:], "positions": positions, "segment_ids": segment_ids}
+
+
+class BatchReader:
+    """Micro-batches of this (dp rank, cp rank) for any step; see the module docstring for the order."""
+
+    def __init__(self, source, index: SampleIndex, *, seq_len: int, global_batch_size: int,
+                 micro_batch_size: int, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int,
+                 layout: str, reset_positions: bool = True):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"global_batch_size {global_batch_size} must be divisible by "
+                             f"micro_batch_size * dp = {micro_batch_size} * {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is outside a dp group of size {dp_size}")
+        self.source, self.index = source, index
+        self.seq_len, self.global_batch_size, self.micro_batch_size = seq_len, global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.ranges = shard_ranges(seq_len, cp_rank, cp_size, layout)
+        self.reset_positions = reset_positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self.source.vocab_size
+
+    @property
+    def eod_id(self) -> int:
+        return self.source.eod_id
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch."""
+        return self.index.num_samples
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def consumed_samples(self, step: int) -> int:
+        """The data state after ``step`` steps."""
+        return step * self.global_batch_size
+
+    def sample_ordinals(self, consumed_samples: int) -> np.ndarray:
+        """(num_micro_batches, micro_batch_size) ordinals this dp rank reads next."""
+        per_rank = self.global_batch_size // self.dp_size
+        first = consumed_samples + self.dp_rank * per_rank
+        return np.arange(first, first + per_rank, dtype=np.int64).reshape(-1, self.micro_batch_size)
+
+    def read_sample(self, ordinal: int) -> dict[str, np.ndarray]:
+        """This cp rank's shard of the ``ordinal``-th sample: fields (seq_len / cp,) int64."""
+        start_doc, start_token = self.index.locate(ordinal)
+        return read_shard(self.source, start_doc, start_token, self.ranges, self.reset_positions)
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``step``: dicts of (micro_batch_size, seq_len / cp) int64."""
+        return self.micro_batches_at(self.consumed_samples(step))
+
+    def micro_batches_at(self, consumed_samples: int) -> list[dict[str, torch.Tensor]]:
+        """Like :meth:`micro_batches`, from a data state (samples consumed before this step)."""
+        out = []
+        for row in self.sample_ordinals(consumed_samples):
+            shards = [self.read_sample(int(k)) for k in row]
+            out.append({f: torch.from_numpy(np.stack([s[f] for s in shards])) for f in FIELDS})
+        return out
+
+
+def _as_config(cfg) -> DataConfig:
+    """Accept the dataclass, a structured DictConfig or a plain dict."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return DataConfig(**cfg)
+
+
+def open_source(cfg: DataConfig):
+    """The token source of ``cfg``: a :class:`MockSource` or a :class:`~megaring.data.dataset.Dataset`."""
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("invalid data config:\n  - " + "\n  - ".join(problems))
+    if cfg.kind == "mock":
+        return MockSource(cfg)
+    return open_dataset(cfg.path, verify=cfg.verify_checksum)
+
+
+def describe_data(cfg) -> DataInfo:
+    """Check the data config and source cheaply (no sample index); raises ``ValueError`` with every problem.
+
+    ``StoreError`` (a ``ValueError``) names a missing, truncated or corrupted data directory.
+    """
+    cfg = _as_config(cfg)
+    source = open_source(cfg)
+    return DataInfo(cfg.kind, source.vocab_size, source.eod_id, source.num_documents, source.num_tokens)
+
+
+def build_batch_reader(cfg, *, seq_len: int, global_batch_size: int, micro_batch_size: int, seed: int,
+                       dp_rank: int, dp_size: int, cp_rank: int, cp_size: int, layout: str) -> BatchReader:
+    """The reader of this (dp rank, cp rank), with the split's sample index loaded or built."""
+    cfg = _as_config(cfg)
+    source = open_source(cfg)
+    d0, d1 = split_documents(source.num_documents, cfg.split, cfg.valid_fraction)
+    split_tokens = int(source.doc_starts[d1]) - int(source.doc_starts[d0])
+    if split_tokens < seq_len + 1:
+        raise ValueError(f"split {cfg.split!r} of the {cfg.kind} data holds {split_tokens} tokens, "
+                         f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
+    cache = _index_cache_path(cfg, source, seq_len, seed)
+    index = load_sample_index(source.doc_starts, d0=d0, d1=d1, seq_len=seq_len, seed=seed, cache_path=cache)
+    return BatchReader(source, index, seq_len=seq_len, global_batch_size=global_batch_size,
+                       micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                       cp_rank=cp_rank, cp_size=cp_size, layout=layout, reset_positions=cfg.reset_positions)
+
+
+def _index_cache_path(cfg: DataConfig, source, seq_len: int, seed: int) -> Path | None:
+    """``<index_dir>/<split>-seq<L>-seed<S>-<key>.npy``; the key changes whenever the documents do."""
+    if cfg.kind == "files":
+        directory = Path(cfg.index_dir) if cfg.index_dir else Path(cfg.path) / "index"
+        key = f"{source.store.index_crc32:08x}"
+    elif cfg.index_dir:
+        directory = Path(cfg.index_dir)
+        mock = {k: v for k, v in asdict(cfg).items() if k in ("vocab_size", "num_tokens", "mean_doc_len",
+                                                                "max_doc_len", "mock_seed")}
+        key = "mock-" + hashlib.sha256(json.dumps(mock, sort_keys=True).encode()).hexdigest()[:8]
+    else:
+        return None
+    vf = f"-vf{cfg.valid_fraction:g}" if cfg.valid_fraction else ""
+    return directory / f"{cfg.split}{vf}-seq{seq_len}-seed{seed}-{key}.npy"

@@ -1,0 +1,125 @@
+"""Input discovery and raw records for ``megaring-preprocess``.
+
+An input is a file, a directory (every non-hidden file below it, sorted), a glob, a list of
+those, or ``stdlib`` (see :mod:`megaring.data.stdlib_corpus`). Files ending in ``.jsonl`` or
+``.ndjson`` (optionally ``.gz``) hold one JSON document per line; any other file is one plain
+text document (``.gz`` is decompressed). Records stay raw bytes here: decoding and JSON
+parsing happen in the encoding workers (:func:`decode_record`).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+STDLIB = "stdlib"
+
+
+class InputError(ValueError):
+    """Bad preprocessing input; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw document: its UTF-8 text (``kind="text"``) or one JSON line (``kind="json"``)."""
+
+    data: bytes
+    kind: str
+    where: str  # "path" or "path:line", for error messages
+
+
+class Source(Protocol):
+    name: str
+
+    def records(self) -> Iterator[Record]: ...
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A plain text file (one document) or a JSONL file (one document per line)."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def is_jsonl(self) -> bool:
+        name = self.path.name.removesuffix(".gz")
+        return name.endswith(JSONL_SUFFIXES)
+
+    def records(self) -> Iterator[Record]:
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        try:
+            with opener(self.path, "rb") as f:
+                if not self.is_jsonl:
+                    yield Record(f.read(), "text", self.name)
+                    return
+                for line_no, line in enumerate(f, 1):
+                    if line.strip():
+                        yield Record(line, "json", f"{self.name}:{line_no}")
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(f"cannot read {self.name}: {e}") from e
+
+
+def resolve_sources(spec: str | Sequence[str], max_bytes: int = 0) -> list[Source]:
+    """The sources named by ``spec`` (see the module docstring), in a fixed order."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise InputError("no input given")
+    sources: list[Source] = []
+    for s in specs:
+        sources.extend(_resolve_one(str(s), max_bytes))
+    return sources
+
+
+def _resolve_one(spec: str, max_bytes: int) -> list[Source]:
+    if spec == STDLIB:
+        from megaring.data.stdlib_corpus import stdlib_sources
+
+        return list(stdlib_sources(max_bytes))
+    if glob.has_magic(spec):
+        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+        files = [p for p in paths if p.is_file()]
+        if not files:
+            raise InputError(f"input {spec!r}: no files match this pattern")
+        return [FileSource(p) for p in files]
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        if not files:
+            raise InputError(f"input directory {spec} holds no files")
+        return [FileSource(p) for p in files]
+    if path.is_file():
+        return [FileSource(path)]
+    raise InputError(f"input {spec} does not exist")
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def decode_record(record: Record, text_key: str) -> str:
+    """The document text of ``record``; raises :class:`InputError` naming file and line."""
+    try:
+        if record.kind == "text":
+            return record.data.decode("utf-8")
+        obj = json.loads(record.data)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{record.where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{record.where}: malformed JSON line ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or text_key not in obj:
+        raise InputError(f"{record.where}: JSON line has no {text_key!r} field (set text_key=...)")
+    text = obj[text_key]
+    if not isinstance(text, str):
+        raise InputError(f"{record.where}: field {text_key!r} is {type(text).__name__}, not a string")
+    return text

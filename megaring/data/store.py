@@ -1,0 +1,189 @@
+"""The token store: documents back to back in ``tokens.bin``, located by ``tokens.idx``.
+
+``tokens.bin``: the token ids of every document (each ending with the end-of-document id),
+concatenated, as little-endian uint16 (vocab <= 65536) or uint32.
+
+``tokens.idx`` (little-endian)::
+
+    header   magic b"MRTOKIDX", version u32, dtype code u8 (1: uint16, 2: uint32), 3 pad bytes,
+             n_docs u64, n_tokens u64, crc32 of tokens.bin u32, reserved u32      (40 bytes)
+    offsets  int64[n_docs + 1]   token offset of each document start; offsets[-1] = n_tokens
+    lengths  int64[n_docs]       tokens per document (= diff(offsets))
+    footer   crc32 u32 of every byte above
+
+Opening checks the index (size, magic, version, checksum, offsets against lengths) and the
+size of ``tokens.bin``; ``verify=True`` also checks the ``.bin`` checksum. Reads go through a
+memory map, so a read of ``[start, stop)`` touches only those bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MRTOKIDX"
+VERSION = 1
+HEADER = struct.Struct("<8sIB3xQQII")  # magic, version, dtype code, n_docs, n_tokens, bin crc32, reserved
+DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+BIN_NAME, IDX_NAME = "tokens.bin", "tokens.idx"
+_CRC_BLOCK = 16 << 20  # bytes checksummed per step when verifying
+
+
+class StoreError(ValueError):
+    """A token store that is missing, truncated or corrupted."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest stored dtype that holds every id of ``vocab_size``."""
+    return DTYPE_CODES[1] if vocab_size <= 1 << 16 else DTYPE_CODES[2]
+
+
+class TokenStoreWriter:
+    """Appends documents to ``tokens.bin`` and writes ``tokens.idx`` on :meth:`close`."""
+
+    def __init__(self, directory: str | Path, dtype: np.dtype):
+        self.directory = Path(directory)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        if self.dtype not in DTYPE_CODES.values():
+            raise ValueError(f"unsupported token dtype {dtype}")
+        self._bin = open(self.directory / BIN_NAME, "wb")
+        self._crc = 0
+        self._lengths: list[np.ndarray] = []
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given flat: ``tokens`` (sum(lengths),), ``lengths`` (n_docs,)."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size or (lengths < 1).any():
+            raise ValueError("lengths must be >= 1 and sum to the number of tokens")
+        data = tokens.tobytes()
+        self._bin.write(data)
+        self._crc = zlib.crc32(data, self._crc)
+        self._lengths.append(lengths)
+        self.num_documents += lengths.size
+        self.num_tokens += tokens.size
+
+    def close(self) -> None:
+        """Flush ``tokens.bin`` and write the index."""
+        self._bin.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(lengths.size + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        code = next(c for c, dt in DTYPE_CODES.items() if dt == self.dtype)
+        body = HEADER.pack(MAGIC, VERSION, code, lengths.size, self.num_tokens, self._crc, 0)
+        body += offsets.astype("<i8").tobytes() + lengths.astype("<i8").tobytes()
+        with open(self.directory / IDX_NAME, "wb") as f:
+            f.write(body + struct.pack("<I", zlib.crc32(body)))
+
+
+class TokenStore:
+    """Read-only view of a token store directory.
+
+    ``offsets`` (n_docs + 1,) int64 and ``lengths`` (n_docs,) int64 are memory-mapped;
+    :meth:`read` copies one token range out of the memory-mapped ``tokens.bin``.
+    """
+
+    def __init__(self, directory: str | Path, *, verify: bool = False):
+        self.directory = Path(directory)
+        idx_path, bin_path = self.directory / IDX_NAME, self.directory / BIN_NAME
+        for p in (idx_path, bin_path):
+            if not p.is_file():
+                raise StoreError(f"{p} is missing: not a complete megaring token store")
+        header = _read_header(idx_path)
+        self.dtype, n_docs, self.num_tokens, self.bin_crc32 = header
+        self.index_crc32 = _check_index(idx_path, n_docs)
+        self.offsets = np.memmap(idx_path, "<i8", "r", offset=HEADER.size, shape=(n_docs + 1,))
+        self.lengths = np.memmap(idx_path, "<i8", "r", offset=HEADER.size + 8 * (n_docs + 1), shape=(n_docs,))
+        _check_offsets(idx_path, self.offsets, self.lengths, self.num_tokens)
+        _check_bin_size(bin_path, self.num_tokens, self.dtype)
+        self._tokens = np.memmap(bin_path, self.dtype, "r", shape=(self.num_tokens,)) if self.num_tokens else None
+        self.bytes_read = 0  # token bytes copied by read(): a cheap I/O counter for benchmarks
+        if verify:
+            self.verify()
+
+    @property
+    def num_documents(self) -> int:
+        return self.lengths.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the concatenated stream, shape (stop - start,)."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside a store of {self.num_tokens} tokens")
+        self.bytes_read += (stop - start) * self.dtype.itemsize
+        if start == stop:
+            return np.zeros(0, self.dtype)
+        return np.array(self._tokens[start:stop])
+
+    def document(self, i: int) -> np.ndarray:
+        """Document ``i`` (its end-of-document id included), shape (lengths[i],)."""
+        if not -self.num_documents <= i < self.num_documents:
+            raise IndexError(f"document {i} outside a store of {self.num_documents} documents")
+        i %= self.num_documents
+        return self.read(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def verify(self) -> None:
+        """Check ``tokens.bin`` against its checksum (reads the whole file)."""
+        bin_path = self.directory / BIN_NAME
+        crc = _crc32(bin_path, bin_path.stat().st_size)
+        if crc != self.bin_crc32:
+            raise StoreError(f"{self.directory / BIN_NAME} is corrupted: checksum {crc:08x}, "
+                             f"index says {self.bin_crc32:08x}")
+
+
+def _read_header(idx_path: Path) -> tuple[np.dtype, int, int, int]:
+    with open(idx_path, "rb") as f:
+        raw = f.read(HEADER.size)
+    if len(raw) < HEADER.size:
+        raise StoreError(f"{idx_path} is truncated: {len(raw)} bytes, shorter than its {HEADER.size}-byte header")
+    magic, version, code, n_docs, n_tokens, bin_crc, _ = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise StoreError(f"{idx_path} is not a megaring token index (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise StoreError(f"{idx_path} has format version {version}; this megaring reads version {VERSION}")
+    if code not in DTYPE_CODES:
+        raise StoreError(f"{idx_path} is corrupted: unknown dtype code {code}")
+    return DTYPE_CODES[code], n_docs, n_tokens, bin_crc
+
+
+def _check_index(idx_path: Path, n_docs: int) -> int:
+    """Check the index size and checksum; returns the checksum."""
+    expected = HEADER.size + 8 * (2 * n_docs + 1) + 4
+    size = idx_path.stat().st_size
+    if size != expected:
+        raise StoreError(f"{idx_path} is truncated or corrupted: {size} bytes, expected {expected} "
+                         f"for {n_docs} documents")
+    with open(idx_path, "rb") as f:
+        f.seek(size - 4)
+        (stored,) = struct.unpack("<I", f.read(4))
+    crc = _crc32(idx_path, size - 4)
+    if crc != stored:
+        raise StoreError(f"{idx_path} is corrupted: checksum {crc:08x}, stored {stored:08x}")
+    return crc
+
+
+def _crc32(path: Path, nbytes: int) -> int:
+    """crc32 of the first ``nbytes`` of a file, read in bounded blocks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while nbytes > 0 and (block := f.read(min(_CRC_BLOCK, nbytes))):
+            crc = zlib.crc32(block, crc)
+            nbytes -= len(block)
+    return crc
+
+
+def _check_offsets(idx_path: Path, offsets: np.ndarray, lengths: np.ndarray, n_tokens: int) -> None:
+    if offsets[0] != 0 or offsets[-1] != n_tokens or (lengths < 1).any() or (np.diff(offsets) != lengths).any():
+        raise StoreError(f"{idx_path} is corrupted: document offsets and lengths disagree")
+
+
+def _check_bin_size(bin_path: Path, n_tokens: int, dtype: np.dtype) -> None:
+    size, expected = bin_path.stat().st_size, n_tokens * dtype.itemsize
+    if size != expected:
+        state = "truncated" if size < expected else "corrupted (too long)"
+        raise StoreError(f"{bin_path} is {state}: {size} bytes, the index expects {expected} "
+                         f"({n_tokens} tokens of {dtype.name})")
