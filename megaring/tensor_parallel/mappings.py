@@ -28,6 +28,8 @@ import torch.distributed as dist
 from megaring.distributed.mesh import Axis
 
 SEQ_DIM = 1
+# Newer torch renames reduce_scatter_tensor to reduce_scatter_single (same arguments).
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # --- plain collectives (no autograd) -------------------------------------------------------
@@ -64,7 +66,7 @@ def reduce_scatter_along(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {axis.name}={axis.size}")
     stacked = x.movedim(dim, 0).contiguous()  # (size * n, ...): rank r's part is rows r*n:(r+1)*n
     out = stacked.new_empty((stacked.shape[0] // axis.size, *stacked.shape[1:]))
-    dist.reduce_scatter_tensor(out, stacked, group=axis.group)
+    _reduce_scatter_single(out, stacked, group=axis.group)
     return out.movedim(0, dim).contiguous()
 
 
