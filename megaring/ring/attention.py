@@ -16,7 +16,7 @@ from megaring.kernels import BlockKernel, select_kernel
 from megaring.ring.comm import RingComm
 from megaring.ring.layout import check_layout
 from megaring.ring.merge import merge_into
-from megaring.ring.schedule import BlockPlan, plan_block
+from megaring.ring.schedule import ALL, BlockPlan, plan_block
 
 KV_TAG, GRAD_TAG = 11, 12
 
@@ -72,30 +72,39 @@ def _ring_forward(ring: _Ring, kernel: BlockKernel, q, k, v, seg, scale):
     return out.to(q.dtype), lse
 
 
+def _accumulate(acc, grad, rows: slice, like: torch.Tensor):
+    """``acc[:, rows] += grad`` in float32. A first gradient covering every row becomes the
+    accumulator itself, so the peak step holds no extra zero-filled buffer."""
+    if acc is None:
+        if grad is not None and rows == ALL:
+            return grad.to(torch.float32).contiguous()
+        acc = torch.zeros_like(like, dtype=torch.float32)
+    if grad is not None:
+        acc[:, rows] += grad
+    return acc
+
+
 def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
-    dq = torch.zeros_like(q, dtype=torch.float32)
-    dk = torch.zeros_like(k, dtype=torch.float32)  # accumulator of the block held this step
-    dv = torch.zeros_like(v, dtype=torch.float32)
     kv_comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
     grad_comm = RingComm(ring.group, GRAD_TAG) if ring.size > 1 else None
     k_cur, v_cur, seg_cur = k, v, seg
+    dq = dk = dv = None  # float32 accumulators; dk/dv belong to the K/V block held this step
     received: list[torch.Tensor] = []  # dk/dv accumulators arriving from the previous rank
     for step in range(ring.size):
         if step < ring.size - 1:
             nxt = kv_comm.send_recv([k_cur, v_cur] + ([seg_cur] if seg is not None else []))
         plan = ring.plan(step)
         mask = _block_mask(seg, seg_cur, plan) if plan else None
-        grads = None
+        grads = (None, None, None)
         if plan and _visible(mask, plan.causal):
             grads = kernel.backward(dout[:, plan.q], q[:, plan.q], k_cur[:, plan.kv], v_cur[:, plan.kv],
                                     out[:, plan.q], lse[:, :, plan.q], scale=scale, causal=plan.causal, mask=mask)
-            dq[:, plan.q] += grads[0]
         if step > 0:
-            grad_comm.wait()  # dk/dv accumulators of the block we now hold
+            grad_comm.wait()
             dk, dv = received
-        if grads is not None:
-            dk[:, plan.kv] += grads[1]
-            dv[:, plan.kv] += grads[2]
+        dq = _accumulate(dq, grads[0], plan.q if plan else ALL, q)
+        dk = _accumulate(dk, grads[1], plan.kv if plan else ALL, k)
+        dv = _accumulate(dv, grads[2], plan.kv if plan else ALL, v)
         if ring.size > 1:
             received = grad_comm.send_recv([dk, dv])
         if step < ring.size - 1:

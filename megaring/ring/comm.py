@@ -26,7 +26,7 @@ class RingComm:
         """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
         if self._works:
             raise RuntimeError("RingComm.send_recv called twice without wait()")
-        buffers = [torch.empty_like(t) for t in tensors]
+        buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, self.tag) for b in buffers]
         self._works = dist.batch_isend_irecv(ops)

@@ -26,6 +26,6 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     safe = torch.where(seen, new_lse, torch.zeros_like(new_lse))
     w_old = torch.where(seen, torch.exp(lse - safe), torch.zeros_like(safe))  # (B, H, S)
     w_new = torch.where(seen, torch.exp(block_lse - safe), torch.zeros_like(safe))
-    out.mul_(w_old.transpose(1, 2).unsqueeze(-1))
-    out.add_(block_out.float() * w_new.transpose(1, 2).unsqueeze(-1))
+    # (B, H, S) -> (B, S, H, 1) weights; in place, so no (B, S, H, D) temporary is made
+    out.mul_(w_old.transpose(1, 2).unsqueeze(-1)).addcmul_(block_out, w_new.transpose(1, 2).unsqueeze(-1))
     lse.copy_(new_lse)

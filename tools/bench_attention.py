@@ -1,0 +1,220 @@
+"""Benchmark ring attention against single-process SDPA on the full sequence (CPU, gloo).
+
+Spawns ``cp`` processes (``threads`` torch threads each) that run ring attention forward and
+backward on their shard, and one process with ``cp * threads`` threads that runs
+``scaled_dot_product_attention`` on the whole sequence. Reports per rank the median
+forward+backward time, the busy time inside block kernels, the balance ratio max/mean of
+busy time, and the peak working memory of one forward+backward (VmHWM after a reset,
+minus resident memory at the start; inputs are allocated beforehand and not counted).
+
+    python tools/bench_attention.py --seq-len 8192 --heads 8 --head-dim 64 --cp 2 --layout zigzag
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaring.kernels import KERNELS, BlockKernel  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TimedKernel(BlockKernel):
+    """Delegates to another kernel and accumulates the seconds spent in it."""
+
+    def __init__(self, inner: BlockKernel):
+        self.inner, self.name, self.seconds = inner, "timed", 0.0
+
+    def supports(self, q, mask):
+        return self.inner.supports(q, mask)
+
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def forward(self, *args, **kwargs):
+        return self._timed(self.inner.forward, *args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        return self._timed(self.inner.backward, *args, **kwargs)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _measure_peak(step) -> float:
+    """Peak working memory (MiB) of one call to ``step``: VmHWM after a reset minus VmRSS before."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _rss_kb("VmRSS")
+    step()
+    return (_rss_kb("VmHWM") - base) / 1024
+
+
+def _inputs(args, seq: int, generator_seed: int = 0):
+    g = torch.Generator().manual_seed(generator_seed)
+    dtype = DTYPES[args.dtype]
+    q = torch.randn(1, seq, args.heads, args.head_dim, generator=g).to(dtype)
+    k = torch.randn(1, seq, args.kv_heads or args.heads, args.head_dim, generator=g).to(dtype)
+    v = torch.randn_like(k)
+    dout = torch.randn_like(q)
+    return q, k, v, dout
+
+
+def _timings(step, args):
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _ring_worker(rank, world, port, args, results):
+    import datetime
+
+    import torch.distributed as dist
+
+    from megaring import ring_attention, shard_sequence
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    timed = TimedKernel(KERNELS[args.kernel])
+    KERNELS["timed"] = timed
+    full = _inputs(args, args.seq_len)
+    q, k, v, dout = (shard_sequence(t, dim=1, rank=rank, world_size=world, layout=args.layout) for t in full)
+    del full
+
+    def step():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = ring_attention(qq, kk, vv, causal=not args.non_causal, layout=args.layout, kernel="timed")
+        out.backward(dout)
+        dist.barrier()
+
+    step()  # warm up allocator, kernels and connections before measuring memory
+    peak = _measure_peak(step)
+    timed.seconds = 0.0
+    times = _timings(step, args)
+    results.put((rank, {"median_s": statistics.median(times), "busy_s": timed.seconds / (args.warmup + args.iters),
+                        "peak_mib": peak}))
+    dist.destroy_process_group()
+
+
+def _sdpa_worker(args, results):
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads * args.cp)
+    q, k, v, dout = (t.transpose(1, 2).contiguous() for t in _inputs(args, args.seq_len))  # (B, H, S, D)
+
+    def step():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=not args.non_causal,
+                                             enable_gqa=kk.shape[1] != qq.shape[1])
+        out.backward(dout)
+
+    step()
+    peak = _measure_peak(step)
+    times = _timings(step, args)
+    results.put(("sdpa", {"median_s": statistics.median(times), "peak_mib": peak}))
+
+
+def _spawn(target, argsets: list[tuple]) -> dict:
+    """Run ``target(*argset, results)`` in one spawned process per argset; collect their reports."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, results)) for a in argsets]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=3600) for _ in procs)
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"benchmark worker exited with {p.exitcode}")
+    return out
+
+
+def run_ring(args, layout: str) -> dict:
+    from tests.helpers.pool import free_port
+
+    args = argparse.Namespace(**{**vars(args), "layout": layout})
+    port = free_port()
+    per_rank = _spawn(_ring_worker, [(r, args.cp, port, args) for r in range(args.cp)])
+    ranks = [per_rank[r] for r in range(args.cp)]
+    busy = [r["busy_s"] for r in ranks]
+    return {
+        "layout": layout, "per_rank": ranks,
+        "wall_s": max(r["median_s"] for r in ranks),
+        "balance_max_over_mean": max(busy) / statistics.mean(busy),
+        "peak_mib_max": max(r["peak_mib"] for r in ranks),
+    }
+
+
+def run_sdpa(args) -> dict:
+    return _spawn(_sdpa_worker, [(args,)])["sdpa"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--cp", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per cp rank")
+    p.add_argument("--layout", default="zigzag", help="zigzag, contiguous or both")
+    p.add_argument("--kernel", default="cpu_flash", choices=sorted(k for k in KERNELS if k != "timed"))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # Fixed mmap threshold: every large tensor is mapped and unmapped on free, so VmHWM sees
+    # real peaks instead of heap pages glibc keeps after the first iteration.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    layouts = ("zigzag", "contiguous") if args.layout == "both" else (args.layout,)
+    sdpa = run_sdpa(args)
+    report = {"config": vars(args), "sdpa": sdpa, "ring": [run_ring(args, layout) for layout in layouts]}
+    print(f"seq {args.seq_len}, heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.head_dim}, "
+          f"{args.dtype}, {'non-causal' if args.non_causal else 'causal'}, kernel {args.kernel}")
+    print(f"sdpa 1 process x {args.cp * args.threads} threads: fwd+bwd {sdpa['median_s'] * 1e3:.1f} ms, "
+          f"peak {sdpa['peak_mib']:.1f} MiB")
+    for ring in report["ring"]:
+        print(f"ring cp={args.cp} x {args.threads} thread(s), {ring['layout']}: fwd+bwd {ring['wall_s'] * 1e3:.1f} ms "
+              f"({ring['wall_s'] / sdpa['median_s']:.2f}x sdpa), balance max/mean {ring['balance_max_over_mean']:.3f}, "
+              f"peak/rank {ring['peak_mib_max']:.1f} MiB ({ring['peak_mib_max'] / sdpa['peak_mib']:.2f}x sdpa)")
+        for rank, r in enumerate(ring["per_rank"]):
+            print(f"  rank {rank}: fwd+bwd {r['median_s'] * 1e3:.1f} ms, busy {r['busy_s'] * 1e3:.1f} ms, "
+                  f"peak {r['peak_mib']:.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
