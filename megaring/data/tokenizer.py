@@ -101,7 +101,8 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, model_path: str 
         )
     except RuntimeError as e:
         raise TokenizerError(f"training a {cfg.type} tokenizer with vocab_size={cfg.vocab_size} failed: {e} "
-                             "(a small corpus supports only a small vocabulary: lower tokenizer.vocab_size)") from e
+                             "(set tokenizer.vocab_size: a small corpus allows only a small vocabulary, and it "
+                             "must hold 256 byte pieces plus the corpus's characters)") from e
     Path(model_path).write_bytes(model.getvalue())
     return Tokenizer(model_path)
 
