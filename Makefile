@@ -26,6 +26,7 @@ demo: install
 	$(PY) tools/demo.py
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
