@@ -1,0 +1,134 @@
+"""Plot loss curves and a scaling chart from megaring run directories.
+
+    python tools/plot_runs.py multirun/2026-11-26/17-00-00 --out plots/
+    python tools/plot_runs.py runs/a runs/b --x world_size
+
+Each argument is a run directory (it holds ``metrics.jsonl`` and Hydra's ``.hydra/config.yaml``)
+or a directory above run directories (a Hydra multirun sweep), searched recursively. Writes
+``loss.png`` (loss against step, one line per run) and ``scaling.png`` (median tokens/s and
+peak memory per rank against cp or world size; the first logged step is left out of the median
+as warm-up). Prints the table behind the chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402  (PyYAML comes with Hydra / OmegaConf)
+
+
+@dataclass
+class Run:
+    path: Path
+    dp: int
+    cp: int
+    tp: int
+    metrics: list[dict]
+
+    @property
+    def label(self) -> str:
+        return f"dp{self.dp} cp{self.cp} tp{self.tp}"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp * self.tp
+
+    def median(self, key: str) -> float | None:
+        values = [m[key] for m in self.metrics[1:] or self.metrics if m.get(key) is not None]
+        return statistics.median(values) if values else None
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Every run directory at or below ``paths``, sorted by (world size, cp, tp)."""
+    runs = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise SystemExit(f"no such run directory: {root}")
+        for metrics_file in sorted([root / "metrics.jsonl"] if (root / "metrics.jsonl").exists()
+                                   else root.rglob("metrics.jsonl")):
+            runs.append(load_run(metrics_file.parent))
+    if not runs:
+        raise SystemExit(f"no metrics.jsonl under {', '.join(paths)}")
+    return sorted(runs, key=lambda r: (r.world_size, r.cp, r.tp, str(r.path)))
+
+
+def load_run(path: Path) -> Run:
+    with open(path / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    parallel = {}
+    config_file = path / ".hydra" / "config.yaml"
+    if config_file.exists():
+        parallel = (yaml.safe_load(config_file.read_text()) or {}).get("parallel", {})
+    return Run(path, int(parallel.get("dp", 1)), int(parallel.get("cp", 1)), int(parallel.get("tp", 1)), metrics)
+
+
+def plot_loss(runs: list[Run], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        steps = [m["step"] for m in run.metrics]
+        ax.plot(steps, [m["loss"] for m in run.metrics], marker="." if len(steps) < 30 else None,
+                label=f"{run.label} ({run.path.name})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    target = out / "loss.png"
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def plot_scaling(runs: list[Run], out: Path, x: str) -> Path:
+    fig, (ax_tps, ax_mem) = plt.subplots(1, 2, figsize=(10, 4.2))
+    xs = [getattr(run, x) for run in runs]
+    tps = [run.median("tokens_per_s") for run in runs]
+    mem = [run.median("peak_mem_gib") for run in runs]
+    for ax, ys, ylabel in ((ax_tps, tps, "tokens/s (median)"), (ax_mem, mem, "peak memory per rank (GiB)")):
+        ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o")
+        for xi, yi, run in zip(xs, ys, runs):
+            if yi is not None:
+                ax.annotate(run.label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(sorted(set(xs)))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"scaling against {x}")
+    fig.tight_layout()
+    target = out / "scaling.png"
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def main(argv=None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories or sweep directories above them")
+    p.add_argument("--out", default="plots", help="directory for loss.png and scaling.png")
+    p.add_argument("--x", default="cp", choices=("cp", "world_size"), help="x axis of the scaling chart")
+    args = p.parse_args(argv)
+    runs = find_runs(args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{'run':<40} {'layout':<16} {'steps':>5} {'final loss':>10} {'tokens/s':>10} {'peak GiB':>9}")
+    for run in runs:
+        tps, mem = run.median("tokens_per_s"), run.median("peak_mem_gib")
+        print(f"{str(run.path)[-40:]:<40} {run.label:<16} {len(run.metrics):>5} {run.metrics[-1]['loss']:>10.4f} "
+              f"{tps or float('nan'):>10.1f} {mem or float('nan'):>9.3f}")
+    written = [plot_loss(runs, out), plot_scaling(runs, out, args.x)]
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
