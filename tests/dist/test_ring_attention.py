@@ -120,3 +120,46 @@ def test_bad_input_raises_before_communication(pools):
     for msg, total in results:
         assert "n_heads=4 must be a multiple of n_kv_heads=3" in msg
         assert total == 2.0
+
+
+def _masked_blocks_task(rank, world):
+    """One document per rank: every off-diagonal block is masked by segments and must be skipped."""
+    from megaring.kernels import KERNELS
+
+    inner = KERNELS["torch"]
+    calls = []
+
+    class Counting(type(inner)):
+        def forward(self, *a, **kw):
+            calls.append("fwd")
+            return inner.forward(*a, **kw)
+
+        def backward(self, *a, **kw):
+            calls.append("bwd")
+            return inner.backward(*a, **kw)
+
+    KERNELS["counting"] = Counting()
+    try:
+        q, k, v, dout, _ = make_inputs(5, 2, SEQ, 4, 2, HEAD_DIM, False)
+        seg = (torch.arange(SEQ) // (SEQ // world)).expand(2, SEQ)  # document d = rank d's chunk
+        shard = dict(dim=1, rank=rank, world_size=world, layout="contiguous")
+        ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
+        out = ring_attention(ql, kl, vl, group=dist.group.WORLD, causal=False, layout="contiguous",
+                             segment_ids=shard_sequence(seg, **shard), kernel="counting")
+        out.backward(shard_sequence(dout, **shard))
+    finally:
+        del KERNELS["counting"]
+    return calls, [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)], seg
+
+
+def test_blocks_masked_by_segments_are_skipped(pools):
+    results = pools(4).run(_masked_blocks_task)
+    for calls, _, _ in results:
+        assert calls == ["fwd", "bwd"]
+    q, k, v, dout, _ = make_inputs(5, 2, SEQ, 4, 2, HEAD_DIM, False)
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(q, k, v, causal=False, segment_ids=results[0][2])
+    ref.backward(dout.double())
+    for i, want in enumerate((ref.detach(), q.grad, k.grad, v.grad)):
+        got = unshard_sequence([r[1][i] for r in results], dim=1, layout="contiguous")
+        assert (got.double() - want).abs().max() <= 1e-4
