@@ -1,0 +1,3 @@
+from megaring.train.main import main
+
+main()

@@ -1,0 +1,158 @@
+"""Checkpoints that become visible only when complete, and resuming from the latest one.
+
+Layout of ``ckpt_dir``::
+
+    latest                   the tag of the newest complete checkpoint (replaced atomically)
+    step_00000012/           DeepSpeed's model / optimizer / scheduler files,
+                             trainer_state.json (step, consumed samples, layout), rng/rank_*.json
+    step_00000016.partial/   a save in progress (or killed): never read, removed by the next save
+
+Every rank writes its own files into the ``.partial`` directory; after a barrier rank 0 renames it
+(atomic on one file system), then points ``latest`` at it and prunes to ``keep_last``. A save
+killed at any point leaves ``latest`` on the previous complete checkpoint. Our files are JSON and
+DeepSpeed's are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PARTIAL = ".partial"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    step: int  # optimizer updates done
+    consumed_samples: int
+    tokens_seen: int
+    layout: dict  # dp, cp, tp, zero_stage: a checkpoint only resumes on the same layout
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    rank = dist.get_rank()
+    tag = tag_for(state.step)
+    partial = ckpt_dir / (tag + PARTIAL)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob("*" + PARTIAL):
+            shutil.rmtree(stale)
+    dist.barrier()
+    engine.ds.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
+    _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
+    if rank == 0:
+        _write_json(partial / "trainer_state.json", asdict(state))
+    dist.barrier()  # every rank's files are complete
+    final = ckpt_dir / tag
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _atomic_write(ckpt_dir / "latest", tag)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_latest(engine, ckpt_dir: Path) -> TrainerState | None:
+    """Restore engine, RNG and trainer state from ``ckpt_dir/latest``; ``None`` when there is none."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    path, _ = engine.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    set_rng_state(json.loads((ckpt_dir / tag / "rng" / f"rank_{dist.get_rank():05d}.json").read_text()))
+    return TrainerState(**json.loads((ckpt_dir / tag / "trainer_state.json").read_text()))
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` complete checkpoints (never the latest)."""
+    latest = read_latest(ckpt_dir)
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+    for tag in tags[:-keep_last]:
+        if tag != latest:
+            shutil.rmtree(ckpt_dir / tag)
+
+
+def deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its checkpoints pickle (besides tensors and plain containers)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_safe_loading(ds_engine) -> None:
+    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    ds_engine.checkpoint_engine = SafeTorchCheckpointEngine(ds_engine._config)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,149 @@
+"""The training config: dataclasses are the schema, Hydra YAML under ``configs/`` composes them.
+
+``TrainConfig`` is registered in Hydra's ConfigStore as ``base_config``; ``configs/config.yaml``
+lists it first in its defaults, so every group file (``model/``, ``parallel/``, ``data/``,
+``optim/``, ``trainer/``, ``logging/``) is type-checked against these classes. The entry point
+converts the composed config once (:func:`to_train_config`); everything below it takes the typed
+sub-config it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from megaring.data import DataConfig
+from megaring.model import ModelConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class ParallelConfig:
+    """The mesh ``dp x cp x tp`` (tp innermost) and how the processes are started."""
+
+    dp: int = 1
+    cp: int = 1
+    tp: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 over dp x cp
+    sequence_parallel: bool = False  # Megatron sequence parallelism inside the tp group
+    layout: str = "zigzag"  # how cp ranks hold the sequence: "zigzag" | "contiguous"
+    nproc_per_node: int = 0  # > 0 without a launcher: spawn this many local workers (0: don't)
+    attn_kernel: str | None = None  # None: automatic; else a name from megaring.kernels
+    timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job
+    backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+    # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the
+    # trainer owns (batch sizes, gradient_clipping, precision, zero stage) are rejected.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then cosine / linear decay to ``min_lr_ratio * lr`` (or constant)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None  # None: trainer.max_steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class TrainerConfig:
+    seq_len: int = 128
+    global_batch_size: int = 8  # samples per optimizer step, over dp (cp ranks share samples)
+    micro_batch_size: int = 1  # samples per forward on one rank
+    max_steps: int = 100
+    seed: int = 1234
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
+    keep_last: int = 2  # checkpoints kept on disk
+    ckpt_dir: str | None = None  # None: <run dir>/checkpoints
+    resume: bool = True  # continue from the latest checkpoint in ckpt_dir when there is one
+    log_every: int = 1
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    # Fault injection for tests: this rank exits in the middle of this step.
+    debug_kill_rank: int | None = None
+    debug_kill_step: int | None = None
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # "offline" (no key needed) | "online" | "disabled"
+    project: str = "megaring"
+    entity: str | None = None
+    group: str | None = None  # None: a hash of the config without parallel/logging (one per sweep)
+    tags: list[str] = field(default_factory=list)  # the layout tags are always added
+    name: str | None = None  # None: the run directory's name
+    dir: str | None = None  # None: the run directory
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+    metrics_file: str = "metrics.jsonl"  # relative to the run directory
+    peak_tflops: float | None = None  # per-device peak for MFU; None: looked up from the device name
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Make ``base_config`` (the schema) and the run-name resolver known to Hydra."""
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+    if not OmegaConf.has_resolver("megaring_run_name"):
+        OmegaConf.register_new_resolver("megaring_run_name", run_name)
+
+
+def run_name(override_dirname: str) -> str:
+    """A directory name for a run from its command-line overrides (``default`` without any).
+
+    The same command gives the same run directory, so re-running it resumes from its checkpoints.
+    Names too long for a file system keep a readable prefix and a hash of the rest.
+    """
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name) > 200:
+        name = name[:180] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """The composed Hydra config as typed dataclasses (resolves interpolations)."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def experiment_id(cfg: TrainConfig) -> str:
+    """A short hash of everything but the layout and logging: runs of one sweep over layouts share it."""
+    d = config_dict(cfg)
+    for key in ("parallel", "logging"):
+        d.pop(key)
+    for key in ("ckpt_dir", "resume", "log_every", "checkpoint_every", "keep_last",
+                "debug_kill_rank", "debug_kill_step"):
+        d["trainer"].pop(key)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

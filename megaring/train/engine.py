@@ -1,0 +1,140 @@
+"""The DeepSpeed engine: ZeRO 0-3 over ``dp_cp``, the mesh as mpu, our optimizer and schedule.
+
+Batch accounting counts dp only (``train_batch_size = micro * gas * dp``): cp ranks hold shards
+of the same samples. Gradients are reduced over ``dp_cp``; DeepSpeed divides the sum by
+:attr:`TrainEngine.grad_divisor`, which the step multiplies back (see ``megaring.train.step``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
+from megaring.distributed.mesh import Axis, ParallelMesh
+from megaring.model.init import tp_partitions
+from megaring.train.checkpoint import use_safe_loading
+from megaring.train.config import TrainConfig
+
+
+@dataclass
+class TrainEngine:
+    ds: Any  # deepspeed.DeepSpeedEngine
+    grad_divisor: int  # DeepSpeed's reduced gradient = sum over dp_cp / grad_divisor
+    zero_stage: int
+    tp: Axis
+    reports_grad_norm: bool  # False: fp32 without ZeRO, where DeepSpeed keeps no norm
+
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def set_lr(self, lr: float) -> None:
+        """The rate of the next update (DeepSpeed's ZeRO optimizers expose the inner param groups)."""
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def grad_divisor(zero_stage: int, mesh: ParallelMesh) -> int:
+    """What DeepSpeed (0.15-0.19) divides the ``dp_cp`` gradient sum by.
+
+    Stages 0-2 average over the sequence-data-parallel group and multiply back by the sequence
+    parallel size (cp): ``/ dp``. Stage 3 reduce-scatters over its partition group (``dp_cp``, see
+    :func:`partition_for_zero3`) and averages over it, ignoring cp: ``/ dp_cp``. The parity tests
+    check both at every stage.
+    """
+    return mesh.dp_cp.size if zero_stage == 3 else mesh.dp.size
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config, derived from ours; ``parallel.deepspeed`` adds (never overrides) keys."""
+    t, p = cfg.trainer, cfg.parallel
+    zero = {"stage": p.zero_stage}
+    ds = copy.deepcopy(dict(p.deepspeed))
+    zero.update(ds.pop("zero_optimization", {}))
+    if p.zero_stage == 3:
+        zero["reduce_scatter"] = True  # the path grad_divisor describes
+    ds.update({
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * p.dp),
+        "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default would be 1.0
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW / apex FusedAdam
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+def mark_tp_parameters(model: nn.Module) -> None:
+    """Tag tp-sharded parameters the way DeepSpeed's gradient norm expects (Megatron's attribute).
+
+    Replicated parameters then count once (on tp rank 0) and sharded ones on every tp rank.
+    """
+    params = dict(model.named_parameters())
+    for name in tp_partitions(model):
+        if name in params:
+            params[name].tensor_model_parallel = True
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW without weight decay on vectors (norms, biases); apex FusedAdam when installed on CUDA."""
+    o = cfg.optim
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam  # optional: not on the package index
+        except ImportError:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, mesh: ParallelMesh) -> None:
+    """Partition the parameters over ``dp_cp`` before ``deepspeed.initialize``.
+
+    Left to itself, ZeRO-3 partitions over ``mpu.get_data_parallel_group()`` (dp only), so cp
+    ranks would neither share parameter shards nor reduce their gradients.
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+         config_dict_or_path=ds_config, mpu=mpu)
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> TrainEngine:
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    dtype = resolve_dtype(cfg.trainer.dtype, device)
+    model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
+    mark_tp_parameters(model)
+    ds_config = deepspeed_config(cfg, dtype)
+    mpu = DeepSpeedMPU(mesh)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    if cfg.parallel.zero_stage == 3:
+        partition_for_zero3(model, ds_config, mpu, mesh)
+    optimizer = build_optimizer(model, cfg, device)
+    ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
+                                  config=ds_config, dist_init_required=False)
+    use_safe_loading(ds)
+    stage = cfg.parallel.zero_stage
+    return TrainEngine(ds, grad_divisor(stage, mesh), stage, mesh.tp,
+                       reports_grad_norm=stage > 0 or dtype != torch.float32)

@@ -1,0 +1,56 @@
+"""``megaring-train``: the Hydra entry point (``python -m megaring.train`` too).
+
+The composed config is converted once to :class:`~megaring.train.config.TrainConfig`; the run
+directory is Hydra's output directory (``hydra.run.dir=...`` to choose it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from megaring.config_dir import CONFIG_DIR
+from megaring.train.config import register_configs, to_train_config
+from megaring.train.launch import launch
+
+register_configs()
+
+LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=(\d+))?$")
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N`` (the deepspeed launcher's); export LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        match = LOCAL_RANK_ARG.match(argv[i])
+        if match is None:
+            out.append(argv[i])
+            i += 1
+            continue
+        value = match.group(2)
+        if value is None and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 1
+        if value is not None:
+            os.environ.setdefault("LOCAL_RANK", value)
+        i += 1
+    return out
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    launch(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    sys.argv = strip_launcher_args(sys.argv)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Per-step metrics: throughput, model FLOPs and MFU, memory; ``metrics.jsonl`` and the progress bar.
+
+TFLOP/s are model FLOPs (``megaring.model.model_flops_per_token``, attention included) per second
+per device; MFU divides them by the device's dense peak (bf16 tensor cores on CUDA). On CPU there
+is no meaningful peak: MFU is left empty (``null``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megaring.train.step import StepResult
+
+# Dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,
+    "B200": 2250.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0,
+    "V100": 125.0, "A6000": 155.0, "4090": 165.0,
+}
+
+
+def device_peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or on CPU the peak resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def step_metrics(step: int, result: StepResult, *, step_time_s: float, tokens_per_step: int,
+                 flops_per_token: int, world_size: int, peak_tflops: float | None, tokens_seen: int,
+                 device: torch.device) -> dict:
+    tokens_per_s = tokens_per_step / step_time_s
+    tflops = tokens_per_s * flops_per_token / world_size / 1e12  # per device
+    return {
+        "step": step,
+        "loss": result.loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "step_time_s": step_time_s,
+        "tflops": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+        "peak_mem_gib": peak_memory_gib(device),
+        "tokens_seen": tokens_seen,
+        "valid_tokens": result.valid_tokens,
+    }
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object per logged step, flushed as written.
+
+    Resuming after step ``k`` keeps the lines of steps ``<= k`` and drops later ones (written
+    after the checkpoint by the interrupted run), so the file reads like one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, metrics: dict) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ProgressBar:
+    """tqdm on rank 0 (ETA from the step rate); nothing elsewhere."""
+
+    def __init__(self, enabled: bool, start_step: int, max_steps: int):
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True) if enabled else None
+
+    def update(self, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.3g}"}
+        if metrics["grad_norm"] is not None and math.isfinite(metrics["grad_norm"]):
+            postfix["gnorm"] = f"{metrics['grad_norm']:.3f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,158 @@
+"""``train(cfg, run_dir)``: validate, build the mesh, model, engine and data, then run the steps.
+
+Every piece is built by its own ``build_*`` function; :func:`run_steps` is the training loop.
+The function runs in each worker process, whatever started it (torchrun, deepspeed, srun, the
+self-spawning entry point, or a test's worker pool with the process group already up).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaring.data import BatchReader, build_batch_reader
+from megaring.distributed import ParallelDims, ParallelMesh, build_mesh, init_distributed
+from megaring.distributed.launch_env import read_launch_env
+from megaring.model import ParallelContext, build_model, model_flops_per_token
+from megaring.train.checkpoint import TrainerState, load_latest, save_checkpoint
+from megaring.train.config import ParallelConfig, TrainConfig
+from megaring.train.engine import TrainEngine, build_engine
+from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
+from megaring.train.schedule import learning_rate
+from megaring.train.step import train_step
+from megaring.train.tracking import Tracker
+from megaring.train.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What the loop needs, built once."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    ckpt_dir: Path
+    mesh: ParallelMesh
+    device: torch.device
+    engine: TrainEngine
+    reader: BatchReader
+
+
+def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    return Path(cfg.trainer.ckpt_dir) if cfg.trainer.ckpt_dir else run_dir / "checkpoints"
+
+
+def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
+    """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics."""
+    run_dir = Path(run_dir)
+    owns_group = not dist.is_initialized()
+    world_size = dist.get_world_size() if dist.is_initialized() else read_launch_env().world_size
+    validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
+    device = init_process_group(cfg.parallel)
+    try:
+        run = build_run(cfg, run_dir, device)
+        return run_steps(run)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_process_group(p: ParallelConfig) -> torch.device:
+    """The default group from the launcher's environment (a 1-rank group without a launcher)."""
+    env = init_distributed(p.backend, timeout_s=p.timeout_s)
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it
+    cuda = torch.cuda.is_available() and p.backend != "gloo"
+    if not dist.is_initialized():  # one process: DeepSpeed still needs a process group
+        dist.init_process_group(p.backend or ("nccl" if cuda else "gloo"), store=dist.HashStore(),
+                                rank=0, world_size=1, timeout=datetime.timedelta(seconds=p.timeout_s))
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
+    p, t = cfg.parallel, cfg.trainer
+    mesh = build_mesh(ParallelDims(p.dp, p.cp, p.tp), device.type, timeout_s=p.timeout_s)
+    seed_everything(t.seed)
+    ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
+                                    attn_kernel=p.attn_kernel)
+    model = build_model(cfg.model, ctx, seed=t.seed)
+    engine = build_engine(model, cfg, mesh, device)
+    reader = build_batch_reader(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                micro_batch_size=t.micro_batch_size, seed=t.seed, dp_rank=mesh.dp.rank,
+                                dp_size=mesh.dp.size, cp_rank=mesh.cp.rank, cp_size=mesh.cp.size,
+                                layout=p.layout)
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_steps(run: Run) -> list[dict]:
+    cfg, t, rank = run.cfg, run.cfg.trainer, run.mesh.rank
+    state = load_latest(run.engine, run.ckpt_dir) if t.resume else None
+    start = state.step if state else 0
+    is_logger = rank == 0
+    metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start) if is_logger else None
+    tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
+    progress = ProgressBar(is_logger and cfg.logging.progress_bar, start, t.max_steps)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    flops_per_token = model_flops_per_token(cfg.model, t.seq_len)
+    peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
+    history, exit_code = [], 1
+    try:
+        for step in range(start + 1, t.max_steps + 1):
+            maybe_kill(t, rank, step)
+            began = time.perf_counter()
+            lr = learning_rate(step - 1, cfg.optim, t.max_steps)
+            result = train_step(run.engine, run.reader.micro_batches(step - 1), run.mesh, run.device, lr)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            metrics = step_metrics(step, result, step_time_s=time.perf_counter() - began,
+                                   tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
+                                   world_size=run.mesh.dims.world_size, peak_tflops=peak,
+                                   tokens_seen=step * tokens_per_step, device=run.device)
+            history.append(metrics)
+            progress.update(metrics)
+            if is_logger and (step % t.log_every == 0 or step == t.max_steps):
+                metrics_file.write(metrics)
+                tracker.log(metrics)
+            if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                save(run, step)
+        exit_code = 0
+    finally:
+        progress.close()
+        tracker.finish(exit_code)
+        if metrics_file:
+            metrics_file.close()
+        run.engine.ds.destroy()
+    return history
+
+
+def save(run: Run, step: int) -> None:
+    t, p = run.cfg.trainer, run.cfg.parallel
+    state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
+                         tokens_seen=step * t.global_batch_size * t.seq_len,
+                         layout={"dp": p.dp, "cp": p.cp, "tp": p.tp, "zero_stage": p.zero_stage})
+    save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last)
+
+
+def maybe_kill(t, rank: int, step: int) -> None:
+    """Fault injection (tests): this rank dies abruptly, as a crashed GPU process would."""
+    if t.debug_kill_step == step and t.debug_kill_rank == rank:
+        log.error("trainer.debug_kill_rank=%d: exiting at step %d", rank, step)
+        os._exit(17)

@@ -1,0 +1,141 @@
+"""Every invariant of a training config, checked on every rank before any collective.
+
+Each part contributes readable lines; :func:`validate` raises one :class:`ConfigError` listing
+all of them, so a user fixes a broken command in one go instead of one failed launch per problem.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megaring.data import describe_data
+from megaring.distributed import ParallelDims
+from megaring.kernels import KERNELS
+from megaring.model import validate_model_config
+from megaring.ring.layout import LAYOUTS
+from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
+
+# DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
+OWNED_DEEPSPEED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler",
+)
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message lists every problem."""
+
+
+def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
+    p = cfg.parallel
+    out = ParallelDims(p.dp, p.cp, p.tp).problems(world_size)
+    if p.zero_stage not in (0, 1, 2, 3):
+        out.append(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.layout not in LAYOUTS:
+        out.append(f"parallel.layout={p.layout!r} must be one of {LAYOUTS}")
+    if p.attn_kernel is not None and p.attn_kernel not in KERNELS:
+        out.append(f"parallel.attn_kernel={p.attn_kernel!r} must be null (automatic) or one of {sorted(KERNELS)}")
+    if p.nproc_per_node < 0:
+        out.append(f"parallel.nproc_per_node={p.nproc_per_node} must be >= 0")
+    if p.timeout_s <= 0:
+        out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    owned = sorted(set(p.deepspeed) & set(OWNED_DEEPSPEED_KEYS))
+    if owned:
+        out.append(f"parallel.deepspeed may not set {owned}: they come from trainer.* and optim.*")
+    if "stage" in p.deepspeed.get("zero_optimization", {}):
+        out.append("parallel.deepspeed.zero_optimization.stage: use parallel.zero_stage")
+    return out
+
+
+def batch_problems(cfg: TrainConfig) -> list[str]:
+    t, dp = cfg.trainer, cfg.parallel.dp
+    out = [f"trainer.{n}={getattr(t, n)} must be >= 1" for n in
+           ("seq_len", "global_batch_size", "micro_batch_size", "log_every", "keep_last") if getattr(t, n) < 1]
+    out += [f"trainer.{n}={getattr(t, n)} must be >= 0" for n in ("max_steps", "checkpoint_every")
+            if getattr(t, n) < 0]
+    if not out and dp >= 1 and t.global_batch_size % (t.micro_batch_size * dp):
+        out.append(f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+                   f"trainer.micro_batch_size * parallel.dp = {t.micro_batch_size} * {dp}")
+    if t.dtype not in DTYPES:
+        out.append(f"trainer.dtype={t.dtype!r} must be one of {DTYPES}")
+    return out
+
+
+def optim_problems(cfg: TrainConfig) -> list[str]:
+    o, out = cfg.optim, []
+    if o.lr <= 0:
+        out.append(f"optim.lr={o.lr} must be > 0")
+    if o.schedule not in SCHEDULES:
+        out.append(f"optim.schedule={o.schedule!r} must be one of {SCHEDULES}")
+    if o.warmup_steps < 0 or (o.decay_steps is not None and o.decay_steps < 1):
+        out.append("optim.warmup_steps must be >= 0 and optim.decay_steps >= 1 (or null)")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        out.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.grad_clip < 0:
+        out.append(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 turns clipping off)")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        out.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    return out
+
+
+def model_problems(cfg: TrainConfig) -> list[str]:
+    p = cfg.parallel
+    if min(p.tp, p.cp) < 1 or p.layout not in LAYOUTS:
+        return []  # reported by parallel_problems; the model checks would divide by them
+    return validate_model_config(cfg.model, tp=p.tp, cp=p.cp, seq_len=cfg.trainer.seq_len,
+                                 sequence_parallel=p.sequence_parallel, layout=p.layout)
+
+
+def data_problems(cfg: TrainConfig) -> list[str]:
+    """The data config, and a vocabulary that must fit the model's embedding."""
+    out = cfg.data.problems()
+    if out:
+        return out
+    try:
+        info = describe_data(cfg.data)
+    except (ValueError, OSError) as err:
+        return [f"data: {err}"]
+    if info.vocab_size > cfg.model.vocab_size:
+        where = f"data.path={cfg.data.path}" if cfg.data.kind == "files" else "data=mock"
+        out.append(f"{where} has a vocabulary of {info.vocab_size} tokens, more than "
+                   f"model.vocab_size={cfg.model.vocab_size} (model={cfg.model.name}): use a model with "
+                   f"vocab_size >= {info.vocab_size}")
+    return out
+
+
+def logging_problems(cfg: TrainConfig) -> list[str]:
+    mode = cfg.logging.wandb.mode
+    return [] if mode in WANDB_MODES else [f"logging.wandb.mode={mode!r} must be one of {WANDB_MODES}"]
+
+
+def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
+    """A checkpoint to resume from must have been written by the same layout."""
+    latest = ckpt_dir / "latest"
+    if not cfg.trainer.resume or not latest.is_file():
+        return []
+    state_file = ckpt_dir / latest.read_text().strip() / "trainer_state.json"
+    if not state_file.is_file():
+        return [f"{latest} names a checkpoint without {state_file.name}"]
+    saved = json.loads(state_file.read_text())["layout"]
+    p = cfg.parallel
+    now = {"dp": p.dp, "cp": p.cp, "tp": p.tp, "zero_stage": p.zero_stage}
+    if saved != now:
+        return [f"the checkpoint in {ckpt_dir} was written with {saved}, this run is {now}: "
+                f"resume with the same layout, or set trainer.resume=false / another trainer.ckpt_dir"]
+    return []
+
+
+def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:
+    out = parallel_problems(cfg, world_size) + batch_problems(cfg) + optim_problems(cfg)
+    out += model_problems(cfg) + data_problems(cfg) + logging_problems(cfg)
+    if ckpt_dir is not None:
+        out += resume_problems(cfg, ckpt_dir)
+    return out
+
+
+def validate(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> None:
+    problems = collect_problems(cfg, world_size, ckpt_dir)
+    if problems:
+        raise ConfigError(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)}):"
+                          "\n  - " + "\n  - ".join(problems))
