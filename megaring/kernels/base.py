@@ -61,9 +61,7 @@ def fix_empty_rows(out: torch.Tensor, lse: torch.Tensor, allowed: torch.Tensor |
     """
     if allowed is None:
         return out, lse
-    empty = ~allowed.any(dim=-1)  # (B, Sq)
-    if not bool(empty.any()):
-        return out, lse
+    empty = ~allowed.any(dim=-1)  # (B or 1, Sq); no host sync: always fill
     lse = lse.masked_fill(empty[:, None, :], float("-inf"))
     out = out.masked_fill(empty[:, :, None, None], 0.0)
     return out, lse

@@ -53,22 +53,28 @@ class TorchCudaKernel(BlockKernel):
         allowed = allowed_mask(q.shape[1], k.shape[1], causal, mask, q.device)
         bias = None if allowed is None else additive_mask(allowed, q.dtype).expand(-1, h, -1, -1)
         out, lse = _aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, 0.0, False, scale=scale)[:2]
-        return fix_empty_rows(out.transpose(1, 2), lse[..., : q.shape[1]].float(), allowed)
+        empty_rows_possible = allowed if mask is not None else None  # causal alone leaves no row empty
+        return fix_empty_rows(out.transpose(1, 2), lse[..., : q.shape[1]].float(), empty_rows_possible)
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         h, h_kv, sq, sk = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
         qh, kh, vh = q.transpose(1, 2), _expand(k, h), _expand(v, h)
-        doh, oh, lse = dout.transpose(1, 2), out.transpose(1, 2), _finite(lse).float().contiguous()
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        doh, oh, lse = dout.transpose(1, 2), out.transpose(1, 2), _finite(lse).float()
+        dev = q.device
         if self._use_flash(q, mask):
-            cum = torch.empty(0, device=q.device, dtype=torch.int32)
+            # Dense (not varlen) call: cumulative lengths are None; no dropout, so the rng state is unused.
+            seed = torch.zeros(2, dtype=torch.uint64, device=dev)
+            offset = torch.zeros((), dtype=torch.uint64, device=dev)
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
-                doh, qh, kh, vh, oh, lse, cum, cum, sq, sk, 0.0, causal, empty, empty, scale=scale)
+                doh, qh, kh, vh, oh, lse.contiguous(), None, None, sq, sk, 0.0, causal, seed, offset, scale=scale)
         else:
-            allowed = allowed_mask(sq, sk, causal, mask, q.device)
+            allowed = allowed_mask(sq, sk, causal, mask, dev)
             bias = None if allowed is None else additive_mask(allowed, q.dtype).expand(-1, h, -1, -1)
+            # The memory-efficient op keeps its lse padded to a multiple of 32 rows.
+            lse = torch.nn.functional.pad(lse, (0, -sq % 32)).contiguous()
+            seed = offset = torch.zeros((), dtype=torch.int64, device=dev)
             dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-                doh, qh, kh, vh, bias, oh, lse, empty, empty, 0.0, [True, True, True, False], False, scale=scale)
+                doh, qh, kh, vh, bias, oh, lse, seed, offset, 0.0, [True, True, True, False], False, scale=scale)
         return dq.transpose(1, 2), _reduce(dk, h_kv), _reduce(dv, h_kv)
 
 
