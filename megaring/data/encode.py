@@ -72,25 +72,31 @@ def _encode_texts(sp: spm.SentencePieceProcessor, texts: list[str], spec: Encode
     """Flat ids of ``texts``, each followed by the end-of-document id: (tokens (T,), lengths (n,))."""
     pieces, owner = [], []  # pieces in document order; owner[i] = document of piece i
     for doc, text in enumerate(texts):
-        parts = _line_pieces(text) if spec.split_lines else [text]
+        parts = line_pieces(text) if spec.split_lines else [text]
         pieces.extend(parts)
         owner.extend([doc] * len(parts))
-    ids = sp.encode(pieces, num_threads=1)
+    ids = encode_ids(sp, pieces)
     piece_lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     lengths = np.bincount(np.asarray(owner, np.int64), piece_lengths, len(texts)).astype(np.int64) + 1
-    tokens = np.empty(int(lengths.sum()), spec.dtype)
-    ends = np.cumsum(lengths)  # (n,) one past each document's end-of-document id
-    tokens[ends - 1] = sp.eos_id()
-    pos = 0
+    eod = np.array([sp.eos_id()], spec.dtype)
+    chunks = []
     for i, x in enumerate(ids):
-        tokens[pos:pos + len(x)] = x
-        pos += len(x)
+        chunks.append(x)
         if i + 1 == len(ids) or owner[i + 1] != owner[i]:
-            pos += 1  # skip the end-of-document slot
+            chunks.append(eod)  # the document's last piece is done
+    tokens = np.concatenate(chunks).astype(spec.dtype, copy=False) if chunks else np.zeros(0, spec.dtype)
     return tokens, lengths
 
 
-def _line_pieces(text: str) -> list[str]:
+def encode_ids(sp: spm.SentencePieceProcessor, texts: list[str]) -> list:
+    """Ids of each text, one thread: int32 arrays where this sentencepiece can, else lists."""
+    try:
+        return sp.encode(texts, num_threads=1, return_type="numpy")
+    except (TypeError, ValueError):  # sentencepiece < 0.2.1 has no numpy output
+        return [np.asarray(x, np.int32) for x in sp.encode(texts, num_threads=1)]
+
+
+def line_pieces(text: str) -> list[str]:
     """``text`` cut right after the first newline past every ``PIECE_CHARS`` characters."""
     out, start = [], 0
     while start < len(text):
