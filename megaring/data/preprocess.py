@@ -73,12 +73,14 @@ def _prepare_tokenizer(cfg: PreprocessConfig, sources: list[Source], dest: Path)
 
 
 def _sample_texts(sources: list[Source], cfg: PreprocessConfig) -> Iterator[str]:
-    """Up to ``tokenizer.sample_bytes`` of document text, from the sources in a seeded random order.
+    """Up to ``tokenizer.sample_bytes`` of document text, from the sources in a seeded random order
+    (in input order when ``max_bytes`` is set).
 
     Unreadable records are passed over here; the encoding pass reports them.
     """
     order = list(sources)
-    random.Random(cfg.seed).shuffle(order)
+    if not cfg.max_bytes:  # with a byte budget, sample the same prefix the encoding pass reads
+        random.Random(cfg.seed).shuffle(order)
     budget = cfg.tokenizer.sample_bytes
     for record in _records(order, cfg.max_bytes):
         try:
@@ -112,7 +114,7 @@ def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokeniz
     bad: list[str] = []
     start = time.perf_counter()
     bar = tqdm(unit=" docs", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-    with bar:
+    with bar, writer:
         batches = batch_records(_records(sources, cfg.max_bytes), cfg.batch_bytes)
         for batch in encode_stream(batches, spec, cfg.workers):
             writer.add(batch.tokens, batch.lengths)
@@ -123,7 +125,6 @@ def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokeniz
             bar.update(batch.lengths.size)
             rate = writer.num_tokens / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{writer.num_tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
-    writer.close()
     seconds = time.perf_counter() - start
     if writer.num_documents == 0:
         raise PreprocessError(f"empty corpus: no document with text in {_describe(sources)}"
@@ -166,10 +167,15 @@ ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     """Console entry point (``megaring-preprocess``)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        print(f"megaring-preprocess: error: missing {', '.join(missing)} "
+              "(usage: megaring-preprocess input=<file|dir|glob|stdlib> output=<dir>)", file=sys.stderr)
+        sys.exit(2)
     conf: PreprocessConfig = OmegaConf.to_object(cfg)
     try:
         summary = preprocess(conf, command_config=OmegaConf.to_container(cfg))
-    except (PreprocessError, InputError, TokenizerError) as e:
+    except (PreprocessError, InputError, TokenizerError, OSError) as e:
         print(f"megaring-preprocess: error: {e}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(summary_lines(summary, conf.output)))

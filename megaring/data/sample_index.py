@@ -18,6 +18,7 @@ the data, so startup only memory-maps it.
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def load_sample_index(doc_starts: np.ndarray, *, d0: int, d1: int, seq_len: int,
 
 def _save_atomic(rows: np.ndarray, path: Path) -> None:
     """Write ``rows`` to ``path`` via a rename, so concurrent ranks never read half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique across hosts and ranks
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

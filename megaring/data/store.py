@@ -68,6 +68,16 @@ class TokenStoreWriter:
         self.num_documents += lengths.size
         self.num_tokens += tokens.size
 
+    def __enter__(self) -> TokenStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Write the index on success; on an error only close ``tokens.bin`` (the caller discards it)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self._bin.close()
+
     def close(self) -> None:
         """Flush ``tokens.bin`` and write the index."""
         self._bin.close()

@@ -188,6 +188,8 @@ def test_console_script(base, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "megaring-preprocess")
     bad = subprocess.run([exe, f"input={tmp_path}/missing", f"output={tmp_path}/o"], capture_output=True, text=True)
     assert bad.returncode == 2 and "error: input" in bad.stderr and "missing does not exist" in bad.stderr
+    usage = subprocess.run([exe, f"output={tmp_path}/o"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "error: missing input" in usage.stderr and "Traceback" not in usage.stderr
     good = subprocess.run([exe, f"input={base[0]}/corpus/b.txt", f"output={tmp_path}/o", "workers=1",
                            f"tokenizer.model={base[3]}/tokenizer.model"], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
