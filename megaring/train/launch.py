@@ -41,8 +41,8 @@ def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> None:
         mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir), nprocs=nprocs,
                            join=True, start_method="spawn")
     except ProcessException as err:
-        raise WorkerFailed(f"training worker (rank {err.error_index}) failed, the other "
-                           f"{nprocs - 1} were stopped: {err}") from None
+        raise WorkerFailed(f"training worker rank {err.error_index} failed and the other workers were "
+                           f"stopped: {err}") from None
 
 
 def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path) -> None:

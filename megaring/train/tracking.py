@@ -9,6 +9,7 @@ as one comparable set.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from megaring.train.config import TrainConfig, config_dict, experiment_id
@@ -37,7 +38,7 @@ class Tracker:
                          ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):
             os.environ.setdefault(var, str(wandb_dir / "wandb" / sub))
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         p = cfg.parallel
         config = config_dict(cfg) | {"mesh": {"dp": p.dp, "cp": p.cp, "tp": p.tp}, "world_size": world_size}

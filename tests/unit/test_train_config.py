@@ -1,0 +1,211 @@
+"""Single-process tests of the trainer's config schema, validation, schedule and helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megaring.data import write_tokenized
+from megaring.train.checkpoint import TrainerState, prune, read_latest, rng_state, set_rng_state, tag_for
+from megaring.train.config import OptimConfig, TrainConfig, experiment_id, run_name
+from megaring.train.engine import deepspeed_config
+from megaring.train.main import strip_launcher_args
+from megaring.train.metrics import MetricsFile, read_metrics
+from megaring.train.schedule import learning_rate, lr_factor
+from megaring.train.validate import ConfigError, collect_problems, resume_problems, validate
+from tests.helpers.train_cfg import compose_cfg, make_cfg
+
+# ---------------------------------------------------------------- schema
+
+
+def test_contract_keys_compose_into_typed_config():
+    cfg = compose_cfg("model=tiny", "data=mock", "parallel.dp=2", "parallel.cp=4", "parallel.tp=2",
+                      "parallel.zero_stage=3", "parallel.sequence_parallel=true", "trainer.seq_len=256",
+                      "trainer.global_batch_size=16", "trainer.micro_batch_size=2", "trainer.max_steps=7",
+                      "trainer.seed=5", "optim.lr=0.001", "logging.wandb.mode=disabled")
+    assert isinstance(cfg, TrainConfig)
+    p, t = cfg.parallel, cfg.trainer
+    assert (p.dp, p.cp, p.tp, p.zero_stage, p.sequence_parallel) == (2, 4, 2, 3, True)
+    assert (t.seq_len, t.global_batch_size, t.micro_batch_size, t.max_steps, t.seed) == (256, 16, 2, 7, 5)
+    assert cfg.optim.lr == 0.001 and cfg.logging.wandb.mode == "disabled"
+    assert cfg.model.name == "tiny" and cfg.data.kind == "mock"
+    assert cfg.data.vocab_size == cfg.model.vocab_size  # the mock vocabulary follows the model
+
+
+def test_defaults_are_offline_wandb_and_valid_on_one_process():
+    cfg = compose_cfg()
+    assert cfg.logging.wandb.mode == "offline"
+    assert collect_problems(cfg, world_size=1) == []
+
+
+def test_files_data_and_other_models_compose(tmp_path):
+    cfg = compose_cfg("data=files", f"data.path={tmp_path}", "model=125m")
+    assert cfg.data.kind == "files" and cfg.data.path == str(tmp_path) and cfg.model.name == "125m"
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.sequence_length"):
+        compose_cfg("trainer.sequence_length=64")
+    with pytest.raises(ConfigCompositionException, match="parallel.dp"):
+        compose_cfg("parallel.dp=two")
+
+
+def test_run_name_is_stable_and_short():
+    assert run_name("") == "default"
+    assert run_name("model=tiny,parallel.dp=2") == "model=tiny,parallel.dp=2"
+    long = ",".join(f"k{i}=v{i}" for i in range(100))
+    assert len(run_name(long)) < 200 and run_name(long) == run_name(long) != run_name(long + "x")
+
+
+def test_experiment_id_ignores_layout_but_not_the_model():
+    a, b = make_cfg(dp=1), make_cfg(dp=2, cp=2, zero_stage=3)
+    assert experiment_id(a) == experiment_id(b)
+    assert experiment_id(a) != experiment_id(make_cfg(extra=("optim.lr=0.1",)))
+
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    store = tmp_path / "big_vocab"
+    write_tokenized(store, [np.arange(50) % 999, np.arange(70) % 999], vocab_size=1000, eod_id=999)
+    cfg = compose_cfg(
+        "model=tiny", "data=files", f"data.path={store}",
+        "parallel.dp=2", "parallel.cp=2", "parallel.tp=3", "parallel.sequence_parallel=true",
+        "trainer.seq_len=34", "trainer.global_batch_size=6", "trainer.micro_batch_size=2",
+        "optim.grad_clip=-1", "logging.wandb.mode=sometimes",
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=8)
+    msg = str(err.value)
+    expected = [
+        "does not match the world size 8",  # 2*2*3 = 12 processes needed
+        "sequence length 34 is not divisible by 2*cp=4",
+        "model.n_heads=8 is not divisible by parallel.tp=3",
+        "model.n_kv_heads=4 is not divisible by parallel.tp=3",
+        "model.vocab_size=256 is not divisible by parallel.tp=3",
+        "trainer.global_batch_size=6 must be divisible by trainer.micro_batch_size * parallel.dp = 2 * 2",
+        "has a vocabulary of 1000 tokens, more than model.vocab_size=256",
+        "optim.grad_clip=-1.0 must be >= 0",
+        "logging.wandb.mode='sometimes'",
+    ]
+    for line in expected:
+        assert line in msg, f"missing {line!r} in:\n{msg}"
+    assert msg.count("\n  - ") == len(collect_problems(cfg, world_size=8)) >= len(expected)
+
+
+def test_sequence_parallel_needs_local_length_divisible_by_tp():
+    cfg = compose_cfg("parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "trainer.seq_len=68")
+    problems = collect_problems(cfg, world_size=8)
+    assert any("sequence parallelism" in p and "divisible by parallel.tp=4" in p for p in problems), problems
+    cfg.parallel.sequence_parallel = False
+    assert collect_problems(cfg, world_size=8) == []
+
+
+def test_missing_data_directory_is_a_problem(tmp_path):
+    cfg = compose_cfg("data=files", f"data.path={tmp_path / 'nowhere'}")
+    (problem,) = collect_problems(cfg, world_size=1)
+    assert problem.startswith("data:") and "nowhere" in problem
+
+
+def test_deepspeed_extras_may_not_override_owned_keys():
+    cfg = compose_cfg("+parallel.deepspeed.gradient_clipping=1.0", "+parallel.deepspeed.train_batch_size=8")
+    (problem,) = [p for p in collect_problems(cfg, 1) if "parallel.deepspeed" in p]
+    assert "gradient_clipping" in problem and "train_batch_size" in problem
+
+
+def test_resume_on_another_layout_is_refused(tmp_path):
+    cfg = make_cfg(dp=2, zero_stage=2)
+    (tmp_path / tag_for(4)).mkdir()
+    state = TrainerState(4, 16, 1024, {"dp": 2, "cp": 1, "tp": 1, "zero_stage": 1})
+    (tmp_path / tag_for(4) / "trainer_state.json").write_text(json.dumps(state.__dict__))
+    (tmp_path / "latest").write_text(tag_for(4))
+    (problem,) = resume_problems(cfg, tmp_path)
+    assert "'zero_stage': 1" in problem and "'zero_stage': 2" in problem
+    cfg.trainer.resume = False
+    assert resume_problems(cfg, tmp_path) == []
+
+# ---------------------------------------------------------------- engine config, schedule, launcher
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_deepspeed_config_takes_clip_and_batch_from_ours(clip):
+    cfg = make_cfg(dp=2, cp=2, zero_stage=3, extra=(f"optim.grad_clip={clip}", "trainer.global_batch_size=8"))
+    ds = deepspeed_config(cfg, torch.float32)
+    assert ds["gradient_clipping"] == clip
+    # DeepSpeed's batch accounting counts dp only: 8 = micro 1 * accumulation 4 * dp 2.
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
+        == (8, 1, 4)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_scatter"] is True
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # from parallel.deepspeed
+    assert ds["bf16"]["enabled"] is False
+
+
+def test_schedules():
+    kw = dict(warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(60, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(60, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(35, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert lr_factor(35, schedule="cosine", **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(110, schedule="cosine", **kw) == lr_factor(500, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(500, schedule="constant", **kw) == 1.0
+    cfg = OptimConfig(lr=2.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert [learning_rate(s, cfg, max_steps=4) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
+
+
+@pytest.mark.parametrize("argv,rest,local_rank", [
+    (["prog", "--local_rank=3", "parallel.dp=2"], ["prog", "parallel.dp=2"], "3"),
+    (["prog", "parallel.dp=2", "--local-rank", "1"], ["prog", "parallel.dp=2"], "1"),
+    (["prog", "trainer.seed=3"], ["prog", "trainer.seed=3"], None),
+])
+def test_deepspeed_launcher_local_rank_is_accepted(monkeypatch, argv, rest, local_rank):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_launcher_args(argv) == rest
+    assert os.environ.get("LOCAL_RANK") == local_rank
+
+# ---------------------------------------------------------------- metrics and checkpoint helpers
+
+
+def test_metrics_file_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsFile(path)
+    for step in (1, 2, 3, 4):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = MetricsFile(path, resume_step=2)
+    resumed.write({"step": 3, "loss": 30.0})
+    resumed.close()
+    assert [(m["step"], m["loss"]) for m in read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    MetricsFile(path).close()  # a fresh run starts an empty file
+    assert read_metrics(path) == []
+
+
+def test_prune_keeps_the_newest_and_never_the_partial(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / tag_for(step)).mkdir()
+    (tmp_path / (tag_for(10) + ".partial")).mkdir()
+    (tmp_path / "latest").write_text(tag_for(8))
+    prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(6), tag_for(8), tag_for(10) + ".partial"]
+    assert read_latest(tmp_path) == tag_for(8)
+
+
+def test_rng_state_round_trips_through_json():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
