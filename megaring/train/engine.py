@@ -94,8 +94,9 @@ def mark_tp_parameters(model: nn.Module) -> None:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW without weight decay on vectors (norms, biases); apex FusedAdam when installed on CUDA."""
     o = cfg.optim
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if len(full_shape(p)) >= 2]
+    vectors = [p for p in params if len(full_shape(p)) < 2]
     groups = [{"params": matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
     if device.type == "cuda":
@@ -105,6 +106,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
             return torch.optim.AdamW(groups, fused=True, **kwargs)
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def full_shape(param: nn.Parameter) -> torch.Size:
+    """The parameter's shape, also when ZeRO-3 has replaced its data by an empty partition."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, mesh: ParallelMesh) -> None:

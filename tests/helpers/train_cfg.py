@@ -9,7 +9,9 @@ from megaring.train.config import TrainConfig, register_configs, to_train_config
 
 TINY_RUN = ("model=tiny", "data=mock", "trainer.seq_len=64", "trainer.global_batch_size=4",
             "trainer.max_steps=3", "logging.wandb.mode=disabled", "logging.progress_bar=false",
-            "parallel.timeout_s=60")
+            "parallel.timeout_s=60",
+            # A large rate and a clip below the gradient norm: a wrong update or norm shows in the losses.
+            "optim.lr=0.01", "optim.grad_clip=0.5")
 
 
 def compose_cfg(*overrides: str) -> TrainConfig:
