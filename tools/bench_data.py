@@ -107,7 +107,7 @@ def bench_preprocess(args) -> None:
                         f"output={model}", f"tokenizer.vocab_size={args.vocab_size}", "max_bytes=20000000",
                         "progress=false"], check=True, capture_output=True)
         sp = Tokenizer(model / "tokenizer.model").sp
-        pieces = [p for t in texts for p in line_pieces(t)]
+        pieces = [] if args.skip_plain else [p for t in texts for p in line_pieces(t)]
         plain, plain_np, plain_pieces, runs = [], [], [], {w: [] for w in args.workers}
         n = None
         for i in range(args.repeat):  # interleaved, so that load from other jobs hits every setting
