@@ -136,6 +136,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     mpu = DeepSpeedMPU(mesh)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     if cfg.parallel.zero_stage == 3:
+        model = model.to(dtype)  # partitioned as they are: stage 3 does not cast converted modules
         partition_for_zero3(model, ds_config, mpu, mesh)
     optimizer = build_optimizer(model, cfg, device)
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,

@@ -65,3 +65,17 @@ def test_sequence_parallel_matches_single_process(pools, reference, tmp_path, ze
     """Megatron sequence parallelism, and ZeRO off (our own tp-aware gradient norm)."""
     cfg = layout_cfg(2, 2, 2, zero_stage, sequence_parallel=True)
     check_against(reference, pools(8).run(_train, cfg, str(tmp_path)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 3])
+def test_bfloat16_computes_in_bfloat16_and_tracks_float32(pools, reference, tmp_path, zero_stage):
+    """``trainer.dtype=bfloat16`` (the CUDA default) on CPU: forward in bf16 (step 1 differs from
+    float32, which it would not if a stage left the weights in float32), losses within 1e-2."""
+    cfg = layout_cfg(2, 1, 1, zero_stage)
+    cfg.trainer = dataclasses.replace(cfg.trainer, dtype="bfloat16")
+    per_rank = pools(2).run(_train, cfg, str(tmp_path))
+    assert per_rank[0] == per_rank[1]
+    assert per_rank[0][0][0] != reference[0][0]
+    for (loss, _), (ref_loss, _) in zip(per_rank[0], reference):
+        assert loss == pytest.approx(ref_loss, rel=1e-2)
