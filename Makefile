@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The pinned CPU build for these machines; a CUDA cluster overrides it, e.g. TORCH_SPEC="torch==2.5.1".
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
-EXTRAS ?= dev,plots,slurm
+EXTRAS ?= dev,plots,slurm,bench
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench lint clean

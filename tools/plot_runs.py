@@ -7,7 +7,7 @@ Each argument is a run directory (it holds ``metrics.jsonl`` and Hydra's ``.hydr
 or a directory above run directories (a Hydra multirun sweep), searched recursively. Writes
 ``loss.png`` (loss against step, one line per run) and ``scaling.png`` (median tokens/s and
 peak memory per rank against cp or world size; the first logged step is left out of the median
-as warm-up). Prints the table behind the chart.
+as warm-up). Prints the table behind the chart and writes it to ``runs.json``.
 """
 
 from __future__ import annotations
@@ -110,6 +110,13 @@ def plot_scaling(runs: list[Run], out: Path, x: str) -> Path:
     return target
 
 
+def summarize(run: Run) -> dict:
+    """One row of the table: layout, steps, final loss, median tokens/s and peak memory per rank."""
+    return {"path": str(run.path), "layout": run.label, "dp": run.dp, "cp": run.cp, "tp": run.tp,
+            "world_size": run.world_size, "steps": len(run.metrics), "final_loss": run.metrics[-1]["loss"],
+            "tokens_per_s": run.median("tokens_per_s"), "peak_mem_gib": run.median("peak_mem_gib")}
+
+
 def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories or sweep directories above them")
@@ -119,11 +126,12 @@ def main(argv=None) -> list[Path]:
     runs = find_runs(args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    table = [summarize(run) for run in runs]
     print(f"{'run':<40} {'layout':<16} {'steps':>5} {'final loss':>10} {'tokens/s':>10} {'peak GiB':>9}")
-    for run in runs:
-        tps, mem = run.median("tokens_per_s"), run.median("peak_mem_gib")
-        print(f"{str(run.path)[-40:]:<40} {run.label:<16} {len(run.metrics):>5} {run.metrics[-1]['loss']:>10.4f} "
-              f"{tps or float('nan'):>10.1f} {mem or float('nan'):>9.3f}")
+    for row in table:
+        print(f"{row['path'][-40:]:<40} {row['layout']:<16} {row['steps']:>5} {row['final_loss']:>10.4f} "
+              f"{row['tokens_per_s'] or float('nan'):>10.1f} {row['peak_mem_gib'] or float('nan'):>9.3f}")
+    (out / "runs.json").write_text(json.dumps(table, indent=1) + "\n")
     written = [plot_loss(runs, out), plot_scaling(runs, out, args.x)]
     for path in written:
         print(f"wrote {path}")

@@ -19,12 +19,25 @@ from megaring.ring.attention import ring_attention
 from megaring.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
 
 
+def _apex_fused_rms_norm():
+    """NVIDIA apex's fused RMSNorm (an optional extra, not on the package index), or None."""
+    try:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except ImportError:
+        return None
+    return fused_rms_norm_affine
+
+
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * g``, normalised in float32.
 
     With sequence parallelism the replicated ``g`` sees only this rank's tokens, so it enters
     through ``copy_to_tensor_model_parallel_region``: backward all-reduces its gradient over tp.
+    On CUDA with apex installed the fused kernel computes the same (it also normalises in float32,
+    and applies ``g`` before rounding to the input dtype rather than after).
     """
+
+    fused = staticmethod(_apex_fused_rms_norm())
 
     def __init__(self, dim: int, eps: float, ctx: ParallelContext):
         super().__init__()
@@ -36,6 +49,8 @@ class RMSNorm(nn.Module):
         weight = self.weight
         if self.sequence_parallel:
             weight = copy_to_tensor_model_parallel_region(weight, self.tp_axis)
+        if self.fused is not None and x.is_cuda and x.dtype == weight.dtype:
+            return self.fused(x, weight, weight.shape, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * weight

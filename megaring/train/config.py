@@ -35,13 +35,24 @@ class ParallelConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 over dp x cp
     sequence_parallel: bool = False  # Megatron sequence parallelism inside the tp group
     layout: str = "zigzag"  # how cp ranks hold the sequence: "zigzag" | "contiguous"
-    nproc_per_node: int = 0  # > 0 without a launcher: spawn this many local workers (0: don't)
+    # Without a launcher: spawn this many local workers (0: don't; "auto": dp * cp * tp, for sweeps over layouts).
+    nproc_per_node: int | str = 0
     attn_kernel: str | None = None  # None: automatic; else a name from megaring.kernels
     timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the
     # trainer owns (batch sizes, gradient_clipping, precision, zero stage) are rejected.
     deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+    def local_workers(self) -> int:
+        """How many workers ``nproc_per_node`` asks for ("auto": the whole mesh)."""
+        if self.nproc_per_node == "auto":
+            return self.dp * self.cp * self.tp
+        if isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 0:
+            return self.nproc_per_node
+        raise ValueError(f"parallel.nproc_per_node={self.nproc_per_node!r}: give an integer >= 0 "
+                         "or 'auto' (dp * cp * tp local workers)")
 
 
 @dataclass

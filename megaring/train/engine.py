@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     dtype = resolve_dtype(cfg.trainer.dtype, device)
     model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
     mark_tp_parameters(model)

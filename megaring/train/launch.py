@@ -1,9 +1,10 @@
 """Run the training in this process, or spawn the local workers when no launcher started us.
 
-``parallel.nproc_per_node=N`` without torchrun / deepspeed / srun starts N worker processes on
-this machine (rank = local rank), each running :func:`megaring.train.trainer.train`. If one dies,
-the others are terminated and the parent exits with an error naming the rank, so a single command
-works on a laptop and inside a Hydra sweep, and never hangs on a lost rank.
+``parallel.nproc_per_node=N`` (or ``auto``: dp * cp * tp) without torchrun / deepspeed / srun
+starts N worker processes on this machine (rank = local rank), each running
+:func:`megaring.train.trainer.train`. If one dies, the others are terminated and the parent exits
+with an error naming the rank, so a single command works on a laptop and inside a Hydra sweep,
+and never hangs on a lost rank.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class WorkerFailed(RuntimeError):
 
 
 def launch(cfg: TrainConfig, run_dir: Path) -> None:
-    n = cfg.parallel.nproc_per_node
+    n = cfg.parallel.local_workers()
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
         spawn_workers(cfg, run_dir, n)

@@ -13,7 +13,6 @@ The uninterrupted self-spawned dp=2 run is made once per module and is the refer
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from megaring.train.config import experiment_id
 from megaring.train.metrics import read_metrics
+from tests.helpers.cli import clean_env, losses, ok
 from tests.helpers.pool import free_port
 from tests.helpers.train_cfg import TINY_RUN, compose_cfg
 
@@ -36,25 +36,10 @@ KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflop
         "tokens_seen"}
 
 
-def clean_env() -> dict[str, str]:
-    """No launcher variables from the test process; wandb quiet and offline-capable without a key."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE", "WANDB_API_KEY")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    return env | {"WANDB_SILENT": "true", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-
-
 def megaring_train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (), run=tuple(RUN),
                    timeout: float = 240):
     cmd = [sys.executable, *launcher, "-m", "megaring.train", *run, *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
-def losses(run_dir: Path) -> list[tuple[int, float, float]]:
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")

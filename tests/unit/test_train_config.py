@@ -103,6 +103,15 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert msg.count("\n  - ") == len(collect_problems(cfg, world_size=8)) >= len(expected)
 
 
+def test_nproc_per_node_auto_spawns_the_whole_mesh():
+    assert compose_cfg("parallel.dp=2", "parallel.cp=3", "parallel.nproc_per_node=auto").parallel.local_workers() == 6
+    assert compose_cfg("parallel.nproc_per_node=5").parallel.local_workers() == 5
+    bad = compose_cfg("parallel.nproc_per_node=many")
+    with pytest.raises(ValueError, match="'many': give an integer >= 0 or 'auto'"):
+        bad.parallel.local_workers()
+    assert any("nproc_per_node='many'" in line for line in collect_problems(bad, world_size=1))
+
+
 def test_sequence_parallel_needs_local_length_divisible_by_tp():
     cfg = compose_cfg("parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "trainer.seq_len=68")
     problems = collect_problems(cfg, world_size=8)
