@@ -95,6 +95,7 @@ def _ring_worker(rank, world, port, args, results):
     import torch.distributed as dist
 
     from megaring import ring_attention, shard_sequence
+    from megaring.ring.attention import heads_major
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -102,7 +103,10 @@ def _ring_worker(rank, world, port, args, results):
     timed = TimedKernel(KERNELS[args.kernel])
     KERNELS["timed"] = timed
     full = _inputs(args, args.seq_len)
-    q, k, v, dout = (shard_sequence(t, dim=1, rank=rank, world_size=world, layout=args.layout) for t in full)
+    # (B, S, H, D) views of heads-major memory, as SDPA below gets (B, H, S, D) contiguous tensors:
+    # the layout ring_attention would otherwise copy its inputs into.
+    q, k, v, dout = (heads_major(shard_sequence(t, dim=1, rank=rank, world_size=world, layout=args.layout))
+                     for t in full)
     del full
 
     def step():

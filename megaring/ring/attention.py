@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megaring.kernels import BlockKernel, select_kernel
-from megaring.ring.comm import RingComm
+from megaring.ring.comm import RingComm, memory_order
 from megaring.ring.layout import check_layout
 from megaring.ring.merge import merge_into
 from megaring.ring.schedule import ALL, BlockPlan, plan_block
@@ -50,7 +50,22 @@ class _Ring:
         return plan_block(self.rank, src, self.size, self.local_len, causal=self.causal, layout=self.layout)
 
 
+def _whole_block(ring: _Ring) -> BlockPlan | None:
+    """With one rank the only block is the whole local sequence: no ring, no merge, one kernel call.
+
+    Bit-identical to the ring path (merging one block into an empty accumulator returns it as is),
+    without its float32 buffers and bookkeeping.
+    """
+    if ring.size > 1:
+        return None
+    plan = ring.plan(0)
+    return plan if plan is not None and plan.q == ALL and plan.kv == ALL else None
+
+
 def _ring_forward(ring: _Ring, kernel: BlockKernel, q, k, v, seg, scale):
+    if (plan := _whole_block(ring)) is not None:
+        out, lse = kernel.forward(q, k, v, scale=scale, causal=plan.causal, mask=_block_mask(seg, seg, plan))
+        return out.to(q.dtype), lse
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
@@ -85,6 +100,10 @@ def _accumulate(acc, grad, rows: slice, like: torch.Tensor):
 
 
 def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
+    if (plan := _whole_block(ring)) is not None:
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=plan.causal,
+                                     mask=_block_mask(seg, seg, plan))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     kv_comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
     grad_comm = RingComm(ring.group, GRAD_TAG) if ring.size > 1 else None
     k_cur, v_cur, seg_cur = k, v, seg
@@ -129,8 +148,18 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seg = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.ring, ctx.kernel, dout.contiguous(), q, k, v, out, lse, seg, ctx.scale)
+        dout = dout if memory_order(dout).is_contiguous() else dout.contiguous()  # any dense layout
+        dq, dk, dv = _ring_backward(ctx.ring, ctx.kernel, dout, q, k, v, out, lse, seg, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def heads_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, S, H, D)`` as a view of ``(B, H, S, D)`` memory (a copy only if not already so).
+
+    The fused attention kernels take ``(B, H, S, D)`` and read it fastest when each head's rows
+    are contiguous; the ring sends these tensors in their own memory order.
+    """
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def check_inputs(q, k, v, segment_ids, layout: str) -> None:
@@ -175,5 +204,5 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     block_kernel = select_kernel(kernel, q, needs_mask=segment_ids is not None)
     seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
-    return RingAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), seg,
+    return RingAttentionFunction.apply(heads_major(q), heads_major(k), heads_major(v), seg,
                                        group, causal, scale, layout, block_kernel)

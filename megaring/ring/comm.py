@@ -12,6 +12,16 @@ import torch
 import torch.distributed as dist
 
 
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its dims permuted into memory order: a contiguous view (no copy) when ``t`` is dense.
+
+    Lets the ring send tensors in whatever dense layout they have, e.g. ``(B, S, H, D)`` views of
+    heads-major ``(B, H, S, D)`` memory, without copying them to the default layout first.
+    """
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+    return t.permute(order)
+
+
 class RingComm:
     def __init__(self, group: dist.ProcessGroup | None, tag: int = 0):
         self.group = group
@@ -26,9 +36,10 @@ class RingComm:
         """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
         if self._works:
             raise RuntimeError("RingComm.send_recv called twice without wait()")
-        buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, self.tag) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, self.tag) for b in buffers]
+        tensors = [t if memory_order(t).is_contiguous() else t.contiguous() for t in tensors]
+        buffers = [torch.empty_like(t) for t in tensors]  # the same strides as what is sent
+        ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
         self._works = dist.batch_isend_irecv(ops)
         return buffers
 

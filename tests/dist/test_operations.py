@@ -110,7 +110,7 @@ def test_slurm_sbatch_with_a_faked_two_task_job(mode, sweep, fake_slurm_bin, tmp
     """
     port = free_port()
     tasks = "2" if mode == "task" else "1"
-    env = clean_env(PATH=f"{fake_slurm_bin}:{BIN}:{clean_env()['PATH']}", MODE=mode, PYTHON=sys.executable,
+    env = clean_env(PATH=f"{fake_slurm_bin}:{clean_env()['PATH']}", MODE=mode, PYTHON=sys.executable,
                     SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS=tasks, SLURM_JOB_NODELIST="localhost",
                     GPUS_PER_NODE="2", MASTER_PORT=str(port))
     run_dir = tmp_path / "run"

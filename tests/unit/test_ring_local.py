@@ -119,3 +119,27 @@ def test_unknown_layout():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="layout must be one of"):
         ring_attention(q, q, q, layout="spiral")
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpu_flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal,with_seg", [(True, False), (True, True), (False, True)])
+def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, kernel, dtype, causal, with_seg):
+    import megaring.ring.attention as attention
+
+    q, k, v, dout, seg = make_inputs(3, 2, 64, 4, 2, 16, with_seg)
+    if not KERNELS[kernel].supports(q.to(dtype), None if seg is None else seg.bool()):
+        pytest.skip(f"{kernel} does not run {dtype} here")
+
+    def run():
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*leaves, causal=causal, segment_ids=seg, kernel=kernel)
+        out.backward(dout.to(dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    assert attention._whole_block(attention._Ring(None, causal, "zigzag", 64)) is not None  # one kernel call
+    fast = run()
+    monkeypatch.setattr(attention, "_whole_block", lambda ring: None)  # the general ring code, one step
+    ring = run()
+    for a, b in zip(fast, ring, strict=True):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
