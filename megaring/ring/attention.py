@@ -9,6 +9,8 @@ The autograd function only orchestrates: kernels compute, :class:`RingComm` comm
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -16,25 +18,9 @@ from megaring.kernels import BlockKernel, select_kernel
 from megaring.ring.comm import RingComm, memory_order
 from megaring.ring.layout import check_layout
 from megaring.ring.merge import merge_into
-from megaring.ring.schedule import ALL, BlockPlan, plan_block
+from megaring.ring.schedule import ALL, BlockCall, BlockPlan, block_calls, plan_block
 
 KV_TAG, GRAD_TAG = 11, 12
-
-
-def _block_mask(seg_q, seg_k, plan: BlockPlan):
-    """Boolean (B, Sq, Sk) same-document mask of a block, or None without segment ids."""
-    if seg_q is None:
-        return None
-    return seg_q[:, plan.q, None] == seg_k[:, None, plan.kv]
-
-
-def _visible(mask, causal: bool) -> bool:
-    """Whether any query-key pair of the block may attend (skip fully masked blocks)."""
-    if mask is None:
-        return True
-    if causal:
-        mask = mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril_()
-    return bool(mask.any())
 
 
 class _Ring:
@@ -49,22 +35,28 @@ class _Ring:
         src = (self.rank - step) % self.size
         return plan_block(self.rank, src, self.size, self.local_len, causal=self.causal, layout=self.layout)
 
+    def calls(self, step: int, seg_q, seg_k) -> Iterator[BlockCall]:
+        """This step's kernel calls (document masks tiled; fully masked blocks and tiles left out)."""
+        return block_calls(self.plan(step), seg_q, seg_k)
 
-def _whole_block(ring: _Ring) -> BlockPlan | None:
-    """With one rank the only block is the whole local sequence: no ring, no merge, one kernel call.
+
+def _whole_block(ring: _Ring, seg) -> BlockCall | None:
+    """With one rank and one unmasked-or-single-tile call: no ring, no merge, one kernel call.
 
     Bit-identical to the ring path (merging one block into an empty accumulator returns it as is),
     without its float32 buffers and bookkeeping.
     """
     if ring.size > 1:
         return None
-    plan = ring.plan(0)
-    return plan if plan is not None and plan.q == ALL and plan.kv == ALL else None
+    calls = ring.calls(0, seg, seg)
+    call = next(calls, None)
+    whole = call is not None and call.q == ALL and call.kv == ALL and next(calls, None) is None
+    return call if whole else None
 
 
 def _ring_forward(ring: _Ring, kernel: BlockKernel, q, k, v, seg, scale):
-    if (plan := _whole_block(ring)) is not None:
-        out, lse = kernel.forward(q, k, v, scale=scale, causal=plan.causal, mask=_block_mask(seg, seg, plan))
+    if (call := _whole_block(ring, seg)) is not None:
+        out, lse = kernel.forward(q, k, v, scale=scale, causal=call.causal, mask=call.mask)
         return out.to(q.dtype), lse
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
@@ -74,12 +66,10 @@ def _ring_forward(ring: _Ring, kernel: BlockKernel, q, k, v, seg, scale):
     for step in range(ring.size):
         if step < ring.size - 1:
             nxt = comm.send_recv([k_cur, v_cur] + ([seg_cur] if seg is not None else []))
-        plan = ring.plan(step)
-        mask = _block_mask(seg, seg_cur, plan) if plan else None
-        if plan and _visible(mask, plan.causal):
-            o_b, lse_b = kernel.forward(q[:, plan.q], k_cur[:, plan.kv], v_cur[:, plan.kv],
-                                        scale=scale, causal=plan.causal, mask=mask)
-            merge_into(out[:, plan.q], lse[:, :, plan.q], o_b, lse_b)
+        for call in ring.calls(step, seg, seg_cur):
+            o_b, lse_b = kernel.forward(q[:, call.q], k_cur[:, call.kv], v_cur[:, call.kv],
+                                        scale=scale, causal=call.causal, mask=call.mask)
+            merge_into(out[:, call.q], lse[:, :, call.q], o_b, lse_b)
         if step < ring.size - 1:
             comm.wait()
             k_cur, v_cur = nxt[0], nxt[1]
@@ -99,10 +89,14 @@ def _accumulate(acc, grad, rows: slice, like: torch.Tensor):
     return acc
 
 
+def _block_grads(kernel: BlockKernel, c: BlockCall, dout, q, k, v, out, lse, scale):
+    return kernel.backward(dout[:, c.q], q[:, c.q], k[:, c.kv], v[:, c.kv], out[:, c.q], lse[:, :, c.q],
+                           scale=scale, causal=c.causal, mask=c.mask)
+
+
 def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
-    if (plan := _whole_block(ring)) is not None:
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=plan.causal,
-                                     mask=_block_mask(seg, seg, plan))
+    if (call := _whole_block(ring, seg)) is not None:
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=call.causal, mask=call.mask)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     kv_comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
     grad_comm = RingComm(ring.group, GRAD_TAG) if ring.size > 1 else None
@@ -112,18 +106,20 @@ def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, se
     for step in range(ring.size):
         if step < ring.size - 1:
             nxt = kv_comm.send_recv([k_cur, v_cur] + ([seg_cur] if seg is not None else []))
-        plan = ring.plan(step)
-        mask = _block_mask(seg, seg_cur, plan) if plan else None
-        grads = (None, None, None)
-        if plan and _visible(mask, plan.causal):
-            grads = kernel.backward(dout[:, plan.q], q[:, plan.q], k_cur[:, plan.kv], v_cur[:, plan.kv],
-                                    out[:, plan.q], lse[:, :, plan.q], scale=scale, causal=plan.causal, mask=mask)
+        tiles = ring.calls(step, seg, seg_cur)
+        call = next(tiles, None)
+        # The first call's gradients are computed while the dK/dV accumulators are still in flight.
+        grads = _block_grads(kernel, call, dout, q, k_cur, v_cur, out, lse, scale) if call else None
         if step > 0:
             grad_comm.wait()
             dk, dv = received
-        dq = _accumulate(dq, grads[0], plan.q if plan else ALL, q)
-        dk = _accumulate(dk, grads[1], plan.kv if plan else ALL, k)
-        dv = _accumulate(dv, grads[2], plan.kv if plan else ALL, v)
+        if call is None:  # nothing visible this step: the accumulators exist anyway and travel on
+            dq, dk, dv = _accumulate(dq, None, ALL, q), _accumulate(dk, None, ALL, k), _accumulate(dv, None, ALL, v)
+        while call is not None:
+            dq = _accumulate(dq, grads[0], call.q, q)
+            dk, dv = _accumulate(dk, grads[1], call.kv, k), _accumulate(dv, grads[2], call.kv, v)
+            call = next(tiles, None)
+            grads = _block_grads(kernel, call, dout, q, k_cur, v_cur, out, lse, scale) if call else None
         if ring.size > 1:
             received = grad_comm.send_recv([dk, dv])
         if step < ring.size - 1:

@@ -163,3 +163,21 @@ def test_blocks_masked_by_segments_are_skipped(pools):
     for i, want in enumerate((ref.detach(), q.grad, k.grad, v.grad)):
         got = unshard_sequence([r[1][i] for r in results], dim=1, layout="contiguous")
         assert (got.double() - want).abs().max() <= 1e-4
+
+
+def _tiled_masks_task(rank, world, layout, causal):
+    """Document masks cut into tiles of a few query rows (a tiny budget forces many tiles per block)."""
+    from megaring.ring import schedule
+
+    budget, schedule.MASK_ENTRIES = schedule.MASK_ENTRIES, 40
+    try:
+        return {(name, True, kernel): _run_case(rank, world, layout, causal, h, hk, True, kernel, torch.float32, 7)
+                for (name, (h, hk)), kernel in itertools.product(HEADS.items(), KERNELS)}
+    finally:
+        schedule.MASK_ENTRIES = budget
+
+
+@pytest.mark.parametrize("world,layout,causal", [(1, "zigzag", True), (3, "zigzag", True), (2, "contiguous", False)])
+def test_document_masks_in_tiles_match_reference(pools, world, layout, causal):
+    per_rank = pools(world).run(_tiled_masks_task, layout, causal)
+    _check(per_rank, layout, causal, tol_abs=1e-4)

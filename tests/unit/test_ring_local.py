@@ -137,9 +137,39 @@ def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, ke
         out.backward(dout.to(dtype))
         return [out.detach()] + [t.grad for t in leaves]
 
-    assert attention._whole_block(attention._Ring(None, causal, "zigzag", 64)) is not None  # one kernel call
+    assert attention._whole_block(attention._Ring(None, causal, "zigzag", 64), seg) is not None  # one kernel call
     fast = run()
-    monkeypatch.setattr(attention, "_whole_block", lambda ring: None)  # the general ring code, one step
+    monkeypatch.setattr(attention, "_whole_block", lambda ring, seg: None)  # the general ring code, one step
     ring = run()
     for a, b in zip(fast, ring, strict=True):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
+def test_block_calls_one_document_needs_no_mask():
+    from megaring.ring.schedule import ALL, BlockPlan, block_calls
+
+    seg = torch.full((2, 16), 3)
+    (call,) = block_calls(BlockPlan(ALL, ALL, True), seg, seg)
+    assert call.mask is None and call.causal and call.q == ALL and call.kv == ALL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_calls_tile_document_masks_under_the_budget(causal):
+    from megaring.ring.schedule import ALL, BlockPlan, block_calls
+
+    g = torch.Generator().manual_seed(0)
+    seg = (torch.rand(2, 32, generator=g) < 0.2).long().cumsum(1)  # (B, S) sorted document ids
+    plan = BlockPlan(slice(8, None), ALL, False) if not causal else BlockPlan(ALL, ALL, True)
+    q_rows = range(32)[plan.q]
+    full = seg[:, plan.q, None] == seg[:, None, plan.kv]
+    if causal:
+        full &= torch.ones(32, 32, dtype=torch.bool).tril()
+    budget = 2 * 32 * 3  # three query rows of the full key block per tile
+    calls = list(block_calls(plan, seg, seg, max_mask_entries=budget))
+    assert len(calls) > 1 and all(c.mask.numel() <= budget and not c.causal for c in calls)
+    rebuilt = torch.zeros_like(full)
+    for c in calls:
+        assert c.mask.any()  # tiles without a visible key are not called
+        rows = slice(c.q.start - q_rows.start, c.q.stop - q_rows.start)
+        rebuilt[:, rows, c.kv] = c.mask
+    assert torch.equal(rebuilt, full)
