@@ -67,7 +67,9 @@ def block_calls(plan: BlockPlan | None, seg_q: torch.Tensor | None, seg_k: torch
     one call without a mask. Otherwise the same-document mask (with causality folded in on the
     diagonal) is built tile by tile of query rows, so it never exceeds ``max_mask_entries``
     whatever the block length (default :data:`MASK_ENTRIES`), and tiles that see no key of their
-    documents are skipped.
+    documents are skipped. When the keys' ids are sorted (packed samples, in either layout), a tile
+    attends only to the key range of its own documents, so a block of many short documents costs
+    about (rows x document length), not (rows x block length).
     """
     if plan is None:
         return
@@ -77,15 +79,23 @@ def block_calls(plan: BlockPlan | None, seg_q: torch.Tensor | None, seg_k: torch
     sq, sk = seg_q[:, plan.q], seg_k[:, plan.kv]  # (B, nq), (B, nk)
     (q0, nq), (k0, nk) = _span(plan.q, seg_q.shape[1]), _span(plan.kv, seg_k.shape[1])
     rows = max(1, (max_mask_entries or MASK_ENTRIES) // (sk.shape[0] * nk))
+    sorted_keys = bool((sk[:, 1:] >= sk[:, :-1]).all())  # packed samples: ids grow along the sequence
+    sk = sk.contiguous()
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        width = r1 if plan.causal else nk  # on the diagonal, rows < r1 see keys < r1 only
-        mask = sq[:, r0:r1, None] == sk[:, None, :width]  # (B, r1 - r0, width)
+        lo, hi = 0, r1 if plan.causal else nk  # on the diagonal, rows < r1 see keys < r1 only
+        if sorted_keys:  # only keys of the tile's documents: a document's tokens are contiguous
+            tile = sq[:, r0:r1]
+            lo = max(lo, int(torch.searchsorted(sk, tile.amin(1, keepdim=True)).min()))
+            hi = min(hi, int(torch.searchsorted(sk, tile.amax(1, keepdim=True), right=True).max()))
+            if lo >= hi:
+                continue
+        mask = sq[:, r0:r1, None] == sk[:, None, lo:hi]  # (B, r1 - r0, hi - lo)
         if plan.causal:
-            mask &= torch.arange(width, device=mask.device) <= torch.arange(r0, r1, device=mask.device)[:, None]
+            mask &= torch.arange(lo, hi, device=mask.device) <= torch.arange(r0, r1, device=mask.device)[:, None]
         if bool(mask.any()):
-            whole = r0 == 0 and r1 == nq and width == nk  # one tile: keep the plan's slices
-            yield BlockCall(plan.q if whole else slice(q0 + r0, q0 + r1), plan.kv if whole else slice(k0, k0 + width),
+            whole = r0 == 0 and r1 == nq and lo == 0 and hi == nk  # one tile: keep the plan's slices
+            yield BlockCall(plan.q if whole else slice(q0 + r0, q0 + r1), plan.kv if whole else slice(k0 + lo, k0 + hi),
                             False, mask)
 
 

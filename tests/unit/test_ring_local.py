@@ -153,12 +153,15 @@ def test_block_calls_one_document_needs_no_mask():
     assert call.mask is None and call.causal and call.q == ALL and call.kv == ALL
 
 
+@pytest.mark.parametrize("ids", ["sorted", "unsorted"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_block_calls_tile_document_masks_under_the_budget(causal):
+def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
     from megaring.ring.schedule import ALL, BlockPlan, block_calls
 
     g = torch.Generator().manual_seed(0)
     seg = (torch.rand(2, 32, generator=g) < 0.2).long().cumsum(1)  # (B, S) sorted document ids
+    if ids == "unsorted":
+        seg = seg % 2  # documents interleave: every tile must see every key
     plan = BlockPlan(slice(8, None), ALL, False) if not causal else BlockPlan(ALL, ALL, True)
     q_rows = range(32)[plan.q]
     full = seg[:, plan.q, None] == seg[:, None, plan.kv]
@@ -173,3 +176,6 @@ def test_block_calls_tile_document_masks_under_the_budget(causal):
         rows = slice(c.q.start - q_rows.start, c.q.stop - q_rows.start)
         rebuilt[:, rows, c.kv] = c.mask
     assert torch.equal(rebuilt, full)
+    columns = sum(c.mask.shape[-1] for c in calls)
+    full_width = sum((c.q.stop if causal else 32) for c in calls)
+    assert (columns < full_width) if ids == "sorted" else (columns == full_width)  # sorted: own documents only
