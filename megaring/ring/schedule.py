@@ -46,6 +46,8 @@ def plan_block(rank: int, src: int, size: int, local_len: int, *, causal: bool, 
 # At most this many (batch x query x key) mask entries exist at once: 2^25 is 32 MiB of booleans
 # plus 128 MiB for a kernel's float copy. Blocks with documents are cut into query-row tiles below it.
 MASK_ENTRIES = 1 << 25
+# Query rows per tile at most: short tiles span few documents, so their key ranges stay short.
+MASK_TILE_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def block_calls(plan: BlockPlan | None, seg_q: torch.Tensor | None, seg_k: torch
         return
     sq, sk = seg_q[:, plan.q], seg_k[:, plan.kv]  # (B, nq), (B, nk)
     (q0, nq), (k0, nk) = _span(plan.q, seg_q.shape[1]), _span(plan.kv, seg_k.shape[1])
-    rows = max(1, (max_mask_entries or MASK_ENTRIES) // (sk.shape[0] * nk))
+    rows = max(1, min(MASK_TILE_ROWS, (max_mask_entries or MASK_ENTRIES) // (sk.shape[0] * nk)))
     sorted_keys = bool((sk[:, 1:] >= sk[:, :-1]).all())  # packed samples: ids grow along the sequence
     sk = sk.contiguous()
     for r0 in range(0, nq, rows):
