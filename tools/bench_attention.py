@@ -8,6 +8,10 @@ busy time, and the peak working memory of one forward+backward (VmHWM after a re
 minus resident memory at the start; inputs are allocated beforehand and not counted).
 
     python tools/bench_attention.py --seq-len 8192 --heads 8 --head-dim 64 --cp 2 --layout zigzag
+    python tools/bench_attention.py --seq-len 16384 --cp 2 --doc-len 2048   # packed documents
+
+With ``--doc-len`` the sequence packs documents (``segment_ids``); SDPA then gets the boolean
+``(S, S)`` document mask, which is what plain SDPA needs for them.
 """
 
 from __future__ import annotations
@@ -78,6 +82,15 @@ def _inputs(args, seq: int, generator_seed: int = 0):
     return q, k, v, dout
 
 
+def _segments(args, seq: int):
+    """(1, S) document ids of packed documents, a boundary after each token with probability
+    1/doc_len (mean length doc_len), or None without --doc-len."""
+    if not args.doc_len:
+        return None
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(1, seq, generator=g) < 1 / args.doc_len).long().cumsum(1)
+
+
 def _timings(step, args):
     for _ in range(args.warmup):
         step()
@@ -107,11 +120,14 @@ def _ring_worker(rank, world, port, args, results):
     # the layout ring_attention would otherwise copy its inputs into.
     q, k, v, dout = (heads_major(shard_sequence(t, dim=1, rank=rank, world_size=world, layout=args.layout))
                      for t in full)
+    seg = _segments(args, args.seq_len)
+    seg = None if seg is None else shard_sequence(seg, dim=1, rank=rank, world_size=world, layout=args.layout)
     del full
 
     def step():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = ring_attention(qq, kk, vv, causal=not args.non_causal, layout=args.layout, kernel="timed")
+        out = ring_attention(qq, kk, vv, causal=not args.non_causal, layout=args.layout, kernel="timed",
+                             segment_ids=seg)
         out.backward(dout)
         dist.barrier()
 
@@ -129,10 +145,16 @@ def _sdpa_worker(args, results):
 
     torch.set_num_threads(args.threads * args.cp)
     q, k, v, dout = (t.transpose(1, 2).contiguous() for t in _inputs(args, args.seq_len))  # (B, H, S, D)
+    seg = _segments(args, args.seq_len)
 
     def step():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=not args.non_causal,
+        mask = None  # documents: plain SDPA needs the (S, S) mask
+        if seg is not None:
+            mask = seg[:, None, :, None] == seg[:, None, None, :]  # (1, 1, S, S)
+            if not args.non_causal:
+                mask = mask & torch.ones(args.seq_len, args.seq_len, dtype=torch.bool).tril()
+        out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=seg is None and not args.non_causal,
                                              enable_gqa=kk.shape[1] != qq.shape[1])
         out.backward(dout)
 
@@ -189,6 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--kernel", default="cpu_flash", choices=sorted(k for k in KERNELS if k != "timed"))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--doc-len", type=int, default=0, help="packed documents of this mean length (segment_ids)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default=None, help="write the results here")
@@ -204,7 +227,8 @@ def main(argv=None) -> dict:
     sdpa = run_sdpa(args)
     report = {"config": vars(args), "sdpa": sdpa, "ring": [run_ring(args, layout) for layout in layouts]}
     print(f"seq {args.seq_len}, heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.head_dim}, "
-          f"{args.dtype}, {'non-causal' if args.non_causal else 'causal'}, kernel {args.kernel}")
+          f"{args.dtype}, {'non-causal' if args.non_causal else 'causal'}, kernel {args.kernel}"
+          + (f", packed documents of mean length {args.doc_len}" if args.doc_len else ""))
     print(f"sdpa 1 process x {args.cp * args.threads} threads: fwd+bwd {sdpa['median_s'] * 1e3:.1f} ms, "
           f"peak {sdpa['peak_mib']:.1f} MiB")
     for ring in report["ring"]:
