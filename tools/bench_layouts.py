@@ -86,6 +86,8 @@ def memory(args) -> dict:
             points.append({"cp": cp, "seq_len": seq_len, "peak_mem_gib": max(m["peak_mem_gib"] for m in metrics),
                            "step_time_s": metrics[-1]["step_time_s"]})
         mine = [p for p in points if p["cp"] == cp]
+        if len(mine) < 2:
+            continue  # one length: a measurement, no fit
         a, b = linear_fit([p["seq_len"] for p in mine], [p["peak_mem_gib"] for p in mine])
         fits[cp] = {"a_gib": a, "b_kib_per_token": b * 2**20,
                     "max_seq_len_this_host": int((budget / cp - a) / b),  # cp ranks share the host's memory
