@@ -5,7 +5,7 @@ The corpus is the source code of the running interpreter's standard library, gro
 holds half of every 2048-token sample in the zigzag layout and K/V travel around the ring.
 Every stage is the command a user would type; they are printed before they run.
 
-    python tools/demo.py [--steps 80] [--out runs/demo]
+    python tools/demo.py [--steps 60] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def train(data_dir: Path, run_dir: Path, args) -> None:
     run([str(BIN / "megaring-train"), "model=tiny", f"model.vocab_size={args.vocab}", "model.dim=128",
          "model.n_layers=4", "data=files", f"data.path={data_dir}", "parallel.cp=2", "parallel.nproc_per_node=2",
          f"trainer.seq_len={args.seq_len}", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-         f"trainer.max_steps={args.steps}", "trainer.checkpoint_every=40", "optim.lr=3e-3",
+         f"trainer.max_steps={args.steps}", "trainer.checkpoint_every=30", "optim.lr=3e-3",
          "optim.warmup_steps=5", f"hydra.run.dir={run_dir}"],
         env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
 
@@ -73,7 +73,7 @@ def summary(run_dir: Path, plots: list[Path], data_dir: Path, seconds: float) ->
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="where data, the run and plots go")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--corpus-mb", type=int, default=8, help="how much of the standard library to use")
