@@ -19,7 +19,7 @@ from torch.multiprocessing.spawn import ProcessException
 from megaring.distributed.launch_env import read_launch_env
 from megaring.train.config import TrainConfig
 from megaring.train.trainer import train
-from megaring.train.validate import validate
+from megaring.train.validate import ConfigError, validate
 
 
 class WorkerFailed(RuntimeError):
@@ -27,7 +27,10 @@ class WorkerFailed(RuntimeError):
 
 
 def launch(cfg: TrainConfig, run_dir: Path) -> None:
-    n = cfg.parallel.local_workers()
+    try:
+        n = cfg.parallel.local_workers()
+    except ValueError as err:
+        raise ConfigError(f"invalid training config (1 problem):\n  - {err}") from None
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
         spawn_workers(cfg, run_dir, n)

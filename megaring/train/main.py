@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from megaring.config_dir import CONFIG_DIR
 from megaring.train.config import register_configs, to_train_config
 from megaring.train.launch import launch
+from megaring.train.validate import ConfigError
 
 register_configs()
 
@@ -44,7 +45,11 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    launch(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    try:
+        launch(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:  # the user's to fix: the message, not a traceback
+        print(f"megaring-train: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

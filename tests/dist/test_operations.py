@@ -167,3 +167,13 @@ def test_plot_tool_on_two_runs(sweep, tmp_path):
         assert row["final_loss"] == metrics[-1]["loss"]
         steady = sorted(m["tokens_per_s"] for m in metrics[1:])  # the first step is warm-up
         assert row["tokens_per_s"] == pytest.approx(sum(steady) / 2)
+
+
+def test_bad_config_is_one_message_and_exit_code_2(tmp_path):
+    cmd = [sys.executable, "-m", "megaring.train", *RUN, "parallel.dp=3", "parallel.nproc_per_node=2",
+           f"hydra.run.dir={tmp_path}"]
+    proc = run(cmd, clean_env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "megaring-train: invalid training config (2 problems):" in proc.stderr
+    assert "does not match the world size 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
