@@ -26,12 +26,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from plot_runs import Run, load_run  # noqa: E402  (the same reading of a run directory as the plots)
+
 LAYOUTS = ((1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 1, 2))
 
 
 def train(run_dir: Path, dp: int, cp: int, tp: int, seq_len: int, steps: int, global_batch: int,
-          extra: list[str]) -> list[dict]:
-    """One ``megaring-train`` run; its metrics, one dict per step."""
+          extra: list[str]) -> Run:
+    """One ``megaring-train`` run, read back as the plot tool reads runs."""
     cmd = [sys.executable, "-m", "megaring.train", "model=tiny", "data=mock", f"parallel.dp={dp}",
            f"parallel.cp={cp}", f"parallel.tp={tp}", "parallel.nproc_per_node=auto", f"trainer.seq_len={seq_len}",
            f"trainer.global_batch_size={global_batch}", "trainer.micro_batch_size=1", f"trainer.max_steps={steps}",
@@ -39,22 +42,21 @@ def train(run_dir: Path, dp: int, cp: int, tp: int, seq_len: int, steps: int, gl
            "logging.progress_bar=false", "parallel.timeout_s=3600", *extra, f"hydra.run.dir={run_dir}"]
     print(f"$ {shlex.join(cmd)}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return load_run(run_dir)
 
 
-def steady(metrics: list[dict], key: str) -> float:
-    """Median over the steps after the first (warm-up), or the only step."""
-    return statistics.median(m[key] for m in (metrics[1:] or metrics))
+def peak_memory(run: Run) -> float:
+    return max(m["peak_mem_gib"] for m in run.metrics)
 
 
 def throughput(args) -> list[dict]:
     rows = []
     for dp, cp, tp in LAYOUTS:
-        metrics = train(args.out / f"tput_dp{dp}_cp{cp}_tp{tp}", dp, cp, tp, args.seq_len, args.steps,
-                        args.global_batch, args.extra)
-        rows.append({"dp": dp, "cp": cp, "tp": tp, "seq_len": args.seq_len, "steps": len(metrics),
-                     "tokens_per_s": steady(metrics, "tokens_per_s"), "step_time_s": steady(metrics, "step_time_s"),
-                     "peak_mem_gib": max(m["peak_mem_gib"] for m in metrics)})
+        run = train(args.out / f"tput_dp{dp}_cp{cp}_tp{tp}", dp, cp, tp, args.seq_len, args.steps,
+                    args.global_batch, args.extra)
+        rows.append({"dp": dp, "cp": cp, "tp": tp, "seq_len": args.seq_len, "steps": len(run.metrics),
+                     "tokens_per_s": run.median("tokens_per_s"), "step_time_s": run.median("step_time_s"),
+                     "peak_mem_gib": peak_memory(run)})
     base = rows[0]["tokens_per_s"]
     print("\n| (dp, cp, tp) | processes | tokens/s (median) | vs (1,1,1) | step time | peak memory per rank |")
     print("|---|---|---|---|---|---|")
@@ -82,9 +84,9 @@ def memory(args) -> dict:
     points, fits = [], {}
     for cp in args.cp:
         for seq_len in args.seq_lens:
-            metrics = train(args.out / f"mem_cp{cp}_seq{seq_len}", 1, cp, 1, seq_len, args.steps, 1, args.extra)
-            points.append({"cp": cp, "seq_len": seq_len, "peak_mem_gib": max(m["peak_mem_gib"] for m in metrics),
-                           "step_time_s": metrics[-1]["step_time_s"]})
+            run = train(args.out / f"mem_cp{cp}_seq{seq_len}", 1, cp, 1, seq_len, args.steps, 1, args.extra)
+            points.append({"cp": cp, "seq_len": seq_len, "peak_mem_gib": peak_memory(run),
+                           "step_time_s": run.metrics[-1]["step_time_s"]})
         mine = [p for p in points if p["cp"] == cp]
         if len(mine) < 2:
             continue  # one length: a measurement, no fit

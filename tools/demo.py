@@ -11,7 +11,6 @@ Every stage is the command a user would type; they are printed before they run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -49,12 +48,13 @@ def train(data_dir: Path, run_dir: Path, args) -> None:
         env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
 
 
-def summary(run_dir: Path, plots: list[Path], data_dir: Path, seconds: float) -> None:
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def summary(run, plots: list[Path], data_dir: Path, seconds: float) -> None:
+    """``run``: the training run as :func:`plot_runs.load_run` reads it."""
+    run_dir, metrics = run.path, run.metrics
     first, last = metrics[0], metrics[-1]
     n = min(5, len(metrics))
     head, tail = (sum(m["loss"] for m in part) / n for part in (metrics[:n], metrics[-n:]))
-    tps = sorted(m["tokens_per_s"] for m in metrics[1:] or metrics)[len(metrics[1:] or metrics) // 2]
+    tps = run.median("tokens_per_s")  # the first step is warm-up
     wandb_runs = sorted(str(p) for p in run_dir.rglob("offline-run-*"))
     print("\n" + "=" * 72)
     print(f"megaring demo finished in {seconds:.0f} s")
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
 
     print(f"\n$ python tools/plot_runs.py {run_dir} --out {out / 'plots'}")
     plots = plot_runs.main([str(run_dir), "--out", str(out / "plots")])
-    summary(run_dir, plots, data_dir, time.perf_counter() - start)
+    summary(plot_runs.load_run(run_dir), plots, data_dir, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megaring.kernels import BlockKernel, select_kernel
-from megaring.ring.comm import RingComm, memory_order
+from megaring.ring.comm import RingComm, dense
 from megaring.ring.layout import check_layout
 from megaring.ring.merge import merge_into
 from megaring.ring.schedule import ALL, BlockCall, BlockPlan, block_calls, plan_block
@@ -144,8 +144,7 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seg = ctx.saved_tensors
-        dout = dout if memory_order(dout).is_contiguous() else dout.contiguous()  # any dense layout
-        dq, dk, dv = _ring_backward(ctx.ring, ctx.kernel, dout, q, k, v, out, lse, seg, ctx.scale)
+        dq, dk, dv = _ring_backward(ctx.ring, ctx.kernel, dense(dout), q, k, v, out, lse, seg, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -22,6 +22,11 @@ def memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(order)
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its memory is dense in some dim order, else a contiguous copy."""
+    return t if memory_order(t).is_contiguous() else t.contiguous()
+
+
 class RingComm:
     def __init__(self, group: dist.ProcessGroup | None, tag: int = 0):
         self.group = group
@@ -36,7 +41,7 @@ class RingComm:
         """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
         if self._works:
             raise RuntimeError("RingComm.send_recv called twice without wait()")
-        tensors = [t if memory_order(t).is_contiguous() else t.contiguous() for t in tensors]
+        tensors = [dense(t) for t in tensors]
         buffers = [torch.empty_like(t) for t in tensors]  # the same strides as what is sent
         ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]

@@ -44,7 +44,6 @@ class ParallelConfig:
     # trainer owns (batch sizes, gradient_clipping, precision, zero stage) are rejected.
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
-
     def local_workers(self) -> int:
         """How many workers ``nproc_per_node`` asks for ("auto": the whole mesh)."""
         if self.nproc_per_node == "auto":

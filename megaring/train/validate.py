@@ -36,8 +36,10 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append(f"parallel.layout={p.layout!r} must be one of {LAYOUTS}")
     if p.attn_kernel is not None and p.attn_kernel not in KERNELS:
         out.append(f"parallel.attn_kernel={p.attn_kernel!r} must be null (automatic) or one of {sorted(KERNELS)}")
-    if p.nproc_per_node != "auto" and not (isinstance(p.nproc_per_node, int) and p.nproc_per_node >= 0):
-        out.append(f"parallel.nproc_per_node={p.nproc_per_node!r} must be an integer >= 0 or 'auto' (dp * cp * tp)")
+    try:
+        p.local_workers()
+    except ValueError as err:
+        out.append(str(err))
     if p.timeout_s <= 0:
         out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
     owned = sorted(set(p.deepspeed) & set(OWNED_DEEPSPEED_KEYS))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megaring.train.metrics import read_metrics
 from tests.helpers.cli import ROOT, clean_env, losses, ok
 from tests.helpers.pool import free_port
 from tests.helpers.train_cfg import TINY_RUN
@@ -163,7 +164,7 @@ def test_plot_tool_on_two_runs(sweep, tmp_path):
     rows = json.loads((tmp_path / "runs.json").read_text())
     assert [(r["cp"], r["world_size"], r["steps"]) for r in rows] == [(1, 1, 3), (2, 2, 3)]
     for row in rows:
-        metrics = [json.loads(line) for line in (Path(row["path"]) / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(Path(row["path"]) / "metrics.jsonl")
         assert row["final_loss"] == metrics[-1]["loss"]
         steady = sorted(m["tokens_per_s"] for m in metrics[1:])  # the first step is warm-up
         assert row["tokens_per_s"] == pytest.approx(sum(steady) / 2)
