@@ -111,6 +111,12 @@ def _ring_worker(rank, world, port, args, results):
     from megaring.ring.attention import heads_major
 
     torch.set_num_threads(args.threads)
+    from megaring.ring import schedule
+
+    if args.grad_chunks:
+        schedule.GRAD_CHUNKS = args.grad_chunks
+    if args.q_tile_pieces:
+        schedule.Q_TILE_PIECES = {**schedule.Q_TILE_PIECES, "cpu": args.q_tile_pieces}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     timed = TimedKernel(KERNELS[args.kernel])
@@ -127,7 +133,7 @@ def _ring_worker(rank, world, port, args, results):
     def step():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         out = ring_attention(qq, kk, vv, causal=not args.non_causal, layout=args.layout, kernel="timed",
-                             segment_ids=seg)
+                             segment_ids=seg, backward=args.backward)
         out.backward(dout)
         dist.barrier()
 
@@ -212,8 +218,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--doc-len", type=int, default=0, help="packed documents of this mean length (segment_ids)")
+    p.add_argument("--backward", default="whole", choices=["whole", "chunked"], help="ring backward schedule")
+    p.add_argument("--grad-chunks", type=int, default=0,
+                   help="backward tiles and dK/dV chunks per local shard (default: the library's GRAD_CHUNKS)")
+    p.add_argument("--q-tile-pieces", type=int, default=0,
+                   help="backward query tiles span this many key pieces on CPU (default: the library's)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="alternate SDPA and ring runs this many times")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -224,20 +236,33 @@ def main(argv=None) -> dict:
     # real peaks instead of heap pages glibc keeps after the first iteration.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     layouts = ("zigzag", "contiguous") if args.layout == "both" else (args.layout,)
-    sdpa = run_sdpa(args)
-    report = {"config": vars(args), "sdpa": sdpa, "ring": [run_ring(args, layout) for layout in layouts]}
+    rounds = [{"sdpa": run_sdpa(args), "ring": [run_ring(args, layout) for layout in layouts]}
+              for _ in range(args.rounds)]  # SDPA and ring alternate: ratios within one round
+    report = {"config": vars(args), "rounds": rounds}
     print(f"seq {args.seq_len}, heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.head_dim}, "
-          f"{args.dtype}, {'non-causal' if args.non_causal else 'causal'}, kernel {args.kernel}"
+          f"{args.dtype}, {'non-causal' if args.non_causal else 'causal'}, kernel {args.kernel}, "
+          f"{args.backward} backward"
           + (f", packed documents of mean length {args.doc_len}" if args.doc_len else ""))
-    print(f"sdpa 1 process x {args.cp * args.threads} threads: fwd+bwd {sdpa['median_s'] * 1e3:.1f} ms, "
-          f"peak {sdpa['peak_mib']:.1f} MiB")
-    for ring in report["ring"]:
-        print(f"ring cp={args.cp} x {args.threads} thread(s), {ring['layout']}: fwd+bwd {ring['wall_s'] * 1e3:.1f} ms "
-              f"({ring['wall_s'] / sdpa['median_s']:.2f}x sdpa), balance max/mean {ring['balance_max_over_mean']:.3f}, "
-              f"peak/rank {ring['peak_mib_max']:.1f} MiB ({ring['peak_mib_max'] / sdpa['peak_mib']:.2f}x sdpa)")
-        for rank, r in enumerate(ring["per_rank"]):
-            print(f"  rank {rank}: fwd+bwd {r['median_s'] * 1e3:.1f} ms, busy {r['busy_s'] * 1e3:.1f} ms, "
-                  f"peak {r['peak_mib']:.1f} MiB")
+    for i, rnd in enumerate(rounds):
+        sdpa = rnd["sdpa"]
+        print(f"round {i + 1}: sdpa 1 process x {args.cp * args.threads} threads: fwd+bwd "
+              f"{sdpa['median_s'] * 1e3:.1f} ms, peak {sdpa['peak_mib']:.1f} MiB")
+        for ring in rnd["ring"]:
+            print(f"  ring cp={args.cp} x {args.threads} thread(s), {ring['layout']}: fwd+bwd "
+                  f"{ring['wall_s'] * 1e3:.1f} ms ({ring['wall_s'] / sdpa['median_s']:.2f}x sdpa), balance max/mean "
+                  f"{ring['balance_max_over_mean']:.3f}, peak/rank {ring['peak_mib_max']:.1f} MiB "
+                  f"({ring['peak_mib_max'] / sdpa['peak_mib']:.2f}x sdpa)")
+            for rank, r in enumerate(ring["per_rank"]):
+                print(f"    rank {rank}: fwd+bwd {r['median_s'] * 1e3:.1f} ms, busy {r['busy_s'] * 1e3:.1f} ms, "
+                      f"peak {r['peak_mib']:.1f} MiB")
+    summary = report["summary"] = {}
+    for j, layout in enumerate(layouts):
+        time_ratio = statistics.median(r["ring"][j]["wall_s"] / r["sdpa"]["median_s"] for r in rounds)
+        mem_ratio = statistics.median(r["ring"][j]["peak_mib_max"] / r["sdpa"]["peak_mib"] for r in rounds)
+        balance = statistics.median(r["ring"][j]["balance_max_over_mean"] for r in rounds)
+        summary[layout] = {"time_vs_sdpa": time_ratio, "peak_vs_sdpa": mem_ratio, "balance": balance}
+        print(f"median of {len(rounds)} round(s), {layout}: time {time_ratio:.2f}x sdpa, balance {balance:.3f}, "
+              f"peak/rank {mem_ratio:.2f}x sdpa")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

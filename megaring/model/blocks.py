@@ -69,6 +69,7 @@ class Attention(nn.Module):
         tp, hd = ctx.tp.size, cfg.head_dim
         self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, cfg.n_heads // tp, cfg.kv_heads // tp
         self.cp_group, self.layout, self.kernel = ctx.cp.group, ctx.layout, ctx.attn_kernel
+        self.ring_backward = ctx.ring_backward
         sp = ctx.sequence_parallel_active
         self.wqkv = ColumnParallelLinear(cfg.dim, (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd),
                                          tp_axis=ctx.tp, bias=cfg.attention_bias, sequence_parallel=sp)
@@ -85,7 +86,7 @@ class Attention(nn.Module):
         v = v.view(b, s, h_kv, hd)
         # cp=1 passes a size-1 group (or None without torch.distributed): plain attention.
         out = ring_attention(q, k, v, group=self.cp_group, causal=True, segment_ids=segment_ids,
-                             layout=self.layout, kernel=self.kernel)  # (B, S, H_l, D)
+                             layout=self.layout, kernel=self.kernel, backward=self.ring_backward)  # (B, S, H_l, D)
         return self.wo(out.reshape(b, s, h * hd))  # (B, S[/tp], dim)
 
 

@@ -17,6 +17,7 @@ class ParallelContext:
     ``sequence_parallel``: Megatron sequence parallelism inside the tp group (norms and residuals
     on ``S / tp`` tokens). ``layout``: how the cp ranks hold the sequence (``megaring.ring.layout``).
     ``attn_kernel``: ``None`` (automatic) or a name from ``megaring.kernels``.
+    ``ring_backward``: ``"whole"`` or ``"chunked"``, the backward schedule of ring attention.
     """
 
     tp: Axis
@@ -24,6 +25,7 @@ class ParallelContext:
     sequence_parallel: bool = False
     layout: str = "zigzag"
     attn_kernel: str | None = None
+    ring_backward: str = "whole"
 
     def __post_init__(self):
         check_layout(self.layout)

@@ -18,9 +18,9 @@ from megaring.kernels import BlockKernel, select_kernel
 from megaring.ring.comm import RingComm, dense
 from megaring.ring.layout import check_layout
 from megaring.ring.merge import merge_into
-from megaring.ring.schedule import ALL, BlockCall, BlockPlan, block_calls, plan_block
+from megaring.ring.schedule import ALL, BlockCall, BlockPlan, Chunk, backward_chunks, block_calls, plan_block
 
-KV_TAG, GRAD_TAG = 11, 12
+KV_TAG, GRAD_TAG, SEG_TAG = 11, 12, 13
 
 
 class _Ring:
@@ -35,9 +35,10 @@ class _Ring:
         src = (self.rank - step) % self.size
         return plan_block(self.rank, src, self.size, self.local_len, causal=self.causal, layout=self.layout)
 
-    def calls(self, step: int, seg_q, seg_k) -> Iterator[BlockCall]:
-        """This step's kernel calls (document masks tiled; fully masked blocks and tiles left out)."""
-        return block_calls(self.plan(step), seg_q, seg_k)
+    def calls(self, step: int, seg_q, seg_k, **tiles) -> Iterator[BlockCall]:
+        """This step's kernel calls (document masks tiled; fully masked blocks and tiles left out);
+        ``tiles``: the ``kv`` and ``rows`` of :func:`block_calls`."""
+        return block_calls(self.plan(step), seg_q, seg_k, length=self.local_len if tiles else None, **tiles)
 
 
 def _whole_block(ring: _Ring, seg) -> BlockCall | None:
@@ -94,7 +95,13 @@ def _block_grads(kernel: BlockKernel, c: BlockCall, dout, q, k, v, out, lse, sca
                            scale=scale, causal=c.causal, mask=c.mask)
 
 
-def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
+def _ring_backward_whole(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
+    """dQ stays home; whole K/V blocks travel again, with their float32 dK/dV accumulators.
+
+    Double buffers: the next K/V block arrives while this one is computed, and the accumulators of
+    this block arrive while those of the previous one leave. The fastest schedule; the chunked one
+    below holds about one block of each instead of two.
+    """
     if (call := _whole_block(ring, seg)) is not None:
         dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=call.causal, mask=call.mask)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -132,20 +139,172 @@ def _ring_backward(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, se
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _ring_backward_chunked(ring: _Ring, kernel: BlockKernel, dout, q, k, v, out, lse, seg, scale):
+    """dQ stays home; K/V blocks travel again, each with its float32 dK/dV accumulators.
+
+    The block is computed tile by tile, one chunk of key rows (a column of tiles) at a time, so
+    that its gradients never exist whole. Everything that travels goes chunk by chunk, one chunk
+    in flight each way while a column is computed: the next block's K/V chunk j + 1 arrives in
+    place of the chunk j just used and sent on, and the accumulators of this block arrive while
+    those of the previous one leave. So about one block of K/V and one of accumulators exist at a
+    time, instead of double buffers of both.
+    """
+    if (call := _whole_block(ring, seg)) is not None:
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=call.causal, mask=call.mask)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    chunks, q_tiles = backward_chunks(ring.local_len, ring.layout, q.device.type)
+    kvs, grads = _KVChunks(ring, chunks, k, v), _GradChunks(ring, chunks, k)
+    seg_comm = RingComm(ring.group, SEG_TAG) if seg is not None and ring.size > 1 else None
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    seg_cur = seg
+    for step in range(ring.size):
+        more = step < ring.size - 1
+        kvs.begin(more)
+        if seg_comm is not None and more:
+            seg_next = seg_comm.send_recv([seg_cur])
+        for j, chunk in enumerate(chunks):
+            acc = grads.arrive(j)  # this block's [dk, dv] rows of the chunk, None on its first rank
+            for piece in chunk.pieces:
+                for call in ring.calls(step, seg, seg_cur, kv=piece, q_tiles=q_tiles):
+                    k_t, v_t = kvs.rows(j, call.kv)
+                    dq_t, dk_t, dv_t = kernel.backward(dout[:, call.q], q[:, call.q], k_t, v_t, out[:, call.q],
+                                                       lse[:, :, call.q], scale=scale, causal=call.causal,
+                                                       mask=call.mask)
+                    dq[:, call.q] += dq_t
+                    if acc is None:
+                        acc = grads.zeros(j)
+                    acc[0][:, chunk.local(call.kv)] += dk_t
+                    acc[1][:, chunk.local(call.kv)] += dv_t
+            grads.keep(j, acc)
+            kvs.done(j)
+        grads.turn()
+        kvs.turn()
+        if seg_comm is not None and more:
+            seg_comm.wait()
+            seg_cur = seg_next[0]
+    dk, dv = grads.home()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _KVChunks:
+    """The K/V block being computed in the backward ring, in chunks, and the next one arriving.
+
+    :meth:`begin` posts the exchange of chunk 0 (this block's chunk 0 to the next rank, the next
+    block's from the previous one); :meth:`done` is called once column j is computed: it completes
+    exchange j, drops this block's chunk j (sent and used) and posts exchange j + 1, which overlaps
+    the next column. Each exchange is one send and one receive that every rank posts in the same
+    order, so the ring cannot deadlock whatever order a backend completes them in.
+    """
+
+    def __init__(self, ring: _Ring, chunks: list[Chunk], k: torch.Tensor, v: torch.Tensor):
+        self.comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
+        self.chunks = chunks
+        self.own = (k, v)  # this rank's block, read in place on the first step
+        self.current: list | None = None  # [k, v] per chunk of a block that arrived
+        self.arrived: list = []
+        self.more = False
+
+    def rows(self, j: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at ``rows`` (shard coordinates, inside chunk j) of the block being computed."""
+        if self.current is None:
+            return self.own[0][:, rows], self.own[1][:, rows]
+        part = self.chunks[j].local(rows)
+        return self.current[j][0][:, part], self.current[j][1][:, part]
+
+    def _post(self, j: int) -> None:
+        send = [self.chunks[j].gather(t) for t in self.own] if self.current is None else self.current[j]
+        self.incoming = self.comm.send_recv(send)
+
+    def begin(self, more: bool) -> None:
+        """Start a step; ``more``: another step follows, so this block travels on."""
+        self.more = more
+        if more:
+            self._post(0)
+
+    def done(self, j: int) -> None:
+        if not self.more:
+            return
+        self.comm.wait()
+        self.arrived.append(self.incoming)
+        if self.current is not None:
+            self.current[j] = None  # sent and used
+        if j + 1 < len(self.chunks):
+            self._post(j + 1)
+
+    def turn(self) -> None:
+        self.current, self.arrived = self.arrived, []
+
+
+class _GradChunks:
+    """The float32 dK/dV accumulators of the K/V blocks in the backward ring, in chunks.
+
+    Step by step: :meth:`arrive` hands over chunk j of the block being computed (received from the
+    previous rank, which computed that block one step earlier) once chunk j of the previous step's
+    block has gone to the next rank, and posts the exchange of chunk j + 1, so that one chunk is in
+    flight each way while the caller computes; :meth:`keep` stores the chunk once this rank's
+    gradients are in; :meth:`turn` ends the step and posts the exchange of chunk 0.
+    After the last step every block is one rank short of its owner: :meth:`home` delivers them.
+    """
+
+    def __init__(self, ring: _Ring, chunks: list[Chunk], like: torch.Tensor):
+        self.comm = RingComm(ring.group, GRAD_TAG) if ring.size > 1 else None
+        self.chunks, self.like = chunks, like
+        self.passing: list | None = None  # the previous step's block, chunk by chunk, until sent
+        self.current: list = []  # this step's block, chunks done so far
+        self.incoming = None
+
+    def zeros(self, j: int) -> list[torch.Tensor]:
+        b, _, h, d = self.like.shape
+        return [torch.zeros(b, self.chunks[j].rows, h, d, dtype=torch.float32, device=self.like.device)
+                for _ in range(2)]
+
+    def arrive(self, j: int) -> list[torch.Tensor] | None:
+        if self.passing is None:
+            return None
+        self.comm.wait()
+        here, self.passing[j] = self.incoming, None  # sent: the previous block's chunk j is gone
+        if j + 1 < len(self.chunks):
+            self.incoming = self.comm.send_recv(self.passing[j + 1])  # overlaps computing chunk j
+        return here
+
+    def keep(self, j: int, acc: list[torch.Tensor] | None) -> None:
+        self.current.append(acc if acc is not None else self.zeros(j))
+
+    def turn(self) -> None:
+        self.passing, self.current = self.current, []
+        if self.comm is not None:  # chunk 0 travels while the caller waits for its next K/V block
+            self.incoming = self.comm.send_recv(self.passing[0])
+
+    def home(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dK, dV) of this rank's own block, ``(B, S_local, H_kv, D)`` float32."""
+        b, s, h, d = self.like.shape
+        dk, dv = (torch.empty(b, s, h, d, dtype=torch.float32, device=self.like.device) for _ in range(2))
+        for j, chunk in enumerate(self.chunks):  # one more hop: to the next rank, which owns the block
+            acc = self.arrive(j) if self.comm is not None else self.passing[j]
+            for piece in chunk.pieces:
+                dk[:, piece], dv[:, piece] = acc[0][:, chunk.local(piece)], acc[1][:, chunk.local(piece)]
+        return dk, dv
+
+
+# How the backward ring runs: "whole" blocks with double buffers (fastest), or "chunked": tiles and
+# chunks, about one block of K/V and of dK/dV accumulators at a time (least memory).
+BACKWARDS = {"whole": _ring_backward_whole, "chunked": _ring_backward_chunked}
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_ids, group, causal, scale, layout, kernel):
+    def forward(ctx, q, k, v, segment_ids, group, causal, scale, layout, kernel, backward):
         ring = _Ring(group, causal, layout, q.shape[1])
         out, lse = _ring_forward(ring, kernel, q, k, v, segment_ids, scale)
         ctx.save_for_backward(q, k, v, out, lse, segment_ids)
-        ctx.ring, ctx.kernel, ctx.scale = ring, kernel, scale
+        ctx.ring, ctx.kernel, ctx.scale, ctx.schedule = ring, kernel, scale, BACKWARDS[backward]
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seg = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.ring, ctx.kernel, dense(dout), q, k, v, out, lse, seg, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = ctx.schedule(ctx.ring, ctx.kernel, dense(dout), q, k, v, out, lse, seg, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def heads_major(x: torch.Tensor) -> torch.Tensor:
@@ -157,10 +316,12 @@ def heads_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def check_inputs(q, k, v, segment_ids, layout: str) -> None:
+def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole") -> None:
     """Raise one ValueError naming every problem with the inputs (before any communication)."""
     check_layout(layout)
     problems = []
+    if backward not in BACKWARDS:
+        problems.append(f"backward={backward!r} must be one of {sorted(BACKWARDS)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (batch, local_seq, heads, head_dim); got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -187,17 +348,19 @@ def check_inputs(q, k, v, segment_ids, layout: str) -> None:
 
 
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
-                   segment_ids=None, layout: str = "zigzag", kernel: str | None = None):
+                   segment_ids=None, layout: str = "zigzag", kernel: str | None = None, backward: str = "whole"):
     """Exact attention over a sequence sharded across ``group`` in ``layout``.
 
     q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); segment_ids: optional (B, S_local)
     integers, a query attends only to keys of its own segment (and, if ``causal``, at a
     global position not after its own). ``group=None`` is the default group, or plain
-    attention when torch.distributed is not initialised. Returns (B, S_local, H, D).
+    attention when torch.distributed is not initialised. ``kernel``: a name from
+    ``megaring.kernels`` (None: automatic). ``backward``: ``"whole"`` (double-buffered blocks,
+    fastest) or ``"chunked"`` (blocks in tiles and chunks, least memory). Returns (B, S_local, H, D).
     """
-    check_inputs(q, k, v, segment_ids, layout)
+    check_inputs(q, k, v, segment_ids, layout, backward)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     block_kernel = select_kernel(kernel, q, needs_mask=segment_ids is not None)
     seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
     return RingAttentionFunction.apply(heads_major(q), heads_major(k), heads_major(v), seg,
-                                       group, causal, scale, layout, block_kernel)
+                                       group, causal, scale, layout, block_kernel, backward)

@@ -36,6 +36,7 @@ class RingComm:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size) if group else (self.rank + 1) % self.size
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size) if group else (self.rank - 1) % self.size
         self._works: list = []
+        self._sending: list[torch.Tensor] = []
 
     def send_recv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
@@ -46,9 +47,10 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
         self._works = dist.batch_isend_irecv(ops)
+        self._sending = tensors  # alive until sent, even where dense() made a copy
         return buffers
 
     def wait(self) -> None:
         for work in self._works:
             work.wait()
-        self._works = []
+        self._works, self._sending = [], []

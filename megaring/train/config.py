@@ -38,6 +38,7 @@ class ParallelConfig:
     # Without a launcher: spawn this many local workers (0: don't; "auto": dp * cp * tp, for sweeps over layouts).
     nproc_per_node: int | str = 0
     attn_kernel: str | None = None  # None: automatic; else a name from megaring.kernels
+    ring_backward: str = "whole"  # ring attention's backward: "whole" (fastest) | "chunked" (least memory)
     timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the

@@ -86,7 +86,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     mesh = build_mesh(ParallelDims(p.dp, p.cp, p.tp), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
-                                    attn_kernel=p.attn_kernel)
+                                    attn_kernel=p.attn_kernel, ring_backward=p.ring_backward)
     model = build_model(cfg.model, ctx, seed=t.seed)
     engine = build_engine(model, cfg, mesh, device)
     reader = build_batch_reader(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,

@@ -13,6 +13,7 @@ from megaring.data import describe_data
 from megaring.distributed import ParallelDims
 from megaring.kernels import KERNELS
 from megaring.model import validate_model_config
+from megaring.ring.attention import BACKWARDS
 from megaring.ring.layout import LAYOUTS
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 
@@ -36,6 +37,8 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append(f"parallel.layout={p.layout!r} must be one of {LAYOUTS}")
     if p.attn_kernel is not None and p.attn_kernel not in KERNELS:
         out.append(f"parallel.attn_kernel={p.attn_kernel!r} must be null (automatic) or one of {sorted(KERNELS)}")
+    if p.ring_backward not in BACKWARDS:
+        out.append(f"parallel.ring_backward={p.ring_backward!r} must be one of {sorted(BACKWARDS)}")
     try:
         p.local_workers()
     except ValueError as err:

@@ -99,9 +99,9 @@ def _replicated_grad_spread(model, ctx) -> float:
     return spread
 
 
-def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None):
+def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring_backward="whole"):
     mesh = build_mesh(ParallelDims(dp=world // (cp * tp), cp=cp, tp=tp))
-    ctx = ParallelContext.from_mesh(mesh, sequence_parallel=sp)
+    ctx = ParallelContext.from_mesh(mesh, sequence_parallel=sp, ring_backward=ring_backward)
     model = _build(cfg, ctx, state)
     local = {k: shard_sequence(v, dim=1, rank=mesh.cp.rank, world_size=cp) for k, v in batch.items()}
     logits = model(local["tokens"], local["positions"], local["segment_ids"] if packed else None)
@@ -153,6 +153,25 @@ def test_layouts_match_single_process(pools, packed):
     for cp, tp, sp in LAYOUTS:
         results = pools(WORLD).run(_run_case, TINY, cp, tp, sp, packed, batch, ref)
         _check(results, f"cp={cp} tp={tp} sp={sp} packed={packed}")
+
+
+def _chunked_case(rank, world, cfg, cp, tp, sp, packed, batch, ref):
+    """The chunked ring backward, with chunks of a few rows so that each block is really cut."""
+    from megaring.ring import schedule
+
+    saved = schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS
+    schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS = 3, {"cpu": 1}
+    try:
+        return _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, ring_backward="chunked")
+    finally:
+        schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS = saved
+
+
+@pytest.mark.parametrize("cp,tp,sp", [(4, 1, False), (2, 2, True)])
+def test_chunked_ring_backward_matches_single_process(pools, cp, tp, sp):
+    batch = packed_batch()
+    ref = reference(TINY, batch, True)
+    _check(pools(WORLD).run(_chunked_case, TINY, cp, tp, sp, True, batch, ref), f"chunked cp={cp} tp={tp}")
 
 
 @pytest.mark.parametrize("cp,tp,sp", [(4, 1, False), (2, 2, True)])

@@ -18,23 +18,23 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 KERNELS = ("torch", "cpu_flash")
 
 
-def _run_case(rank, world, layout, causal, heads, kv_heads, with_seg, kernel, dtype, seed):
+def _run_case(rank, world, layout, causal, heads, kv_heads, with_seg, kernel, dtype, seed, backward="whole"):
     q, k, v, dout, seg = make_inputs(seed, 2, SEQ, heads, kv_heads, HEAD_DIM, with_seg)
     shard = dict(dim=1, rank=rank, world_size=world, layout=layout)
     ql, kl, vl = (shard_sequence(t, **shard).to(dtype).requires_grad_() for t in (q, k, v))
     seg_l = None if seg is None else shard_sequence(seg, **shard)
     out = ring_attention(ql, kl, vl, group=dist.group.WORLD, causal=causal, segment_ids=seg_l,
-                         layout=layout, kernel=kernel)
+                         layout=layout, kernel=kernel, backward=backward)
     out.backward(shard_sequence(dout, **shard).to(dtype))
     return [t.detach().float() for t in (out, ql.grad, kl.grad, vl.grad)]
 
 
-def _cases_task(rank, world, layout, causal, dtype):
+def _cases_task(rank, world, layout, causal, dtype, backward="whole"):
     """Every head layout x segments x kernel for one (world, layout, causal); returns per case results."""
     results = {}
     for (name, (h, hk)), with_seg, kernel in itertools.product(HEADS.items(), (False, True), KERNELS):
         results[(name, with_seg, kernel)] = _run_case(rank, world, layout, causal, h, hk, with_seg, kernel,
-                                                      dtype, seed=7)
+                                                      dtype, seed=7, backward=backward)
     return results
 
 
@@ -66,12 +66,54 @@ def test_float32_matches_reference(pools, world, layout, causal):
     _check(per_rank, layout, causal, tol_abs=1e-4)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_bfloat16_matches_reference(pools, world):
+@pytest.mark.parametrize("world,backward", [(2, "whole"), (4, "whole"), (2, "chunked")])
+def test_bfloat16_matches_reference(pools, world, backward):
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per element); accumulation is float32, so
     # the error stays at a few bf16 ulps of the largest value: 3e-2 relative to max |expected|.
-    per_rank = pools(world).run(_cases_task, "zigzag", True, torch.bfloat16)
+    per_rank = pools(world).run(_cases_task, "zigzag", True, torch.bfloat16, backward)
     _check(per_rank, "zigzag", True, tol_abs=1e-3, tol_rel=3e-2)
+
+
+def _chunked_backward_task(rank, world, layout, causal):
+    """The chunked backward with chunks of a few rows (3 per local shard, which the shard's length does not always
+    divide) and query tiles of two key pieces, so that diagonal tiles split around their key pieces, with
+    document masks also cut into tiles of a few rows."""
+    from megaring.ring import schedule
+
+    saved = schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS, schedule.Q_TILE_PIECES, schedule.MASK_ENTRIES
+    schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS, schedule.Q_TILE_PIECES = 3, {"cpu": 1}, {"cpu": 2}
+    schedule.MASK_ENTRIES = 40
+    sent = []
+    original = ring_comm.RingComm.send_recv
+
+    def spy(self, tensors):
+        sent.append((self.tag, [tuple(t.shape) for t in tensors]))
+        return original(self, tensors)
+
+    ring_comm.RingComm.send_recv = spy
+    try:
+        chunks, _ = schedule.backward_chunks(SEQ // world, layout)
+        return _cases_task(rank, world, layout, causal, torch.float32, "chunked"), sent, {c.rows for c in chunks}
+    finally:
+        ring_comm.RingComm.send_recv = original
+        schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS, schedule.Q_TILE_PIECES, schedule.MASK_ENTRIES = saved
+
+
+@pytest.mark.parametrize("world,layout,causal", [(1, "zigzag", True), (2, "zigzag", True), (3, "zigzag", True),
+                                                 (4, "contiguous", True), (4, "zigzag", False)])
+def test_chunked_backward_matches_reference(pools, world, layout, causal):
+    from megaring.ring.attention import GRAD_TAG, KV_TAG
+
+    per_rank = pools(world).run(_chunked_backward_task, layout, causal)
+    _check([results for results, _, _ in per_rank], layout, causal, tol_abs=1e-4)
+    local, chunk_rows = SEQ // world, per_rank[0][2]
+    assert len(chunk_rows) >= 1 and max(chunk_rows) < local
+
+    def rows_sent(want):
+        return {shape[1] for tag, shapes in per_rank[0][1] if tag == want for shape in shapes}
+
+    assert rows_sent(GRAD_TAG) == (chunk_rows if world > 1 else set())  # accumulators: in chunks only
+    assert rows_sent(KV_TAG) == (chunk_rows | {local} if world > 1 else set())  # whole blocks in the forward only
 
 
 def _kv_shapes_task(rank, world):

@@ -115,6 +115,12 @@ def test_bad_inputs(q_shape, k_shape, seg_shape, dtype_k, match):
         ring_attention(q, k, k, segment_ids=seg)
 
 
+def test_unknown_backward():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="backward='lean' must be one of"):
+        ring_attention(q, q, q, backward="lean")
+
+
 def test_unknown_layout():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="layout must be one of"):
@@ -179,3 +185,30 @@ def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
     columns = sum(c.mask.shape[-1] for c in calls)
     full_width = sum((c.q.stop if causal else 32) for c in calls)
     assert (columns < full_width) if ids == "sorted" else (columns == full_width)  # sorted: own documents only
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("src", [0, 1, 3])  # rank 2 of 4: diagonal, keys of an earlier rank, of a later one
+def test_backward_tiles_cover_each_visible_pair_once(monkeypatch, layout, src):
+    from megaring.ring import schedule
+
+    monkeypatch.setattr(schedule, "GRAD_CHUNKS", 5)
+    monkeypatch.setattr(schedule, "MIN_CHUNK_ROWS", {"cpu": 1})
+    monkeypatch.setattr(schedule, "Q_TILE_PIECES", {"cpu": 2})
+    local = 40
+    plan = plan_block(2, src, 4, local, causal=True, layout=layout)
+    visible = torch.zeros(local, local, dtype=torch.int64)
+    if plan is not None:
+        visible[plan.q, plan.kv] = 1
+        if plan.causal:
+            visible = visible.tril()
+    chunks, q_tiles = schedule.backward_chunks(local, layout)
+    assert len(chunks) == 5 and max(t.stop - t.start for t in q_tiles) > chunks[0].rows // len(chunks[0].pieces)
+    covered = torch.zeros_like(visible)
+    for chunk in chunks:
+        for piece in chunk.pieces:
+            for call in schedule.block_calls(plan, None, None, length=local, kv=piece, q_tiles=q_tiles):
+                assert call.mask is None and piece.start <= call.kv.start and call.kv.stop <= piece.stop
+                rows = torch.ones(call.q.stop - call.q.start, call.kv.stop - call.kv.start, dtype=torch.int64)
+                covered[call.q, call.kv] += rows.tril() if call.causal else rows
+    assert torch.equal(covered, visible)

@@ -82,7 +82,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "model=tiny", "data=files", f"data.path={store}",
         "parallel.dp=2", "parallel.cp=2", "parallel.tp=3", "parallel.sequence_parallel=true",
         "trainer.seq_len=34", "trainer.global_batch_size=6", "trainer.micro_batch_size=2",
-        "optim.grad_clip=-1", "logging.wandb.mode=sometimes",
+        "optim.grad_clip=-1", "logging.wandb.mode=sometimes", "parallel.ring_backward=lean",
     )
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=8)
@@ -97,6 +97,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "has a vocabulary of 1000 tokens, more than model.vocab_size=256",
         "optim.grad_clip=-1.0 must be >= 0",
         "logging.wandb.mode='sometimes'",
+        "parallel.ring_backward='lean' must be one of ['chunked', 'whole']",
     ]
     for line in expected:
         assert line in msg, f"missing {line!r} in:\n{msg}"
