@@ -254,8 +254,8 @@ class _GradChunks:
         self.incoming = None
 
     def zeros(self, j: int) -> list[torch.Tensor]:
-        b, _, h, d = self.like.shape
-        return [torch.zeros(b, self.chunks[j].rows, h, d, dtype=torch.float32, device=self.like.device)
+        b, _, h, d = self.like.shape  # heads-major, as the kernels return their gradients
+        return [torch.zeros(b, h, self.chunks[j].rows, d, dtype=torch.float32, device=self.like.device).transpose(1, 2)
                 for _ in range(2)]
 
     def arrive(self, j: int) -> list[torch.Tensor] | None:
