@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# One tag per kind of message, so that messages between a pair of ranks match one to one.
+KV_TAG, GRAD_TAG, SEG_TAG = 11, 12, 13
+
 
 def memory_order(t: torch.Tensor) -> torch.Tensor:
     """``t`` with its dims permuted into memory order: a contiguous view (no copy) when ``t`` is dense.

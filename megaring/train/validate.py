@@ -13,7 +13,7 @@ from megaring.data import describe_data
 from megaring.distributed import ParallelDims
 from megaring.kernels import KERNELS
 from megaring.model import validate_model_config
-from megaring.ring.attention import BACKWARDS
+from megaring.ring.backward import BACKWARDS
 from megaring.ring.layout import LAYOUTS
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 

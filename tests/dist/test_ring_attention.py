@@ -102,7 +102,7 @@ def _chunked_backward_task(rank, world, layout, causal):
 @pytest.mark.parametrize("world,layout,causal", [(1, "zigzag", True), (2, "zigzag", True), (3, "zigzag", True),
                                                  (4, "contiguous", True), (4, "zigzag", False)])
 def test_chunked_backward_matches_reference(pools, world, layout, causal):
-    from megaring.ring.attention import GRAD_TAG, KV_TAG
+    from megaring.ring.comm import GRAD_TAG, KV_TAG
 
     per_rank = pools(world).run(_chunked_backward_task, layout, causal)
     _check([results for results, _, _ in per_rank], layout, causal, tol_abs=1e-4)

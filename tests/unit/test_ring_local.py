@@ -131,7 +131,7 @@ def test_unknown_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal,with_seg", [(True, False), (True, True), (False, True)])
 def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, kernel, dtype, causal, with_seg):
-    import megaring.ring.attention as attention
+    from megaring.ring import steps
 
     q, k, v, dout, seg = make_inputs(3, 2, 64, 4, 2, 16, with_seg)
     if not KERNELS[kernel].supports(q.to(dtype), None if seg is None else seg.bool()):
@@ -143,9 +143,9 @@ def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, ke
         out.backward(dout.to(dtype))
         return [out.detach()] + [t.grad for t in leaves]
 
-    assert attention._whole_block(attention._Ring(None, causal, "zigzag", 64), seg) is not None  # one kernel call
+    assert steps.single_call(steps.Ring(None, causal, "zigzag", 64), seg) is not None  # one kernel call
     fast = run()
-    monkeypatch.setattr(attention, "_whole_block", lambda ring, seg: None)  # the general ring code, one step
+    monkeypatch.setattr(steps, "single_call", lambda ring, seg: None)  # the general ring code, one step
     ring = run()
     for a, b in zip(fast, ring, strict=True):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
