@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaring.kernels import KERNELS, BlockKernel  # noqa: E402
+from megaring.ring.backward import BACKWARDS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -108,11 +109,10 @@ def _ring_worker(rank, world, port, args, results):
     import torch.distributed as dist
 
     from megaring import ring_attention, shard_sequence
+    from megaring.ring import schedule
     from megaring.ring.attention import heads_major
 
     torch.set_num_threads(args.threads)
-    from megaring.ring import schedule
-
     if args.grad_chunks:
         schedule.GRAD_CHUNKS = args.grad_chunks
     if args.q_tile_pieces:
@@ -218,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--doc-len", type=int, default=0, help="packed documents of this mean length (segment_ids)")
-    p.add_argument("--backward", default="whole", choices=["whole", "chunked"], help="ring backward schedule")
+    p.add_argument("--backward", default="whole", choices=sorted(BACKWARDS), help="ring backward schedule")
     p.add_argument("--grad-chunks", type=int, default=0,
                    help="backward tiles and dK/dV chunks per local shard (default: the library's GRAD_CHUNKS)")
     p.add_argument("--q-tile-pieces", type=int, default=0,

@@ -112,8 +112,9 @@ def _ring_backward_chunked(ring: Ring, kernel: BlockKernel, dout, q, k, v, out, 
                     dq[:, call.q] += dq_t
                     if acc is None:
                         acc = grads.zeros(j)
-                    acc[0][:, chunk.local(call.kv)] += dk_t
-                    acc[1][:, chunk.local(call.kv)] += dv_t
+                    rows = chunk.local(call.kv)
+                    acc[0][:, rows] += dk_t
+                    acc[1][:, rows] += dv_t
             grads.keep(j, acc)
             kvs.done(j)
         grads.turn()

@@ -54,8 +54,8 @@ MASK_TILE_ROWS = 512
 # gradients are a small part of a block's; a chunk is also how K/V and the dK/dV accumulators travel
 # in the backward ring. The shard is cut in GRAD_CHUNKS chunks of at least MIN_CHUNK_ROWS rows (a
 # kernel call on a GPU must be big enough to fill it), and a query tile spans Q_TILE_PIECES of the
-# pieces that chunks are made of (on CPU one: larger query tiles cost memory and gained no time in
-# tools/bench_attention.py --q-tile-pieces).
+# pieces that chunks are made of (on CPU one: two gained no time at cp=2, 1.33x against 1.31x SDPA
+# in tools/bench_attention.py --q-tile-pieces, and 1024-row query tiles cost 5 MiB more at cp=4).
 GRAD_CHUNKS = 8
 MIN_CHUNK_ROWS = {"cpu": 128, "cuda": 2048}
 Q_TILE_PIECES = {"cpu": 1, "cuda": 4}

@@ -30,7 +30,7 @@ def launch(cfg: TrainConfig, run_dir: Path) -> None:
     try:
         n = cfg.parallel.local_workers()
     except ValueError as err:
-        raise ConfigError(f"invalid training config (1 problem):\n  - {err}") from None
+        raise ConfigError.listing([str(err)]) from None
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
         spawn_workers(cfg, run_dir, n)

@@ -27,6 +27,11 @@ OWNED_DEEPSPEED_KEYS = (
 class ConfigError(ValueError):
     """A training config that cannot run; the message lists every problem."""
 
+    @classmethod
+    def listing(cls, problems: list[str]) -> ConfigError:
+        return cls(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)}):"
+                   "\n  - " + "\n  - ".join(problems))
+
 
 def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     p = cfg.parallel
@@ -142,5 +147,4 @@ def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = 
 def validate(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> None:
     problems = collect_problems(cfg, world_size, ckpt_dir)
     if problems:
-        raise ConfigError(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)}):"
-                          "\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(problems)

@@ -188,7 +188,7 @@ def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-@pytest.mark.parametrize("src", [0, 1, 3])  # rank 2 of 4: diagonal, keys of an earlier rank, of a later one
+@pytest.mark.parametrize("src", [2, 1, 3])  # rank 2 of 4: diagonal, keys of an earlier rank, of a later one
 def test_backward_tiles_cover_each_visible_pair_once(monkeypatch, layout, src):
     from megaring.ring import schedule
 
@@ -211,4 +211,4 @@ def test_backward_tiles_cover_each_visible_pair_once(monkeypatch, layout, src):
                 assert call.mask is None and piece.start <= call.kv.start and call.kv.stop <= piece.stop
                 rows = torch.ones(call.q.stop - call.q.start, call.kv.stop - call.kv.start, dtype=torch.int64)
                 covered[call.q, call.kv] += rows.tril() if call.causal else rows
-    assert torch.equal(covered, visible)
+    assert torch.equal(covered, visible) and (plan is None or covered.any())
