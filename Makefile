@@ -26,14 +26,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(PY) tools/demo.py
+	$(PY) -m tools.demo
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) tools/bench_attention.py --seq-len 8192 --heads 8 --head-dim 64 --cp 2 --layout zigzag
+	$(PY) -m tools.bench_attention --seq-len 8192 --heads 8 --head-dim 64 --cp 2 --layout zigzag
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,25 @@
-"""megaring: sequence-parallel LLM training (ring attention x ZeRO x tensor parallelism)."""
+"""megaring: sequence-parallel LLM training (ring attention x ZeRO x tensor parallelism).
 
-from megaring.ring import ring_attention, shard_sequence, unshard_sequence
+The top-level names load lazily, so that ``import megaring.data`` (tokenising, preprocessing)
+does not pull in the attention kernels or torch.distributed.
+"""
 
-__all__ = ["ring_attention", "shard_sequence", "unshard_sequence"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ring_attention": "megaring.ring.attention",
+    "RingSettings": "megaring.ring.settings",
+    "shard_sequence": "megaring.layout",
+    "unshard_sequence": "megaring.layout",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'megaring' has no attribute {name!r}")

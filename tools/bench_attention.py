@@ -7,8 +7,8 @@ forward+backward time, the busy time inside block kernels, the balance ratio max
 busy time, and the peak working memory of one forward+backward (VmHWM after a reset,
 minus resident memory at the start; inputs are allocated beforehand and not counted).
 
-    python tools/bench_attention.py --seq-len 8192 --heads 8 --head-dim 64 --cp 2 --layout zigzag
-    python tools/bench_attention.py --seq-len 16384 --cp 2 --doc-len 2048   # packed documents
+    python -m tools.bench_attention --seq-len 8192 --heads 8 --head-dim 64 --cp 2 --layout zigzag
+    python -m tools.bench_attention --seq-len 16384 --cp 2 --doc-len 2048   # packed documents
 
 With ``--doc-len`` the sequence packs documents (``segment_ids``); SDPA then gets the boolean
 ``(S, S)`` document mask, which is what plain SDPA needs for them.
@@ -20,16 +20,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megaring.kernels import KERNELS, BlockKernel  # noqa: E402
-from megaring.ring.backward import BACKWARDS  # noqa: E402
+from megaring.kernels import KERNELS, BlockKernel
+from megaring.ring.backward import BACKWARDS
+from megaring.ring.settings import RingSettings
+from tools.rounds import median_ratio, time_calls
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -92,35 +91,20 @@ def _segments(args, seq: int):
     return (torch.rand(1, seq, generator=g) < 1 / args.doc_len).long().cumsum(1)
 
 
-def _timings(step, args):
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _ring_worker(rank, world, port, args, results):
     import datetime
 
     import torch.distributed as dist
 
     from megaring import ring_attention, shard_sequence
-    from megaring.ring import schedule
     from megaring.ring.attention import heads_major
 
     torch.set_num_threads(args.threads)
-    if args.grad_chunks:
-        schedule.GRAD_CHUNKS = args.grad_chunks
-    if args.q_tile_pieces:
-        schedule.Q_TILE_PIECES = {**schedule.Q_TILE_PIECES, "cpu": args.q_tile_pieces}
+    settings = RingSettings(**({"grad_chunks": args.grad_chunks} if args.grad_chunks else {}),
+                            q_tile_pieces=args.q_tile_pieces or None)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     timed = TimedKernel(KERNELS[args.kernel])
-    KERNELS["timed"] = timed
     full = _inputs(args, args.seq_len)
     # (B, S, H, D) views of heads-major memory, as SDPA below gets (B, H, S, D) contiguous tensors:
     # the layout ring_attention would otherwise copy its inputs into.
@@ -132,15 +116,15 @@ def _ring_worker(rank, world, port, args, results):
 
     def step():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = ring_attention(qq, kk, vv, causal=not args.non_causal, layout=args.layout, kernel="timed",
-                             segment_ids=seg, backward=args.backward)
+        out = ring_attention(qq, kk, vv, group=dist.group.WORLD, causal=not args.non_causal, layout=args.layout,
+                             kernel=timed, segment_ids=seg, backward=args.backward, settings=settings)
         out.backward(dout)
         dist.barrier()
 
     step()  # warm up allocator, kernels and connections before measuring memory
     peak = _measure_peak(step)
     timed.seconds = 0.0
-    times = _timings(step, args)
+    times = time_calls(step, warmup=args.warmup, iters=args.iters)
     results.put((rank, {"median_s": statistics.median(times), "busy_s": timed.seconds / (args.warmup + args.iters),
                         "peak_mib": peak}))
     dist.destroy_process_group()
@@ -166,7 +150,7 @@ def _sdpa_worker(args, results):
 
     step()
     peak = _measure_peak(step)
-    times = _timings(step, args)
+    times = time_calls(step, warmup=args.warmup, iters=args.iters)
     results.put(("sdpa", {"median_s": statistics.median(times), "peak_mib": peak}))
 
 
@@ -214,13 +198,13 @@ def parse_args(argv=None):
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per cp rank")
     p.add_argument("--layout", default="zigzag", help="zigzag, contiguous or both")
-    p.add_argument("--kernel", default="cpu_flash", choices=sorted(k for k in KERNELS if k != "timed"))
+    p.add_argument("--kernel", default="cpu_flash", choices=sorted(KERNELS))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--doc-len", type=int, default=0, help="packed documents of this mean length (segment_ids)")
     p.add_argument("--backward", default="whole", choices=sorted(BACKWARDS), help="ring backward schedule")
     p.add_argument("--grad-chunks", type=int, default=0,
-                   help="backward tiles and dK/dV chunks per local shard (default: the library's GRAD_CHUNKS)")
+                   help="backward tiles and dK/dV chunks per local shard (default: RingSettings.grad_chunks)")
     p.add_argument("--q-tile-pieces", type=int, default=0,
                    help="backward query tiles span this many key pieces on CPU (default: the library's)")
     p.add_argument("--iters", type=int, default=5)
@@ -257,8 +241,8 @@ def main(argv=None) -> dict:
                       f"peak {r['peak_mib']:.1f} MiB")
     summary = report["summary"] = {}
     for j, layout in enumerate(layouts):
-        time_ratio = statistics.median(r["ring"][j]["wall_s"] / r["sdpa"]["median_s"] for r in rounds)
-        mem_ratio = statistics.median(r["ring"][j]["peak_mib_max"] / r["sdpa"]["peak_mib"] for r in rounds)
+        time_ratio = median_ratio((r["ring"][j]["wall_s"], r["sdpa"]["median_s"]) for r in rounds)
+        mem_ratio = median_ratio((r["ring"][j]["peak_mib_max"], r["sdpa"]["peak_mib"]) for r in rounds)
         balance = statistics.median(r["ring"][j]["balance_max_over_mean"] for r in rounds)
         summary[layout] = {"time_vs_sdpa": time_ratio, "peak_vs_sdpa": mem_ratio, "balance": balance}
         print(f"median of {len(rounds)} round(s), {layout}: time {time_ratio:.2f}x sdpa, balance {balance:.3f}, "

@@ -10,15 +10,14 @@ and the peak memory of the whole process tree (main + workers, sampled every 50 
 rank's zigzag shard at ``--cp`` against the whole sample: token bytes copied out of the memory
 map and the median time.
 
-    python tools/bench_data.py preprocess --mbytes 64 --workers 0 1 2
-    python tools/bench_data.py shard --seq-len 1048576 --cp 8
+    python -m tools.bench_data preprocess --mbytes 64 --workers 0 1 2
+    python -m tools.bench_data shard --seq-len 1048576 --cp 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -30,12 +29,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megaring.data import DataConfig, build_batch_reader, write_tokenized  # noqa: E402
-from megaring.data.encode import PIECE_CHARS, line_pieces  # noqa: E402
-from megaring.data.stdlib_corpus import stdlib_root, stdlib_sources  # noqa: E402
-from megaring.data.tokenizer import Tokenizer  # noqa: E402
+from megaring.data import DataConfig, build_batch_reader, write_tokenized
+from megaring.data.encode import PIECE_CHARS, line_pieces
+from megaring.data.stdlib_corpus import stdlib_root, stdlib_sources
+from megaring.data.tokenizer import Tokenizer
 
 
 def write_corpus(path: Path, mbytes: float) -> list[str]:

@@ -3,10 +3,10 @@
 Every measurement is a real ``megaring-train`` run (self-spawned workers, gloo on CPU, wandb off),
 printed before it starts; the figures come from its ``metrics.jsonl``.
 
-    python tools/bench_layouts.py throughput --seq-len 4096 --steps 8
+    python -m tools.bench_layouts throughput --seq-len 4096 --steps 8
         tokens/s (median over the steps after the first) and peak memory per rank for (dp, cp, tp)
         in (1,1,1), (1,2,1), (2,1,1), (1,1,2) at the same global batch.
-    python tools/bench_layouts.py memory --cp 1 4 --seq-lens 8192 16384 32768
+    python -m tools.bench_layouts memory --cp 1 4 --seq-lens 8192 16384 32768
         peak memory per rank against the global sequence length at each cp, a linear fit
         ``peak = a + b * seq_len`` per cp, and from it the longest sequence that fits this machine's
         memory (all cp ranks on this host) and one device of that memory per rank.
@@ -25,9 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tools.plot_runs import Run, load_run  # the same reading of a run directory as the plots
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from plot_runs import Run, load_run  # noqa: E402  (the same reading of a run directory as the plots)
 
 LAYOUTS = ((1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 1, 2))
 

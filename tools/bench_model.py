@@ -7,7 +7,7 @@ Reports median tokens/s (wall clock), the speed-up as the median over back-to-ba
 the wall-clock and of the process-CPU-time ratios, the logits agreement of the first step and
 model TFLOP/s from ``model_flops_per_token``.
 
-    .venv/bin/python tools/bench_model.py --models tiny 125m --seq-lens 2048 1024 --steps 5
+    .venv/bin/python -m tools.bench_model --models tiny 125m --seq-lens 2048 1024 --steps 5
 """
 
 from __future__ import annotations

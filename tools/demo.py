@@ -5,7 +5,7 @@ The corpus is the source code of the running interpreter's standard library, gro
 holds half of every 2048-token sample in the zigzag layout and K/V travel around the ring.
 Every stage is the command a user would type; they are printed before they run.
 
-    python tools/demo.py [--steps 60] [--out runs/demo]
+    python -m tools.demo [--steps 60] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -83,10 +83,9 @@ def main(argv=None) -> None:
     data_dir, run_dir = out / "data", out / "train"
     preprocess(data_dir, args.vocab, args.corpus_mb)
     train(data_dir, run_dir, args)
-    sys.path.insert(0, str(ROOT / "tools"))
-    import plot_runs
+    from tools import plot_runs
 
-    print(f"\n$ python tools/plot_runs.py {run_dir} --out {out / 'plots'}")
+    print(f"\n$ python -m tools.plot_runs {run_dir} --out {out / 'plots'}")
     plots = plot_runs.main([str(run_dir), "--out", str(out / "plots")])
     summary(plot_runs.load_run(run_dir), plots, data_dir, time.perf_counter() - start)
 

@@ -1,7 +1,7 @@
 """Plot loss curves and a scaling chart from megaring run directories.
 
-    python tools/plot_runs.py multirun/2026-11-26/17-00-00 --out plots/
-    python tools/plot_runs.py runs/a runs/b --x world_size
+    python -m tools.plot_runs multirun/2026-11-26/17-00-00 --out plots/
+    python -m tools.plot_runs runs/a runs/b --x world_size
 
 Each argument is a run directory (it holds ``metrics.jsonl`` and Hydra's ``.hydra/config.yaml``)
 or a directory above run directories (a Hydra multirun sweep), searched recursively. Writes
@@ -21,7 +21,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import yaml  # noqa: E402  (PyYAML comes with Hydra / OmegaConf)
 
 

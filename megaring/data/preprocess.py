@@ -30,6 +30,7 @@ from megaring.data.encode import EncodeSpec, batch_records, encode_stream
 from megaring.data.sources import InputError, Record, Source, decode_record, resolve_sources
 from megaring.data.store import TokenStoreWriter, token_dtype
 from megaring.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from megaring.errors import problem_list
 
 MAX_REPORTED_BAD = 20  # skipped-record messages kept in metadata.json
 
@@ -42,7 +43,7 @@ def preprocess(cfg: PreprocessConfig, command_config: dict | None = None) -> dic
     """Run the whole preprocessing; returns the summary also stored in ``metadata.json``."""
     problems = cfg.problems()
     if problems:
-        raise PreprocessError("invalid preprocess config:\n  - " + "\n  - ".join(problems))
+        raise PreprocessError(problem_list("invalid preprocess config", problems))
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise PreprocessError(f"output {output} already exists (pass overwrite=true to replace it)")

@@ -8,7 +8,7 @@ global position ``r*G/dp + m*mb + row`` of a step always holds the same sample, 
 cp and tp are, and the data state is just the number of consumed samples ``s*G``.
 
 Sharding: a sample is ``L + 1`` tokens from ``start_token``; for each of this cp rank's ranges
-``[a, b)`` (:func:`megaring.ring.layout.shard_ranges`) the reader copies tokens
+``[a, b)`` (:func:`megaring.layout.shard_ranges`) the reader copies tokens
 ``[start + a, start + b + 1)`` out of the memory map, so labels (the next token) are right at
 chunk edges and only ``O(L / cp)`` token bytes are read per sample.
 """
@@ -27,7 +27,8 @@ from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
 from megaring.data.mock import MockSource
 from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
-from megaring.ring.layout import shard_ranges
+from megaring.errors import problem_list
+from megaring.layout import shard_ranges
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids")
 
@@ -149,7 +150,7 @@ def open_source(cfg: DataConfig):
     """The token source of ``cfg``: a :class:`MockSource` or a :class:`~megaring.data.dataset.Dataset`."""
     problems = cfg.problems()
     if problems:
-        raise ValueError("invalid data config:\n  - " + "\n  - ".join(problems))
+        raise ValueError(problem_list("invalid data config", problems))
     if cfg.kind == "mock":
         return MockSource(cfg)
     return open_dataset(cfg.path, verify=cfg.verify_checksum)

@@ -1,8 +1,13 @@
-"""Start torch.distributed from the launcher environment, with timeouts on every collective."""
+"""Start torch.distributed from the launcher environment, with timeouts on every collective.
+
+:func:`init_distributed` is the one place a process group is started (and ``LOCAL_RANK`` exported,
+which DeepSpeed requires); :func:`device_for` is the device a rank then computes on.
+"""
 
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -14,20 +19,33 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> LaunchEnv:
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
+                     single_process_group: bool = False) -> LaunchEnv:
     """Initialise the default process group if the launcher started several processes.
 
-    A single process without a launcher stays undistributed. ``timeout_s`` bounds every
-    collective, so a dead rank ends the job with an error instead of a hang.
+    A single process without a launcher stays undistributed, unless ``single_process_group``
+    asks for a one-rank group (DeepSpeed needs one). ``timeout_s`` bounds every collective, so a
+    dead rank ends the job with an error instead of a hang. A group already up is left as it is.
     """
     env = read_launch_env()
-    if dist.is_initialized() or env.world_size == 1 and env.launcher == "none":
+    if dist.is_initialized():
         return env
-    env.export()
     backend = backend or default_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(
-        backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.world_size > 1 or env.launcher != "none":
+        env.export()
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    elif single_process_group:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return env
+
+
+def device_for(env: LaunchEnv, backend: str | None = None) -> torch.device:
+    """The rank's device: its local GPU when CUDA is there (and the backend is not gloo), else the CPU."""
+    if torch.cuda.is_available() and backend != "gloo":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")

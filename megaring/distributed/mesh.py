@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megaring.errors import problem_list
+
 AXES = ("dp", "cp", "tp")
 
 
@@ -49,7 +51,7 @@ class ParallelDims:
     def validate(self, world_size: int | None = None) -> None:
         problems = self.problems(world_size)
         if problems:
-            raise ValueError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
+            raise ValueError(problem_list("invalid parallel layout", problems))
 
     def coords(self, rank: int) -> dict[str, int]:
         """Mesh coordinates of a global rank."""
@@ -72,6 +74,12 @@ class Axis:
     @classmethod
     def single(cls, name: str, global_rank: int = 0) -> Axis:
         return cls(name, None, 0, 1, (global_rank,))
+
+    @classmethod
+    def of_group(cls, group: dist.ProcessGroup, name: str) -> Axis:
+        """The axis of an existing process group, as this rank sees it."""
+        ranks = tuple(dist.get_process_group_ranks(group))
+        return cls(name, group, dist.get_rank(group), len(ranks), ranks)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,23 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zeros, float("-inf")).unsqueeze(1)
 
 
+def finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with ``-inf`` (rows that see no key anywhere) as 0: fused backward ops want finite
+    values there, and those rows' probabilities are zero through the mask anyway."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+def expand_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, S, H_kv, D) -> (B, H, S, D), repeating each kv head for its query group."""
+    return x.transpose(1, 2).repeat_interleave(n_heads // x.shape[2], dim=1)
+
+
+def reduce_kv_heads(dx: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """(B, H, S, D) gradient -> (B, S, H_kv, D): sum the gradients of a query group's shared kv head."""
+    b, h, s, d = dx.shape
+    return dx.view(b, n_kv_heads, h // n_kv_heads, s, d).sum(2).transpose(1, 2)
+
+
 def fix_empty_rows(out: torch.Tensor, lse: torch.Tensor, allowed: torch.Tensor | None):
     """Rows with no allowed key must carry lse = -inf (and out = 0) so the merge ignores them.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megaring.kernels.base import BlockKernel, additive_mask, allowed_mask, fix_empty_rows
+from megaring.kernels.base import BlockKernel, additive_mask, allowed_mask, finite_lse, fix_empty_rows
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -43,7 +43,7 @@ class CpuFlashKernel(BlockKernel):
         # Rows that see no key anywhere keep lse -inf; the op wants a finite value there
         # (its probabilities for those rows are zero through the mask anyway).
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(lse_dtype)
+        lse = finite_lse(lse).to(lse_dtype)
         dq, dk, dv = _BWD(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, is_causal,
             attn_mask=attn_mask, scale=scale,

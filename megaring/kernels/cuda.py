@@ -12,24 +12,17 @@ import inspect
 
 import torch
 
-from megaring.kernels.base import BlockKernel, additive_mask, allowed_mask, fix_empty_rows
+from megaring.kernels.base import (
+    BlockKernel,
+    additive_mask,
+    allowed_mask,
+    expand_kv_heads,
+    finite_lse,
+    fix_empty_rows,
+    reduce_kv_heads,
+)
 
 _aten = torch.ops.aten
-
-
-def _expand(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(B, S, H_kv, D) -> (B, H, S, D) view-friendly expansion of kv heads."""
-    return x.repeat_interleave(n_heads // x.shape[2], dim=2).transpose(1, 2)
-
-
-def _reduce(dx: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(B, H, S, D) gradient -> (B, S, H_kv, D)."""
-    b, h, s, d = dx.shape
-    return dx.view(b, n_kv_heads, h // n_kv_heads, s, d).sum(2).transpose(1, 2)
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
 class TorchCudaKernel(BlockKernel):
@@ -46,7 +39,7 @@ class TorchCudaKernel(BlockKernel):
 
     def forward(self, q, k, v, *, scale, causal, mask):
         h = q.shape[2]
-        qh, kh, vh = q.transpose(1, 2), _expand(k, h), _expand(v, h)  # (B, H, S, D)
+        qh, kh, vh = q.transpose(1, 2), expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, D)
         if self._use_flash(q, mask):
             out, lse = _aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)[:2]
             return out.transpose(1, 2), lse.float()
@@ -58,8 +51,8 @@ class TorchCudaKernel(BlockKernel):
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         h, h_kv, sq, sk = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
-        qh, kh, vh = q.transpose(1, 2), _expand(k, h), _expand(v, h)
-        doh, oh, lse = dout.transpose(1, 2), out.transpose(1, 2), _finite(lse).float()
+        qh, kh, vh = q.transpose(1, 2), expand_kv_heads(k, h), expand_kv_heads(v, h)
+        doh, oh, lse = dout.transpose(1, 2), out.transpose(1, 2), finite_lse(lse).float()
         dev = q.device
         if self._use_flash(q, mask):
             # Dense (not varlen) call: cumulative lengths are None; no dropout, so the rng state is unused.
@@ -75,7 +68,7 @@ class TorchCudaKernel(BlockKernel):
             seed = offset = torch.zeros((), dtype=torch.int64, device=dev)
             dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
                 doh, qh, kh, vh, bias, oh, lse, seed, offset, 0.0, [True, True, True, False], False, scale=scale)
-        return dq.transpose(1, 2), _reduce(dk, h_kv), _reduce(dv, h_kv)
+        return dq.transpose(1, 2), reduce_kv_heads(dk, h_kv), reduce_kv_heads(dv, h_kv)
 
 
 class FlashAttnKernel(BlockKernel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megaring.kernels.base import BlockKernel, allowed_mask
+from megaring.kernels.base import BlockKernel, allowed_mask, expand_kv_heads, finite_lse, reduce_kv_heads
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -12,24 +12,12 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(B, S, H_kv, D) -> (B, H, S, D), repeating each kv head for its query group."""
-    return _acc(x).transpose(1, 2).repeat_interleave(n_heads // x.shape[2], dim=1)
-
-
-def _reduce_kv(dx: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(B, H, S, D) -> (B, S, H_kv, D): sum the gradients of a query group's shared kv head."""
-    b, h, s, d = dx.shape
-    return dx.view(b, n_kv_heads, h // n_kv_heads, s, d).sum(2).transpose(1, 2)
-
-
 def _probs(q, k, scale, lse, allowed):
     """Attention probabilities (B, H, Sq, Sk) normalised by ``lse`` (B, H, Sq)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe_lse[..., None]), scores
+    return torch.exp(scores - finite_lse(lse)[..., None]), scores
 
 
 class TorchKernel(BlockKernel):
@@ -37,7 +25,7 @@ class TorchKernel(BlockKernel):
 
     def forward(self, q, k, v, *, scale, causal, mask):
         h = q.shape[2]
-        qf, kf, vf = _acc(q).transpose(1, 2), _expand_kv(k, h), _expand_kv(v, h)  # (B, H, S, D)
+        qf, kf, vf = _acc(q).transpose(1, 2), expand_kv_heads(_acc(k), h), expand_kv_heads(_acc(v), h)  # (B, H, S, D)
         allowed = allowed_mask(q.shape[1], k.shape[1], causal, mask, q.device)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
         if allowed is not None:
@@ -49,7 +37,7 @@ class TorchKernel(BlockKernel):
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         h, h_kv = q.shape[2], k.shape[2]
-        qf, kf, vf = _acc(q).transpose(1, 2), _expand_kv(k, h), _expand_kv(v, h)
+        qf, kf, vf = _acc(q).transpose(1, 2), expand_kv_heads(_acc(k), h), expand_kv_heads(_acc(v), h)
         do, of = _acc(dout).transpose(1, 2), _acc(out).transpose(1, 2)  # (B, H, Sq, D)
         allowed = allowed_mask(q.shape[1], k.shape[1], causal, mask, q.device)
         probs, _ = _probs(qf, kf, scale, lse, allowed)  # (B, H, Sq, Sk)
@@ -59,4 +47,4 @@ class TorchKernel(BlockKernel):
         ds = probs * (dp - delta) * scale
         dq = torch.matmul(ds, kf).transpose(1, 2)  # (B, Sq, H, D)
         dk = torch.matmul(ds.transpose(-1, -2), qf)  # (B, H, Sk, D)
-        return dq.to(q.dtype), _reduce_kv(dk, h_kv).to(k.dtype), _reduce_kv(dv, h_kv).to(v.dtype)
+        return dq.to(q.dtype), reduce_kv_heads(dk, h_kv).to(k.dtype), reduce_kv_heads(dv, h_kv).to(v.dtype)

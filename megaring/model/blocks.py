@@ -68,8 +68,7 @@ class Attention(nn.Module):
         super().__init__()
         tp, hd = ctx.tp.size, cfg.head_dim
         self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, cfg.n_heads // tp, cfg.kv_heads // tp
-        self.cp_group, self.layout, self.kernel = ctx.cp.group, ctx.layout, ctx.attn_kernel
-        self.ring_backward = ctx.ring_backward
+        self.ctx = ctx
         sp = ctx.sequence_parallel_active
         self.wqkv = ColumnParallelLinear(cfg.dim, (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd),
                                          tp_axis=ctx.tp, bias=cfg.attention_bias, sequence_parallel=sp)
@@ -84,9 +83,9 @@ class Attention(nn.Module):
         q = apply_rope(q.view(b, s, h, hd), cos, sin)  # (B, S, H_l, D)
         k = apply_rope(k.view(b, s, h_kv, hd), cos, sin)  # (B, S, H_kv_l, D)
         v = v.view(b, s, h_kv, hd)
-        # cp=1 passes a size-1 group (or None without torch.distributed): plain attention.
-        out = ring_attention(q, k, v, group=self.cp_group, causal=True, segment_ids=segment_ids,
-                             layout=self.layout, kernel=self.kernel, backward=self.ring_backward)  # (B, S, H_l, D)
+        c = self.ctx  # cp=1: a size-1 axis, plain attention
+        out = ring_attention(q, k, v, group=c.cp, causal=True, segment_ids=segment_ids, layout=c.layout,
+                             kernel=c.attn_kernel, backward=c.ring_backward, settings=c.ring_settings)  # (B, S, H_l, D)
         return self.wo(out.reshape(b, s, h * hd))  # (B, S[/tp], dim)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megaring.errors import problem_list
+from megaring.layout import length_problem
+
 
 @dataclass
 class ModelConfig:
@@ -85,10 +88,8 @@ def _tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
 
 
 def _seq_problems(seq_len: int, *, tp: int, cp: int, sequence_parallel: bool, layout: str) -> list[str]:
-    chunks = 2 * cp if layout == "zigzag" else cp
-    if seq_len % chunks:
-        name = "2*cp" if layout == "zigzag" else "cp"
-        return [f"sequence length {seq_len} is not divisible by {name}={chunks} ({layout} layout)"]
+    if (problem := length_problem(seq_len, cp, layout)) is not None:
+        return [problem]
     if sequence_parallel and (seq_len // cp) % tp:
         return [f"with sequence parallelism the per-cp-rank sequence length {seq_len}/cp={seq_len // cp} "
                 f"must be divisible by parallel.tp={tp}"]
@@ -117,4 +118,4 @@ def check_model_config(cfg: ModelConfig, **layout) -> None:
     """Raise one ``ValueError`` listing every problem of :func:`validate_model_config`."""
     problems = validate_model_config(cfg, **layout)
     if problems:
-        raise ValueError(f"invalid model config {cfg.name!r}:\n  - " + "\n  - ".join(problems))
+        raise ValueError(problem_list(f"invalid model config {cfg.name!r}", problems))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
 from megaring.distributed.mesh import Axis, ParallelMesh
-from megaring.ring.layout import check_layout
+from megaring.layout import check_layout
+from megaring.ring.settings import RingSettings
 
 
 @dataclass(frozen=True)
@@ -17,7 +16,8 @@ class ParallelContext:
     ``sequence_parallel``: Megatron sequence parallelism inside the tp group (norms and residuals
     on ``S / tp`` tokens). ``layout``: how the cp ranks hold the sequence (``megaring.ring.layout``).
     ``attn_kernel``: ``None`` (automatic) or a name from ``megaring.kernels``.
-    ``ring_backward``: ``"whole"`` or ``"chunked"``, the backward schedule of ring attention.
+    ``ring_backward``: ``"whole"`` or ``"chunked"``, the backward of ring attention.
+    ``ring_settings``: ring attention's tile and chunk sizes.
     """
 
     tp: Axis
@@ -26,6 +26,7 @@ class ParallelContext:
     layout: str = "zigzag"
     attn_kernel: str | None = None
     ring_backward: str = "whole"
+    ring_settings: RingSettings = RingSettings()
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -38,11 +39,6 @@ class ParallelContext:
     @classmethod
     def from_mesh(cls, mesh: ParallelMesh, **options) -> ParallelContext:
         return cls(mesh.tp, mesh.cp, **options)
-
-    @property
-    def cp_group(self) -> dist.ProcessGroup | None:
-        """The group ring attention runs over; ``None`` means plain single-process attention."""
-        return self.cp.group if self.cp.size > 1 else None
 
     @property
     def sequence_parallel_active(self) -> bool:

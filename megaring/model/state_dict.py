@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaring.errors import problem_list
 from megaring.model.context import ParallelContext
 from megaring.model.init import full_shape, tp_partitions
 from megaring.tensor_parallel.mappings import all_gather_list
@@ -52,7 +53,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: 
         if name in state and tuple(state[name].shape) != expected:
             problems.append(f"{name}: shape {tuple(state[name].shape)}, expected {expected}")
     if problems:
-        raise ValueError("cannot load the state dict:\n  - " + "\n  - ".join(problems))
+        raise ValueError(problem_list("cannot load the state dict", problems))
     for name, param in params.items():
         part = partitions.get(name)
         full = state[name].to(dtype=param.dtype, device=param.device)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megaring.errors import problem_list
+from megaring.layout import length_problem
 from megaring.model.blocks import RMSNorm, TransformerBlock
 from megaring.model.config import ModelConfig, check_model_config
 from megaring.model.context import ParallelContext
@@ -42,9 +44,8 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, local_seq); got shape {tuple(tokens.shape)}")
         local_len, problems = tokens.shape[1], []
-        if self.ctx.layout == "zigzag" and local_len % 2:
-            problems.append(f"the global sequence length {local_len * cp} must be divisible by 2*cp={2 * cp} "
-                            f"(zigzag layout; local length {local_len})")
+        if (problem := length_problem(local_len * cp, cp, self.ctx.layout)) is not None:
+            problems.append(f"{problem} (local length {local_len})")
         if self.ctx.sequence_parallel_active and local_len % tp:
             problems.append(f"with sequence parallelism the local sequence length {local_len} "
                             f"must be divisible by tp={tp}")
@@ -52,7 +53,7 @@ class Transformer(nn.Module):
             if x is not None and x.shape != tokens.shape:
                 problems.append(f"{name} {tuple(x.shape)} must match tokens {tuple(tokens.shape)}")
         if problems:
-            raise ValueError("invalid model inputs:\n  - " + "\n  - ".join(problems))
+            raise ValueError(problem_list("invalid model inputs", problems))
 
     def forward(self, tokens, positions, segment_ids=None):
         self.check_inputs(tokens, positions, segment_ids)

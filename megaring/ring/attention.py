@@ -2,31 +2,33 @@
 
 Forward: K/V blocks (with ``H_kv`` heads, never expanded) travel around the ring; the next
 block's transfer is posted before the current block is computed, and block results are
-merged with a float32 online softmax. The backward (``megaring.ring.backward``) runs a second
+merged with a float32 online softmax. The backward (:mod:`megaring.ring.backward`) runs a second
 ring. The autograd function only orchestrates: kernels compute, :class:`RingComm` communicates.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from megaring.distributed.mesh import Axis
 from megaring.kernels import BlockKernel, select_kernel
-from megaring.ring import steps
-from megaring.ring.backward import BACKWARDS
+from megaring.layout import LAYOUTS, chunks_per_rank
+from megaring.ring.backward import BACKWARDS, Saved
 from megaring.ring.comm import KV_TAG, RingComm, dense
-from megaring.ring.layout import check_layout
 from megaring.ring.merge import merge_into
-from megaring.ring.steps import Ring
+from megaring.ring.plan import Ring
+from megaring.ring.settings import RingSettings
 
 
 def _ring_forward(ring: Ring, kernel: BlockKernel, q, k, v, seg, scale):
-    if (call := steps.single_call(ring, seg)) is not None:
+    if (call := ring.single_call(seg)) is not None:
         out, lse = kernel.forward(q, k, v, scale=scale, causal=call.causal, mask=call.mask)
         return out.to(q.dtype), lse
     b, s, h, d = q.shape
-    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
-    comm = RingComm(ring.group, KV_TAG) if ring.size > 1 else None
+    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)  # (B, S, H, D)
+    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)  # (B, H, S)
+    comm = RingComm(ring.axis, KV_TAG) if ring.size > 1 else None
     k_cur, v_cur, seg_cur = k, v, seg
     for step in range(ring.size):
         if step < ring.size - 1:
@@ -44,18 +46,18 @@ def _ring_forward(ring: Ring, kernel: BlockKernel, q, k, v, seg, scale):
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_ids, group, causal, scale, layout, kernel, backward):
-        ring = Ring(group, causal, layout, q.shape[1])
+    def forward(ctx, q, k, v, segment_ids, ring: Ring, scale: float, kernel: BlockKernel, backward: str):
         out, lse = _ring_forward(ring, kernel, q, k, v, segment_ids, scale)
         ctx.save_for_backward(q, k, v, out, lse, segment_ids)
-        ctx.ring, ctx.kernel, ctx.scale, ctx.schedule = ring, kernel, scale, BACKWARDS[backward]
+        ctx.ring, ctx.kernel, ctx.scale, ctx.backward = ring, kernel, scale, BACKWARDS[backward]
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seg = ctx.saved_tensors
-        dq, dk, dv = ctx.schedule(ctx.ring, ctx.kernel, dense(dout), q, k, v, out, lse, seg, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        saved = Saved(dense(dout), q, k, v, out, lse, seg, ctx.scale)
+        dq, dk, dv = ctx.backward(ctx.ring, ctx.kernel, saved)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def heads_major(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,8 @@ def heads_major(x: torch.Tensor) -> torch.Tensor:
 
 def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole") -> None:
     """Raise one ValueError naming every problem with the inputs (before any communication)."""
-    check_layout(layout)
+    if layout not in LAYOUTS:
+        raise ValueError(f"ring_attention: layout must be one of {LAYOUTS}, got {layout!r}")
     problems = []
     if backward not in BACKWARDS:
         problems.append(f"backward={backward!r} must be one of {sorted(BACKWARDS)}")
@@ -86,8 +89,9 @@ def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole") -> 
         problems.append(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         problems.append(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if layout == "zigzag" and q.shape[1] % 2:
-        problems.append(f"local_seq={q.shape[1]} must be even with the zigzag layout (two chunks per rank)")
+    if q.shape[1] % chunks_per_rank(layout):
+        problems.append(f"local_seq={q.shape[1]} must be divisible by {chunks_per_rank(layout)} "
+                        f"with the {layout} layout (chunks per rank)")
     if segment_ids is not None:
         if tuple(segment_ids.shape) != tuple(q.shape[:2]):
             problems.append(f"segment_ids must have shape (batch, local_seq) = {tuple(q.shape[:2])}; "
@@ -98,20 +102,41 @@ def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole") -> 
         raise ValueError("ring_attention: " + "; ".join(problems))
 
 
+def cp_axis(group) -> Axis:
+    """The ring's axis: an :class:`Axis` as given, a process group's, or one process for ``None``.
+
+    ``None`` means plain attention on this process's whole sequence; inside a job of several
+    processes that is almost always a forgotten argument, so it is refused there.
+    """
+    if isinstance(group, Axis):
+        return group
+    if group is not None:
+        return Axis.of_group(group, "cp")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("ring_attention: group=None in a job of several processes; pass the cp process "
+                         "group (or its Axis), or Axis.single('cp') for attention on this process alone")
+    return Axis.single("cp")
+
+
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
-                   segment_ids=None, layout: str = "zigzag", kernel: str | None = None, backward: str = "whole"):
+                   segment_ids=None, layout: str = "zigzag", kernel: str | BlockKernel | None = None,
+                   backward: str = "whole", settings: RingSettings | None = None):
     """Exact attention over a sequence sharded across ``group`` in ``layout``.
 
     q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); segment_ids: optional (B, S_local)
     integers, a query attends only to keys of its own segment (and, if ``causal``, at a
-    global position not after its own). ``group=None`` is the default group, or plain
-    attention when torch.distributed is not initialised. ``kernel``: a name from
-    ``megaring.kernels`` (None: automatic). ``backward``: ``"whole"`` (double-buffered blocks,
-    fastest) or ``"chunked"`` (blocks in tiles and chunks, least memory). Returns (B, S_local, H, D).
+    global position not after its own). ``group``: the cp process group or its
+    :class:`~megaring.distributed.Axis`; ``None`` only without torch.distributed (or with one
+    process): plain attention. ``kernel``: a name from ``megaring.kernels``, a kernel instance, or
+    None (automatic). ``backward``: ``"whole"`` (double-buffered blocks, fastest) or ``"chunked"``
+    (blocks in tiles and chunks, least memory). ``settings``: tile and chunk sizes
+    (:class:`RingSettings`; None: defaults). Returns (B, S_local, H, D).
     """
     check_inputs(q, k, v, segment_ids, layout, backward)
+    settings = (settings or RingSettings()).for_device(q.device.type)
+    ring = Ring(cp_axis(group), causal, layout, q.shape[1], settings)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     block_kernel = select_kernel(kernel, q, needs_mask=segment_ids is not None)
     seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
     return RingAttentionFunction.apply(heads_major(q), heads_major(k), heads_major(v), seg,
-                                       group, causal, scale, layout, block_kernel, backward)
+                                       ring, scale, block_kernel, backward)

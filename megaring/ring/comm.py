@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaring.distributed.mesh import Axis
+
 # One tag per kind of message, so that messages between a pair of ranks match one to one.
 KV_TAG, GRAD_TAG, SEG_TAG = 11, 12, 13
 
@@ -31,13 +33,13 @@ def dense(t: torch.Tensor) -> torch.Tensor:
 
 
 class RingComm:
-    def __init__(self, group: dist.ProcessGroup | None, tag: int = 0):
-        self.group = group
+    """Transfers of one kind (``tag``) around the ring of ``axis``: to the next rank, from the previous."""
+
+    def __init__(self, axis: Axis, tag: int = 0):
+        self.group = axis.group
         self.tag = tag
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size) if group else (self.rank + 1) % self.size
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size) if group else (self.rank - 1) % self.size
+        self.next = axis.ranks[(axis.rank + 1) % axis.size]  # global ranks, as P2POp wants them
+        self.prev = axis.ranks[(axis.rank - 1) % axis.size]
         self._works: list = []
         self._sending: list[torch.Tensor] = []
 

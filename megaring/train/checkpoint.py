@@ -3,14 +3,14 @@
 Layout of ``ckpt_dir``::
 
     latest                   the tag of the newest complete checkpoint (replaced atomically)
-    step_00000012/           DeepSpeed's model / optimizer / scheduler files,
+    step_00000012/           the engine's model / optimizer files (:meth:`TrainEngine.save`),
                              trainer_state.json (step, consumed samples, layout), rng/rank_*.json
     step_00000016.partial/   a save in progress (or killed): never read, removed by the next save
 
 Every rank writes its own files into the ``.partial`` directory; after a barrier rank 0 renames it
 (atomic on one file system), then points ``latest`` at it and prunes to ``keep_last``. A save
 killed at any point leaves ``latest`` on the previous complete checkpoint. Our files are JSON and
-DeepSpeed's are read with ``torch.load(weights_only=True)``.
+the engine reads its own with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ class TrainerState:
     step: int  # optimizer updates done
     consumed_samples: int
     tokens_seen: int
-    layout: dict  # dp, cp, tp, zero_stage: a checkpoint only resumes on the same layout
+    layout: dict  # dp, cp, tp, zero_stage (ParallelConfig.layout_key)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be resumed from; the message names the file."""
 
 
 def tag_for(step: int) -> str:
@@ -46,6 +50,21 @@ def tag_for(step: int) -> str:
 def read_latest(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
+
+
+def read_trainer_state(ckpt_dir: Path) -> tuple[str, TrainerState] | None:
+    """``(tag, state)`` of the checkpoint ``latest`` names, or None when there is none yet."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    path = ckpt_dir / tag / "trainer_state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir / 'latest'} names a checkpoint without {path.name}: {path} is missing")
+    try:
+        return tag, TrainerState(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path} is corrupted ({err}); remove that checkpoint or point "
+                              f"{ckpt_dir / 'latest'} at an older one") from None
 
 
 def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int) -> Path:
@@ -58,7 +77,7 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
         for stale in ckpt_dir.glob("*" + PARTIAL):
             shutil.rmtree(stale)
     dist.barrier()
-    engine.ds.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
+    engine.save(ckpt_dir, partial.name)
     _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
     if rank == 0:
         _write_json(partial / "trainer_state.json", asdict(state))
@@ -76,15 +95,13 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
 
 def load_latest(engine, ckpt_dir: Path) -> TrainerState | None:
     """Restore engine, RNG and trainer state from ``ckpt_dir/latest``; ``None`` when there is none."""
-    tag = read_latest(ckpt_dir)
-    if tag is None:
+    found = read_trainer_state(ckpt_dir)
+    if found is None:
         return None
-    path, _ = engine.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    tag, state = found
+    engine.load(ckpt_dir, tag)
     set_rng_state(json.loads((ckpt_dir / tag / "rng" / f"rank_{dist.get_rank():05d}.json").read_text()))
-    return TrainerState(**json.loads((ckpt_dir / tag / "trainer_state.json").read_text()))
+    return state
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -95,26 +112,6 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         if tag != latest:
             shutil.rmtree(ckpt_dir / tag)
 
-
-def deepspeed_safe_globals() -> list:
-    """The few DeepSpeed classes its checkpoints pickle (besides tensors and plain containers)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
-
-
-def use_safe_loading(ds_engine) -> None:
-    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    ds_engine.checkpoint_engine = SafeTorchCheckpointEngine(ds_engine._config)
 
 
 def rng_state() -> dict:

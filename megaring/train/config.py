@@ -9,6 +9,7 @@ sub-config it needs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -18,11 +19,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from megaring.data import DataConfig
+from megaring.distributed.mesh import ParallelDims
 from megaring.model import ModelConfig
+from megaring.ring.settings import RingSettings
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
+
+
+# ``parallel.ring_settings``: the fields of :class:`~megaring.ring.RingSettings`, mutable for Hydra's
+# overrides; converted once into the frozen settings (:meth:`ParallelConfig.ring`).
+RingSettingsConfig = dataclasses.make_dataclass(
+    "RingSettingsConfig", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(RingSettings)])
 
 
 @dataclass
@@ -39,11 +48,22 @@ class ParallelConfig:
     nproc_per_node: int | str = 0
     attn_kernel: str | None = None  # None: automatic; else a name from megaring.kernels
     ring_backward: str = "whole"  # ring attention's backward: "whole" (fastest) | "chunked" (least memory)
+    ring_settings: RingSettingsConfig = field(default_factory=RingSettingsConfig)  # tile and chunk sizes
     timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the
     # trainer owns (batch sizes, gradient_clipping, precision, zero stage) are rejected.
     deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.dp, self.cp, self.tp)
+
+    def ring(self) -> RingSettings:
+        return RingSettings(**asdict(self.ring_settings))
+
+    def layout_key(self) -> dict[str, int]:
+        """What a checkpoint records of the layout it was written at."""
+        return {"dp": self.dp, "cp": self.cp, "tp": self.tp, "zero_stage": self.zero_stage}
 
     def local_workers(self) -> int:
         """How many workers ``nproc_per_node`` asks for ("auto": the whole mesh)."""
@@ -83,9 +103,6 @@ class TrainerConfig:
     resume: bool = True  # continue from the latest checkpoint in ckpt_dir when there is one
     log_every: int = 1
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
-    # Fault injection for tests: this rank exits in the middle of this step.
-    debug_kill_rank: int | None = None
-    debug_kill_step: int | None = None
 
 
 @dataclass
@@ -124,16 +141,35 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("megaring_run_name", run_name)
 
 
-def run_name(override_dirname: str) -> str:
+# Settings that do not change what a run computes: re-running a command with other values of these
+# resumes the same run directory, and runs that differ only in them share a wandb group.
+RUN_NEUTRAL_KEYS = (
+    "trainer.max_steps", "trainer.resume", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_last",
+    "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
+    "logging.wandb.mode", "logging.wandb.tags", "logging.progress_bar", "hydra/launcher",
+)
+
+
+def run_name(overrides) -> str:
     """A directory name for a run from its command-line overrides (``default`` without any).
 
-    The same command gives the same run directory, so re-running it resumes from its checkpoints.
+    ``overrides``: Hydra's list of the job's overrides (``${hydra:overrides.task}``), or an
+    already joined string. Overrides of :data:`RUN_NEUTRAL_KEYS` and ``hydra.*`` are left out, so
+    the same command gives the same run directory and re-running it resumes from its checkpoints.
     Names too long for a file system keep a readable prefix and a hash of the rest.
     """
-    name = override_dirname.replace("/", "_") or "default"
+    if not isinstance(overrides, str):
+        kept = [o for o in overrides if _override_key(o) not in RUN_NEUTRAL_KEYS
+                and not _override_key(o).startswith("hydra.")]
+        overrides = ",".join(sorted(kept))
+    name = overrides.replace("/", "_") or "default"
     if len(name) > 200:
         name = name[:180] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return name
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
@@ -154,7 +190,8 @@ def experiment_id(cfg: TrainConfig) -> str:
     d = config_dict(cfg)
     for key in ("parallel", "logging"):
         d.pop(key)
-    for key in ("ckpt_dir", "resume", "log_every", "checkpoint_every", "keep_last",
-                "debug_kill_rank", "debug_kill_step"):
-        d["trainer"].pop(key)
+    d["trainer"].pop("ckpt_dir")
+    for key in RUN_NEUTRAL_KEYS:
+        if key.startswith("trainer."):
+            d["trainer"].pop(key.split(".", 1)[1])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

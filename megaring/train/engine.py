@@ -1,8 +1,9 @@
 """The DeepSpeed engine: ZeRO 0-3 over ``dp_cp``, the mesh as mpu, our optimizer and schedule.
 
-Batch accounting counts dp only (``train_batch_size = micro * gas * dp``): cp ranks hold shards
-of the same samples. Gradients are reduced over ``dp_cp``; DeepSpeed divides the sum by
-:attr:`TrainEngine.grad_divisor`, which the step multiplies back (see ``megaring.train.step``).
+The only module that imports DeepSpeed. Batch accounting counts dp only
+(``train_batch_size = micro * gas * dp``): cp ranks hold shards of the same samples. Gradients are
+reduced over ``dp_cp``; DeepSpeed divides the sum by :func:`grad_divisor`, which
+:meth:`TrainEngine.backward` multiplies back.
 """
 
 from __future__ import annotations
@@ -10,27 +11,34 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
 from megaring.distributed.mesh import Axis, ParallelMesh
 from megaring.model.init import tp_partitions
-from megaring.train.checkpoint import use_safe_loading
 from megaring.train.config import TrainConfig
 
 
-@dataclass
 class TrainEngine:
-    ds: Any  # deepspeed.DeepSpeedEngine
-    grad_divisor: int  # DeepSpeed's reduced gradient = sum over dp_cp / grad_divisor
-    zero_stage: int
-    tp: Axis
-    reports_grad_norm: bool  # False: fp32 without ZeRO, where DeepSpeed keeps no norm
+    """The training engine: the one owner of DeepSpeed (ZeRO over ``dp_cp``, our optimizer).
 
+    The rest of the trainer calls only these methods. Per micro-batch: :meth:`forward`, then
+    :meth:`backward` of this rank's share of the global mean loss (see
+    :func:`megaring.model.local_loss`), then :meth:`step`, which updates at the accumulation
+    boundary and returns the gradient norm there.
+    """
+
+    def __init__(self, ds, *, zero_stage: int, grad_divisor: int, tp: Axis, reports_grad_norm: bool):
+        self.ds = ds  # deepspeed.DeepSpeedEngine
+        self.zero_stage = zero_stage
+        self.grad_divisor = grad_divisor  # DeepSpeed's reduced gradient = sum over dp_cp / grad_divisor
+        self.tp = tp
+        self.reports_grad_norm = reports_grad_norm  # False: fp32 without ZeRO, where DeepSpeed keeps no norm
 
     @property
     def module(self) -> nn.Module:
@@ -40,6 +48,54 @@ class TrainEngine:
         """The rate of the next update (DeepSpeed's ZeRO optimizers expose the inner param groups)."""
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
+
+    def forward(self, tokens, positions, segment_ids):
+        return self.ds(tokens, positions, segment_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss``, this rank's share of the global mean (shares sum to it over ``dp_cp``).
+
+        DeepSpeed sums gradients over ``dp_cp`` and divides by :attr:`grad_divisor`; multiplying
+        here cancels that, and ``scale_wrt_gas=False`` stops a second division by the accumulation steps.
+        """
+        self.ds.backward(loss * self.grad_divisor, scale_wrt_gas=False)
+
+    def step(self) -> float | None:
+        """Update at the accumulation boundary and return the global gradient norm (before
+        clipping); between micro-batches only count the micro-batch and return None."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        own_norm = own_grad_norm(self.module, self.tp) if boundary and not self.reports_grad_norm else None
+        self.ds.step()
+        if not boundary:
+            return None
+        norm = self.ds.get_global_grad_norm() if self.reports_grad_norm else own_norm
+        return None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def save(self, directory: Path, tag: str) -> None:
+        """This rank's model, optimizer and ZeRO shards under ``directory/tag`` (collective)."""
+        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> None:
+        """Restore what :meth:`save` wrote (same layout), reading with ``weights_only=True``."""
+        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
+
+    def destroy(self) -> None:
+        self.ds.destroy()
+
+
+def own_grad_norm(model: torch.nn.Module, tp: Axis) -> float:
+    """Global 2-norm of reduced gradients: replicated parameters once, tp shards from every tp rank."""
+    device = next(model.parameters()).device
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for p in model.parameters():
+        if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
+            squares += p.grad.detach().to(torch.float64).pow(2).sum()
+    if tp.size > 1:
+        dist.all_reduce(squares, group=tp.group)
+    return squares.sqrt().item()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -96,8 +152,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     """AdamW without weight decay on vectors (norms, biases); apex FusedAdam when installed on CUDA."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    matrices = [p for p in params if len(full_shape(p)) >= 2]
-    vectors = [p for p in params if len(full_shape(p)) < 2]
+    matrices = [p for p in params if len(unpartitioned_shape(p)) >= 2]
+    vectors = [p for p in params if len(unpartitioned_shape(p)) < 2]
     groups = [{"params": matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
     if device.type == "cuda":
@@ -109,8 +165,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def full_shape(param: nn.Parameter) -> torch.Size:
-    """The parameter's shape, also when ZeRO-3 has replaced its data by an empty partition."""
+def unpartitioned_shape(param: nn.Parameter) -> torch.Size:
+    """This rank's parameter shape, also when ZeRO-3 has replaced its data by an empty partition."""
     return getattr(param, "ds_shape", param.shape)
 
 
@@ -146,5 +202,26 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
                                   config=ds_config, dist_init_required=False)
     use_safe_loading(ds)
     stage = cfg.parallel.zero_stage
-    return TrainEngine(ds, grad_divisor(stage, mesh), stage, mesh.tp,
+    return TrainEngine(ds, zero_stage=stage, grad_divisor=grad_divisor(stage, mesh), tp=mesh.tp,
                        reports_grad_norm=stage > 0 or dtype != torch.float32)
+
+
+def deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its checkpoints pickle (besides tensors and plain containers)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_safe_loading(ds_engine) -> None:
+    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    ds_engine.checkpoint_engine = SafeTorchCheckpointEngine(ds_engine._config)

@@ -7,9 +7,7 @@ self-spawning entry point, or a test's worker pool with the process group alread
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -20,12 +18,14 @@ import torch
 import torch.distributed as dist
 
 from megaring.data import BatchReader, build_batch_reader
-from megaring.distributed import ParallelDims, ParallelMesh, build_mesh, init_distributed
+from megaring.distributed import ParallelMesh, build_mesh, init_distributed
+from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.model import ParallelContext, build_model, model_flops_per_token
 from megaring.train.checkpoint import TrainerState, load_latest, save_checkpoint
-from megaring.train.config import ParallelConfig, TrainConfig
+from megaring.train.config import TrainConfig
 from megaring.train.engine import TrainEngine, build_engine
+from megaring.train.faults import maybe_inject
 from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
@@ -58,7 +58,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
     owns_group = not dist.is_initialized()
     world_size = dist.get_world_size() if dist.is_initialized() else read_launch_env().world_size
     validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
-    device = init_process_group(cfg.parallel)
+    p = cfg.parallel
+    device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
     try:
         run = build_run(cfg, run_dir, device)
         return run_steps(run)
@@ -67,26 +68,12 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
             dist.destroy_process_group()
 
 
-def init_process_group(p: ParallelConfig) -> torch.device:
-    """The default group from the launcher's environment (a 1-rank group without a launcher)."""
-    env = init_distributed(p.backend, timeout_s=p.timeout_s)
-    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it
-    cuda = torch.cuda.is_available() and p.backend != "gloo"
-    if not dist.is_initialized():  # one process: DeepSpeed still needs a process group
-        dist.init_process_group(p.backend or ("nccl" if cuda else "gloo"), store=dist.HashStore(),
-                                rank=0, world_size=1, timeout=datetime.timedelta(seconds=p.timeout_s))
-    if cuda:
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
 def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     p, t = cfg.parallel, cfg.trainer
-    mesh = build_mesh(ParallelDims(p.dp, p.cp, p.tp), device.type, timeout_s=p.timeout_s)
+    mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
-                                    attn_kernel=p.attn_kernel, ring_backward=p.ring_backward)
+                                    attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring())
     model = build_model(cfg.model, ctx, seed=t.seed)
     engine = build_engine(model, cfg, mesh, device)
     reader = build_batch_reader(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
@@ -116,7 +103,7 @@ def run_steps(run: Run) -> list[dict]:
     history, exit_code = [], 1
     try:
         for step in range(start + 1, t.max_steps + 1):
-            maybe_kill(t, rank, step)
+            maybe_inject(rank, step)
             began = time.perf_counter()
             lr = learning_rate(step - 1, cfg.optim, t.max_steps)
             result = train_step(run.engine, run.reader.micro_batches(step - 1), run.mesh, run.device, lr)
@@ -139,20 +126,13 @@ def run_steps(run: Run) -> list[dict]:
         tracker.finish(exit_code)
         if metrics_file:
             metrics_file.close()
-        run.engine.ds.destroy()
+        run.engine.destroy()
     return history
 
 
 def save(run: Run, step: int) -> None:
-    t, p = run.cfg.trainer, run.cfg.parallel
+    t = run.cfg.trainer
     state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
-                         tokens_seen=step * t.global_batch_size * t.seq_len,
-                         layout={"dp": p.dp, "cp": p.cp, "tp": p.tp, "zero_stage": p.zero_stage})
+                         tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key())
     save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last)
 
-
-def maybe_kill(t, rank: int, step: int) -> None:
-    """Fault injection (tests): this rank dies abruptly, as a crashed GPU process would."""
-    if t.debug_kill_step == step and t.debug_kill_rank == rank:
-        log.error("trainer.debug_kill_rank=%d: exiting at step %d", rank, step)
-        os._exit(17)

@@ -6,15 +6,15 @@ all of them, so a user fixes a broken command in one go instead of one failed la
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from megaring.data import describe_data
-from megaring.distributed import ParallelDims
+from megaring.errors import problem_list
 from megaring.kernels import KERNELS
+from megaring.layout import LAYOUTS
 from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
-from megaring.ring.layout import LAYOUTS
+from megaring.train.checkpoint import CheckpointError, read_trainer_state
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
@@ -29,13 +29,13 @@ class ConfigError(ValueError):
 
     @classmethod
     def listing(cls, problems: list[str]) -> ConfigError:
-        return cls(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)}):"
-                   "\n  - " + "\n  - ".join(problems))
+        return cls(problem_list(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                                problems))
 
 
 def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     p = cfg.parallel
-    out = ParallelDims(p.dp, p.cp, p.tp).problems(world_size)
+    out = p.dims().problems(world_size)
     if p.zero_stage not in (0, 1, 2, 3):
         out.append(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if p.layout not in LAYOUTS:
@@ -48,6 +48,7 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         p.local_workers()
     except ValueError as err:
         out.append(str(err))
+    out += [f"parallel.ring_settings.{problem}" for problem in p.ring().problems()]
     if p.timeout_s <= 0:
         out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
     owned = sorted(set(p.deepspeed) & set(OWNED_DEEPSPEED_KEYS))
@@ -121,15 +122,15 @@ def logging_problems(cfg: TrainConfig) -> list[str]:
 
 def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
     """A checkpoint to resume from must have been written by the same layout."""
-    latest = ckpt_dir / "latest"
-    if not cfg.trainer.resume or not latest.is_file():
+    if not cfg.trainer.resume:
         return []
-    state_file = ckpt_dir / latest.read_text().strip() / "trainer_state.json"
-    if not state_file.is_file():
-        return [f"{latest} names a checkpoint without {state_file.name}"]
-    saved = json.loads(state_file.read_text())["layout"]
-    p = cfg.parallel
-    now = {"dp": p.dp, "cp": p.cp, "tp": p.tp, "zero_stage": p.zero_stage}
+    try:
+        found = read_trainer_state(ckpt_dir)
+    except CheckpointError as err:
+        return [str(err)]
+    if found is None:
+        return []
+    saved, now = found[1].layout, cfg.parallel.layout_key()
     if saved != now:
         return [f"the checkpoint in {ckpt_dir} was written with {saved}, this run is {now}: "
                 f"resume with the same layout, or set trainer.resume=false / another trainer.ckpt_dir"]

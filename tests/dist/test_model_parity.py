@@ -30,7 +30,7 @@ from megaring.model import (
     vocab_parallel_cross_entropy,
 )
 from megaring.model.init import tp_partitions
-from megaring.ring.layout import shard_sequence
+from megaring.layout import shard_sequence
 from megaring.tensor_parallel.mappings import all_gather_list
 
 WORLD = 4
@@ -99,9 +99,10 @@ def _replicated_grad_spread(model, ctx) -> float:
     return spread
 
 
-def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring_backward="whole"):
+def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring_backward="whole", ring_settings=None):
     mesh = build_mesh(ParallelDims(dp=world // (cp * tp), cp=cp, tp=tp))
-    ctx = ParallelContext.from_mesh(mesh, sequence_parallel=sp, ring_backward=ring_backward)
+    ctx = ParallelContext.from_mesh(mesh, sequence_parallel=sp, ring_backward=ring_backward,
+                                    **({"ring_settings": ring_settings} if ring_settings else {}))
     model = _build(cfg, ctx, state)
     local = {k: shard_sequence(v, dim=1, rank=mesh.cp.rank, world_size=cp) for k, v in batch.items()}
     logits = model(local["tokens"], local["positions"], local["segment_ids"] if packed else None)
@@ -157,14 +158,10 @@ def test_layouts_match_single_process(pools, packed):
 
 def _chunked_case(rank, world, cfg, cp, tp, sp, packed, batch, ref):
     """The chunked ring backward, with chunks of a few rows so that each block is really cut."""
-    from megaring.ring import schedule
+    from megaring.ring import RingSettings
 
-    saved = schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS
-    schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS = 3, {"cpu": 1}
-    try:
-        return _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, ring_backward="chunked")
-    finally:
-        schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS = saved
+    return _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, ring_backward="chunked",
+                     ring_settings=RingSettings(grad_chunks=3, min_chunk_rows=1))
 
 
 @pytest.mark.parametrize("cp,tp,sp", [(4, 1, False), (2, 2, True)])

@@ -152,11 +152,8 @@ def assert_submitit_accepts(launcher: dict) -> None:
 
 
 def test_plot_tool_on_two_runs(sweep, tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import plot_runs
-    finally:
-        sys.path.pop(0)
+    from tools import plot_runs
+
     written = plot_runs.main([str(sweep[1].parent), "--out", str(tmp_path)])
     assert [p.name for p in written] == ["loss.png", "scaling.png"]
     for png in written:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megaring import ring_attention, shard_sequence, unshard_sequence
+from megaring import RingSettings, ring_attention, shard_sequence, unshard_sequence
 from megaring.ring import comm as ring_comm
 from tests.helpers.attention_ref import make_inputs, reference_attention
 
@@ -18,23 +18,24 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 KERNELS = ("torch", "cpu_flash")
 
 
-def _run_case(rank, world, layout, causal, heads, kv_heads, with_seg, kernel, dtype, seed, backward="whole"):
+def _run_case(rank, world, layout, causal, heads, kv_heads, with_seg, kernel, dtype, seed, backward="whole",
+              settings=None):
     q, k, v, dout, seg = make_inputs(seed, 2, SEQ, heads, kv_heads, HEAD_DIM, with_seg)
     shard = dict(dim=1, rank=rank, world_size=world, layout=layout)
     ql, kl, vl = (shard_sequence(t, **shard).to(dtype).requires_grad_() for t in (q, k, v))
     seg_l = None if seg is None else shard_sequence(seg, **shard)
     out = ring_attention(ql, kl, vl, group=dist.group.WORLD, causal=causal, segment_ids=seg_l,
-                         layout=layout, kernel=kernel, backward=backward)
+                         layout=layout, kernel=kernel, backward=backward, settings=settings)
     out.backward(shard_sequence(dout, **shard).to(dtype))
     return [t.detach().float() for t in (out, ql.grad, kl.grad, vl.grad)]
 
 
-def _cases_task(rank, world, layout, causal, dtype, backward="whole"):
+def _cases_task(rank, world, layout, causal, dtype, backward="whole", settings=None):
     """Every head layout x segments x kernel for one (world, layout, causal); returns per case results."""
     results = {}
     for (name, (h, hk)), with_seg, kernel in itertools.product(HEADS.items(), (False, True), KERNELS):
         results[(name, with_seg, kernel)] = _run_case(rank, world, layout, causal, h, hk, with_seg, kernel,
-                                                      dtype, seed=7, backward=backward)
+                                                      dtype, seed=7, backward=backward, settings=settings)
     return results
 
 
@@ -78,11 +79,9 @@ def _chunked_backward_task(rank, world, layout, causal):
     """The chunked backward with chunks of a few rows (3 per local shard, which the shard's length does not always
     divide) and query tiles of two key pieces, so that diagonal tiles split around their key pieces, with
     document masks also cut into tiles of a few rows."""
-    from megaring.ring import schedule
+    from megaring.ring.chunks import backward_chunks
 
-    saved = schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS, schedule.Q_TILE_PIECES, schedule.MASK_ENTRIES
-    schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS, schedule.Q_TILE_PIECES = 3, {"cpu": 1}, {"cpu": 2}
-    schedule.MASK_ENTRIES = 40
+    settings = RingSettings(grad_chunks=3, min_chunk_rows=1, q_tile_pieces=2, mask_entries=40)
     sent = []
     original = ring_comm.RingComm.send_recv
 
@@ -92,11 +91,11 @@ def _chunked_backward_task(rank, world, layout, causal):
 
     ring_comm.RingComm.send_recv = spy
     try:
-        chunks, _ = schedule.backward_chunks(SEQ // world, layout)
-        return _cases_task(rank, world, layout, causal, torch.float32, "chunked"), sent, {c.rows for c in chunks}
+        chunks, _ = backward_chunks(SEQ // world, layout, settings)
+        return (_cases_task(rank, world, layout, causal, torch.float32, "chunked", settings), sent,
+                {c.rows for c in chunks})
     finally:
         ring_comm.RingComm.send_recv = original
-        schedule.GRAD_CHUNKS, schedule.MIN_CHUNK_ROWS, schedule.Q_TILE_PIECES, schedule.MASK_ENTRIES = saved
 
 
 @pytest.mark.parametrize("world,layout,causal", [(1, "zigzag", True), (2, "zigzag", True), (3, "zigzag", True),
@@ -180,17 +179,13 @@ def _masked_blocks_task(rank, world):
             calls.append("bwd")
             return inner.backward(*a, **kw)
 
-    KERNELS["counting"] = Counting()
-    try:
-        q, k, v, dout, _ = make_inputs(5, 2, SEQ, 4, 2, HEAD_DIM, False)
-        seg = (torch.arange(SEQ) // (SEQ // world)).expand(2, SEQ)  # document d = rank d's chunk
-        shard = dict(dim=1, rank=rank, world_size=world, layout="contiguous")
-        ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
-        out = ring_attention(ql, kl, vl, group=dist.group.WORLD, causal=False, layout="contiguous",
-                             segment_ids=shard_sequence(seg, **shard), kernel="counting")
-        out.backward(shard_sequence(dout, **shard))
-    finally:
-        del KERNELS["counting"]
+    q, k, v, dout, _ = make_inputs(5, 2, SEQ, 4, 2, HEAD_DIM, False)
+    seg = (torch.arange(SEQ) // (SEQ // world)).expand(2, SEQ)  # document d = rank d's chunk
+    shard = dict(dim=1, rank=rank, world_size=world, layout="contiguous")
+    ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
+    out = ring_attention(ql, kl, vl, group=dist.group.WORLD, causal=False, layout="contiguous",
+                         segment_ids=shard_sequence(seg, **shard), kernel=Counting())
+    out.backward(shard_sequence(dout, **shard))
     return calls, [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)], seg
 
 
@@ -209,14 +204,10 @@ def test_blocks_masked_by_segments_are_skipped(pools):
 
 def _tiled_masks_task(rank, world, layout, causal):
     """Document masks cut into tiles of a few query rows (a tiny budget forces many tiles per block)."""
-    from megaring.ring import schedule
-
-    budget, schedule.MASK_ENTRIES = schedule.MASK_ENTRIES, 40
-    try:
-        return {(name, True, kernel): _run_case(rank, world, layout, causal, h, hk, True, kernel, torch.float32, 7)
-                for (name, (h, hk)), kernel in itertools.product(HEADS.items(), KERNELS)}
-    finally:
-        schedule.MASK_ENTRIES = budget
+    settings = RingSettings(mask_entries=40)
+    return {(name, True, kernel): _run_case(rank, world, layout, causal, h, hk, True, kernel, torch.float32, 7,
+                                            settings=settings)
+            for (name, (h, hk)), kernel in itertools.product(HEADS.items(), KERNELS)}
 
 
 @pytest.mark.parametrize("world,layout,causal", [(1, "zigzag", True), (3, "zigzag", True), (2, "contiguous", False)])

@@ -37,9 +37,9 @@ KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflop
 
 
 def megaring_train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (), run=tuple(RUN),
-                   timeout: float = 240):
+                   timeout: float = 240, env: dict[str, str] | None = None):
     cmd = [sys.executable, *launcher, "-m", "megaring.train", *run, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_self_spawn_writes_metrics_and_offline_wandb(reference):
 
 def test_dead_rank_ends_the_job_and_the_rerun_resumes_bit_identically(reference, tmp_path):
     killed = megaring_train(tmp_path, *SPAWN, "logging.wandb.mode=offline",
-                            "trainer.debug_kill_rank=1", "trainer.debug_kill_step=3")
+                            env={"MEGARING_TEST_FAULT": "kill:rank=1:step=3"})
     assert killed.returncode != 0
     assert "rank 1 failed" in killed.stderr, killed.stderr[-3000:]
     assert [s for s, _, _ in losses(tmp_path)] == [1, 2]

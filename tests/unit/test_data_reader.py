@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from megaring.config_dir import CONFIG_DIR
 from megaring.data import DataConfig, MockSource, build_batch_reader, describe_data, read_shard, write_tokenized
 from megaring.data.sample_index import split_documents
-from megaring.ring.layout import shard_ranges, shard_sequence, unshard_sequence
+from megaring.layout import shard_ranges, shard_sequence, unshard_sequence
 
 MOCK = DataConfig(kind="mock", vocab_size=97, num_tokens=40_000, mean_doc_len=300, max_doc_len=5_000)
 

@@ -7,9 +7,9 @@ import torch
 
 from megaring import ring_attention, shard_sequence, unshard_sequence
 from megaring.kernels import KERNELS, select_kernel
-from megaring.ring.layout import shard_positions, shard_ranges
+from megaring.layout import shard_positions, shard_ranges
 from megaring.ring.merge import merge_into
-from megaring.ring.schedule import plan_block
+from megaring.ring.plan import plan_block
 from tests.helpers.attention_ref import make_inputs, reference_attention
 
 
@@ -28,7 +28,7 @@ def test_zigzag_chunks():
     # W=2, 8 tokens: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 holds chunks 1 and 2.
     assert shard_ranges(8, 0, 2, "zigzag") == [(0, 2), (6, 8)]
     assert shard_ranges(8, 1, 2, "zigzag") == [(2, 4), (4, 6)]
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match=r"not divisible by 2\*cp=4"):
         shard_ranges(10, 0, 2, "zigzag")
 
 
@@ -102,7 +102,7 @@ def test_auto_kernel_on_cpu_is_fused():
 
 
 @pytest.mark.parametrize("q_shape,k_shape,seg_shape,dtype_k,match", [
-    ((1, 5, 4, 8), (1, 5, 4, 8), None, torch.float32, "must be even with the zigzag"),
+    ((1, 5, 4, 8), (1, 5, 4, 8), None, torch.float32, "must be divisible by 2 with the zigzag layout"),
     ((1, 6, 4, 8), (1, 6, 3, 8), None, torch.float32, "multiple of n_kv_heads"),
     ((1, 6, 4, 8), (1, 4, 4, 8), None, torch.float32, "must agree in batch"),
     ((1, 6, 4, 8), (1, 6, 4, 8), None, torch.float64, "share one floating dtype"),
@@ -131,7 +131,9 @@ def test_unknown_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal,with_seg", [(True, False), (True, True), (False, True)])
 def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, kernel, dtype, causal, with_seg):
-    from megaring.ring import steps
+    from megaring.distributed.mesh import Axis
+    from megaring.ring.plan import Ring
+    from megaring.ring.settings import RingSettings
 
     q, k, v, dout, seg = make_inputs(3, 2, 64, 4, 2, 16, with_seg)
     if not KERNELS[kernel].supports(q.to(dtype), None if seg is None else seg.bool()):
@@ -143,26 +145,31 @@ def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, ke
         out.backward(dout.to(dtype))
         return [out.detach()] + [t.grad for t in leaves]
 
-    assert steps.single_call(steps.Ring(None, causal, "zigzag", 64), seg) is not None  # one kernel call
+    ring = Ring(Axis.single("cp"), causal, "zigzag", 64, RingSettings().for_device("cpu"))
+    assert ring.single_call(seg) is not None  # one kernel call
     fast = run()
-    monkeypatch.setattr(steps, "single_call", lambda ring, seg: None)  # the general ring code, one step
+    monkeypatch.setattr(Ring, "single_call", lambda self, seg: None)  # the general ring code, one step
     ring = run()
     for a, b in zip(fast, ring, strict=True):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
 
 
 def test_block_calls_one_document_needs_no_mask():
-    from megaring.ring.schedule import ALL, BlockPlan, block_calls
+    from megaring.ring.masks import block_calls
+    from megaring.ring.plan import ALL, BlockPlan
+    from megaring.ring.settings import RingSettings
 
     seg = torch.full((2, 16), 3)
-    (call,) = block_calls(BlockPlan(ALL, ALL, True), seg, seg)
+    (call,) = block_calls(BlockPlan(ALL, ALL, True), seg, seg, RingSettings())
     assert call.mask is None and call.causal and call.q == ALL and call.kv == ALL
 
 
 @pytest.mark.parametrize("ids", ["sorted", "unsorted"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
-    from megaring.ring.schedule import ALL, BlockPlan, block_calls
+    from megaring.ring.masks import block_calls
+    from megaring.ring.plan import ALL, BlockPlan
+    from megaring.ring.settings import RingSettings
 
     g = torch.Generator().manual_seed(0)
     seg = (torch.rand(2, 32, generator=g) < 0.2).long().cumsum(1)  # (B, S) sorted document ids
@@ -174,7 +181,7 @@ def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
     if causal:
         full &= torch.ones(32, 32, dtype=torch.bool).tril()
     budget = 2 * 32 * 3  # three query rows of the full key block per tile
-    calls = list(block_calls(plan, seg, seg, max_mask_entries=budget))
+    calls = list(block_calls(plan, seg, seg, RingSettings(mask_entries=budget)))
     assert len(calls) > 1 and all(c.mask.numel() <= budget and not c.causal for c in calls)
     rebuilt = torch.zeros_like(full)
     for c in calls:
@@ -189,12 +196,12 @@ def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("src", [2, 1, 3])  # rank 2 of 4: diagonal, keys of an earlier rank, of a later one
-def test_backward_tiles_cover_each_visible_pair_once(monkeypatch, layout, src):
-    from megaring.ring import schedule
+def test_backward_tiles_cover_each_visible_pair_once(layout, src):
+    from megaring.ring.chunks import backward_chunks
+    from megaring.ring.masks import block_calls
+    from megaring.ring.settings import RingSettings
 
-    monkeypatch.setattr(schedule, "GRAD_CHUNKS", 5)
-    monkeypatch.setattr(schedule, "MIN_CHUNK_ROWS", {"cpu": 1})
-    monkeypatch.setattr(schedule, "Q_TILE_PIECES", {"cpu": 2})
+    settings = RingSettings(grad_chunks=5, min_chunk_rows=1, q_tile_pieces=2)
     local = 40
     plan = plan_block(2, src, 4, local, causal=True, layout=layout)
     visible = torch.zeros(local, local, dtype=torch.int64)
@@ -202,12 +209,12 @@ def test_backward_tiles_cover_each_visible_pair_once(monkeypatch, layout, src):
         visible[plan.q, plan.kv] = 1
         if plan.causal:
             visible = visible.tril()
-    chunks, q_tiles = schedule.backward_chunks(local, layout)
+    chunks, q_tiles = backward_chunks(local, layout, settings)
     assert len(chunks) == 5 and max(t.stop - t.start for t in q_tiles) > chunks[0].rows // len(chunks[0].pieces)
     covered = torch.zeros_like(visible)
     for chunk in chunks:
         for piece in chunk.pieces:
-            for call in schedule.block_calls(plan, None, None, length=local, kv=piece, q_tiles=q_tiles):
+            for call in block_calls(plan, None, None, settings, length=local, kv=piece, q_tiles=q_tiles):
                 assert call.mask is None and piece.start <= call.kv.start and call.kv.stop <= piece.stop
                 rows = torch.ones(call.q.stop - call.q.start, call.kv.stop - call.kv.start, dtype=torch.int64)
                 covered[call.q, call.kv] += rows.tril() if call.causal else rows

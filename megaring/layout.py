@@ -1,6 +1,8 @@
-"""Where each rank's tokens sit in the global sequence.
+"""Where each cp rank's tokens sit in the global sequence: the layouts data and attention share.
 
-Two layouts of a global sequence of length S over a cp group of size W:
+A leaf module (torch only): the data reader shards samples by it and ring attention computes by
+it, so neither has to import the other. Two layouts of a global sequence of length S over a cp
+group of size W:
 
 - ``"zigzag"``: the sequence is cut in ``2*W`` equal chunks; rank r holds chunks
   ``r`` and ``2W-1-r``, concatenated in that order. Under a causal mask every rank then
@@ -19,15 +21,32 @@ import torch
 LAYOUTS = ("zigzag", "contiguous")
 
 
-def num_chunks(world_size: int, layout: str) -> int:
-    """How many equal chunks the global sequence is cut into."""
-    check_layout(layout)
-    return 2 * world_size if layout == "zigzag" else world_size
-
-
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def chunks_per_rank(layout: str) -> int:
+    """How many chunks of the global sequence one rank holds (its local length must divide by it)."""
+    check_layout(layout)
+    return 2 if layout == "zigzag" else 1
+
+
+def num_chunks(world_size: int, layout: str) -> int:
+    """How many equal chunks the global sequence is cut into."""
+    return chunks_per_rank(layout) * world_size
+
+
+def length_problem(seq_len: int, world_size: int, layout: str) -> str | None:
+    """Why a global sequence of ``seq_len`` tokens cannot be laid out over ``world_size`` cp ranks, or None.
+
+    The one statement of the rule: the length must split into :func:`num_chunks` equal chunks.
+    """
+    n = num_chunks(world_size, layout)
+    if seq_len % n == 0:
+        return None
+    name = "2*cp" if layout == "zigzag" else "cp"
+    return f"sequence length {seq_len} is not divisible by {name}={n} (cp={world_size}, {layout} layout)"
 
 
 def chunk_ids(rank: int, world_size: int, layout: str) -> tuple[int, ...]:
@@ -42,13 +61,10 @@ def chunk_ids(rank: int, world_size: int, layout: str) -> tuple[int, ...]:
 
 def shard_ranges(seq_len: int, rank: int, world_size: int, layout: str = "zigzag") -> list[tuple[int, int]]:
     """Half-open global ranges ``[start, end)`` of the tokens rank ``rank`` holds, in local order."""
-    n = num_chunks(world_size, layout)
-    if seq_len % n:
-        raise ValueError(
-            f"sequence length {seq_len} must be divisible by {n} "
-            f"({'2*cp' if layout == 'zigzag' else 'cp'}, cp={world_size}, layout={layout!r})"
-        )
-    chunk = seq_len // n
+    problem = length_problem(seq_len, world_size, layout)
+    if problem:
+        raise ValueError(problem)
+    chunk = seq_len // num_chunks(world_size, layout)
     return [(c * chunk, (c + 1) * chunk) for c in chunk_ids(rank, world_size, layout)]
 
 
@@ -66,9 +82,8 @@ def shard_sequence(x: torch.Tensor, *, dim: int, rank: int, world_size: int, lay
 def unshard_sequence(shards: Sequence[torch.Tensor], *, dim: int, layout: str = "zigzag") -> torch.Tensor:
     """Inverse of :func:`shard_sequence`: ``shards[r]`` is rank r's slice."""
     world_size = len(shards)
-    n = num_chunks(world_size, layout)
-    per_rank = n // world_size
-    chunks: list[torch.Tensor | None] = [None] * n
+    per_rank = chunks_per_rank(layout)
+    chunks: list[torch.Tensor | None] = [None] * (per_rank * world_size)
     for rank, shard in enumerate(shards):
         if shard.shape[dim] % per_rank:
             raise ValueError(f"shard {rank} has length {shard.shape[dim]}, not divisible by {per_rank}")
