@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaring.data import DataConfig, build_batch_reader, write_tokenized  # noqa: E402
 from megaring.data.encode import PIECE_CHARS, line_pieces  # noqa: E402
 from megaring.data.stdlib_corpus import stdlib_root, stdlib_sources  # noqa: E402
-from megaring.data.tokenizer import Tokenizer  # noqa: E402
+from megaring.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 
 def write_corpus(path: Path, mbytes: float) -> list[str]:
@@ -106,7 +106,7 @@ def bench_preprocess(args) -> None:
         subprocess.run([str(Path(sys.executable).with_name("megaring-preprocess")), f"input={tmp / 'corpus.jsonl'}",
                         f"output={model}", f"tokenizer.vocab_size={args.vocab_size}", "max_bytes=20000000",
                         "progress=false"], check=True, capture_output=True)
-        sp = Tokenizer(model / "tokenizer.model").sp
+        sp = SentencePieceTokenizer(model / "tokenizer.model").sp
         pieces = [] if args.skip_plain else [p for t in texts for p in line_pieces(t)]
         plain, plain_np, plain_pieces, runs = [], [], [], {w: [] for w in args.workers}
         n = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +34,17 @@ FIELDS = ("tokens", "labels", "positions", "segment_ids")
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the trainer checks before any collective."""
+    """What the trainer checks before any collective (see :mod:`megaring.data.checks`)."""
 
     kind: str
     vocab_size: int
     eod_id: int
     num_documents: int
     num_tokens: int
+    bos_id: int | None = None  # the id starting every document; None: documents start without one
+    path: str | None = None  # the store directory (kind=files)
+    tokenizer_sha256: str | None = None  # of the model file, tokenizer_files[0]
+    tokenizer_files: tuple[str, ...] = ()  # paths to copy into an exported model
 
 
 def read_shard(source, start_doc: int, start_token: int, ranges: list[tuple[int, int]],
@@ -161,8 +165,17 @@ def describe_data(cfg) -> DataInfo:
     ``StoreError`` (a ``ValueError``) names a missing, truncated or corrupted data directory.
     """
     cfg = _as_config(cfg)
-    source = open_source(cfg)
-    return DataInfo(cfg.kind, source.vocab_size, source.eod_id, source.num_documents, source.num_tokens)
+    return source_info(cfg.kind, open_source(cfg))
+
+
+def source_info(kind: str, source) -> DataInfo:
+    """The :class:`DataInfo` of an open :class:`MockSource` or :class:`~megaring.data.dataset.Dataset`."""
+    info = DataInfo(kind, source.vocab_size, source.eod_id, source.num_documents, source.num_tokens)
+    if isinstance(source, MockSource):
+        return info
+    return replace(info, bos_id=source.bos_id, path=str(source.path),
+                   tokenizer_sha256=source.metadata["tokenizer"].get("sha256"),
+                   tokenizer_files=tuple(str(p) for p in source.tokenizer_files))
 
 
 def build_batch_reader(cfg, *, seq_len: int, global_batch_size: int, micro_batch_size: int, seed: int,
