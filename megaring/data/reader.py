@@ -138,7 +138,7 @@ class BatchReader:
         return out
 
 
-def _as_config(cfg) -> DataConfig:
+def as_data_config(cfg) -> DataConfig:
     """Accept the dataclass, a structured DictConfig or a plain dict."""
     if isinstance(cfg, DataConfig):
         return cfg
@@ -164,7 +164,7 @@ def describe_data(cfg) -> DataInfo:
 
     ``StoreError`` (a ``ValueError``) names a missing, truncated or corrupted data directory.
     """
-    cfg = _as_config(cfg)
+    cfg = as_data_config(cfg)
     return source_info(cfg.kind, open_source(cfg))
 
 
@@ -181,7 +181,7 @@ def source_info(kind: str, source) -> DataInfo:
 def build_batch_reader(cfg, *, seq_len: int, global_batch_size: int, micro_batch_size: int, seed: int,
                        dp_rank: int, dp_size: int, cp_rank: int, cp_size: int, layout: str) -> BatchReader:
     """The reader of this (dp rank, cp rank), with the split's sample index loaded or built."""
-    cfg = _as_config(cfg)
+    cfg = as_data_config(cfg)
     source = open_source(cfg)
     d0, d1 = split_documents(source.num_documents, cfg.split, cfg.valid_fraction)
     split_tokens = int(source.doc_starts[d1]) - int(source.doc_starts[d0])
