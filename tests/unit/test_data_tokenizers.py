@@ -160,3 +160,14 @@ def test_errors_name_the_path(tmp_path, tok_dir, case):
     with pytest.raises(TokenizerError, match=expected):
         preprocess_docs(tmp_path, target)
     assert not (tmp_path / "out").exists()
+
+
+def test_stores_of_the_older_format_still_open(tmp_path):
+    _, out = preprocess_docs(tmp_path, None, name="sp", docs=DOCS * 30)
+    meta = json.loads((out / "metadata.json").read_text())
+    tok = meta["tokenizer"]
+    meta["tokenizer"] = {k: tok[k] for k in ("file", "sha256", "vocab_size", "eod_id", "source")}
+    (out / "metadata.json").write_text(json.dumps(meta))
+    ds = open_dataset(out)
+    assert ds.bos_id is None and ds.tokenizer.kind == "sentencepiece" and ds.text(1) == DOCS[1]
+    assert [p.name for p in ds.tokenizer_files] == ["tokenizer.model"]

@@ -26,13 +26,14 @@ class HFTokenizer(Tokenizer):
     def __init__(self, files: dict[str, Path], *, bos_id: int | None, eod_id: int):
         path = next(iter(files.values()))
         self.tk = load_json_tokenizer(path)
+        largest = max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1)
+        self._vocab_size = max(self.tk.get_vocab_size(with_added_tokens=True), largest + 1)
         super().__init__(files, bos_id=bos_id, eod_id=eod_id)
 
     @property
     def vocab_size(self) -> int:
         """Size with added tokens; at least one past the largest id (added ids may leave gaps)."""
-        largest = max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1)
-        return max(self.tk.get_vocab_size(with_added_tokens=True), largest + 1)
+        return self._vocab_size
 
     @property
     def splits_at_newlines(self) -> bool:
