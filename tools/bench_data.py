@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from megaring.data import DataConfig, build_batch_reader, write_tokenized
+from megaring.data import BatchShape, DataConfig, RankShard, build_batch_reader, write_tokenized
 from megaring.data.encode import PIECE_CHARS, line_pieces
 from megaring.data.stdlib_corpus import stdlib_root, stdlib_sources
-from megaring.data.tokenizer import Tokenizer
+from megaring.data.tokenizer import SentencePieceTokenizer
 
 
 def write_corpus(path: Path, mbytes: float) -> list[str]:
@@ -103,7 +103,7 @@ def bench_preprocess(args) -> None:
         subprocess.run([str(Path(sys.executable).with_name("megaring-preprocess")), f"input={tmp / 'corpus.jsonl'}",
                         f"output={model}", f"tokenizer.vocab_size={args.vocab_size}", "max_bytes=20000000",
                         "progress=false"], check=True, capture_output=True)
-        sp = Tokenizer(model / "tokenizer.model").sp
+        sp = SentencePieceTokenizer(model / "tokenizer.model").sp
         pieces = [] if args.skip_plain else [p for t in texts for p in line_pieces(t)]
         plain, plain_np, plain_pieces, runs = [], [], [], {w: [] for w in args.workers}
         n = None
@@ -147,9 +147,9 @@ def bench_shard(args) -> None:
         ds = write_tokenized(Path(tmp) / "ds", (np.append(rng.integers(0, 31999, n - 1), 31999) for n in lengths),
                              vocab_size=32000, eod_id=31999)
         cfg = DataConfig(kind="files", path=str(ds.path))
-        common = dict(seq_len=args.seq_len, global_batch_size=1, micro_batch_size=1, seed=0, dp_rank=0, dp_size=1)
+        shape = BatchShape(args.seq_len, 1, 1)
         for cp, rank in ((1, 0), *((args.cp, r) for r in range(args.cp))):
-            reader = build_batch_reader(cfg, cp_rank=rank, cp_size=cp, layout="zigzag", **common)
+            reader = build_batch_reader(cfg, shape, RankShard(cp_rank=rank, cp_size=cp), seed=0)
             store, times = reader.source.store, []
             for _ in range(args.repeat):
                 before, start = store.bytes_read, time.perf_counter()

@@ -28,6 +28,8 @@ class DataConfig:
     split: str = "train"  # "train" | "valid"
     # The last ``valid_fraction`` of the documents (at least one when > 0) form the "valid" split.
     valid_fraction: float = 0.0
+    # A separate token store for evaluation (the whole store is the split); instead of valid_fraction.
+    valid_path: str | None = None
     # True: positions restart at 0 at every document start and at the sample start.
     # False: positions run 0..seq_len-1 across the whole sample.
     reset_positions: bool = True
@@ -55,6 +57,9 @@ class DataConfig:
             out.append(f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.split == "valid" and self.valid_fraction == 0.0:
             out.append("data.split=valid needs data.valid_fraction > 0")
+        if self.valid_path and self.valid_fraction > 0:
+            out.append("set either data.valid_path (a separate store) or data.valid_fraction (the tail of "
+                       "data.path), not both")
         if self.kind == "mock":
             if self.vocab_size < 2:
                 out.append(f"data.vocab_size must be >= 2 for the mock source, got {self.vocab_size}")
@@ -67,9 +72,14 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The sentencepiece model: an existing one (``model``) or one trained on a sample of the input."""
+    """The tokenizer: an existing one (``model``) or a sentencepiece model trained on a sample of the input.
 
-    model: str | None = None  # path to a .model; None: train one and store it with the data
+    ``model`` names a sentencepiece ``.model``, a Hugging Face ``tokenizer.json``, or a Hugging
+    Face model directory (its ``tokenizer.json``, else its ``tokenizer.model``), whose BOS and
+    end-of-document conventions are followed. The other fields only matter for training.
+    """
+
+    model: str | None = None  # .model | tokenizer.json | HF model dir; None: train one and store it
     vocab_size: int = 8192
     type: str = "bpe"  # "bpe" | "unigram"
     sample_bytes: int = 16 << 20  # at most this much text is used for training
@@ -79,12 +89,12 @@ class TokenizerConfig:
 
 @dataclass
 class PreprocessConfig:
-    """``megaring-preprocess``: text / JSONL (``.gz`` too) or ``stdlib`` -> a token store directory."""
+    """``megaring-preprocess``: text / JSONL (``.gz`` too), Parquet or ``stdlib`` -> a token store directory."""
 
     input: Any = "???"  # file, directory, glob, a list of those, or "stdlib"
     output: str = "???"
     workers: int = 2  # encoding processes; 0 encodes in the main process
-    text_key: str = "text"  # JSONL field holding the document
+    text_key: str = "text"  # JSONL field / Parquet column holding the document
     skip_bad_lines: bool = False  # count malformed records instead of failing
     overwrite: bool = False
     max_bytes: int = 0  # stop reading input after this many bytes (0: no limit)

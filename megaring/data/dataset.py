@@ -4,6 +4,12 @@ and reading.
     ds = open_dataset("data/stdlib")
     ds.num_documents, ds.num_tokens, ds.vocab_size
     ds.text(0)                    # == ds.tokenizer.decode(ds.document(0))
+    ds.tokenizer_files            # the tokenizer files to copy into an exported model
+
+``metadata.json``'s ``tokenizer`` entry: ``kind`` ("sentencepiece" | "tokenizers"; absent in
+older stores: sentencepiece), ``file`` (the model file; null: written from token ids),
+``files`` (every tokenizer file in the directory), ``sha256`` (of ``file``), ``file_sha256``
+(per file), ``vocab_size``, ``bos_id`` (null: documents start without one), ``eod_id``.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from megaring.data.store import StoreError, TokenStore, TokenStoreWriter, token_dtype
-from megaring.data.tokenizer import Tokenizer
+from megaring.data.tokenizer import KINDS, Tokenizer, TokenizerError
 
-METADATA_NAME, TOKENIZER_NAME = "metadata.json", "tokenizer.model"
+METADATA_NAME = "metadata.json"
 
 
 class Dataset:
@@ -35,6 +41,8 @@ class Dataset:
             self.metadata = json.loads(meta_path.read_text())
             self.vocab_size = int(self.metadata["tokenizer"]["vocab_size"])
             self.eod_id = int(self.metadata["tokenizer"]["eod_id"])
+            bos_id = self.metadata["tokenizer"].get("bos_id")
+            self.bos_id = None if bos_id is None else int(bos_id)
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{meta_path} is corrupted: {e!r}") from e
         self.store = TokenStore(self.path, verify=verify)
@@ -71,15 +79,32 @@ class Dataset:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        """The tokenizer's files in this directory, model file first (empty when written from token ids)."""
+        meta = self.metadata["tokenizer"]
+        names = meta.get("files") or ([meta["file"]] if meta.get("file") else [])
+        return [self.path / name for name in names]
+
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        """The sentencepiece model stored with the data (checked against its recorded hash)."""
-        if not self.metadata["tokenizer"].get("file"):
+        """The tokenizer stored with the data, with the recorded BOS / end-of-document ids and hashes checked."""
+        meta = self.metadata["tokenizer"]
+        files = {p.name: p for p in self.tokenizer_files}
+        if not files:
             raise StoreError(f"{self.path} was written from token ids and has no tokenizer")
-        tok = Tokenizer(self.path / TOKENIZER_NAME)
-        expected = self.metadata["tokenizer"].get("sha256")
-        if expected and tok.sha256() != expected:
-            raise StoreError(f"{tok.path} does not match the tokenizer recorded in {METADATA_NAME} (sha256)")
+        kind = meta.get("kind", "sentencepiece")
+        if kind not in KINDS:
+            raise StoreError(f"{self.path / METADATA_NAME}: unknown tokenizer kind {kind!r} (one of {list(KINDS)})")
+        try:
+            tok = KINDS[kind](files, bos_id=self.bos_id, eod_id=self.eod_id)
+        except TokenizerError as e:
+            raise StoreError(f"{self.path}: the stored tokenizer cannot be loaded: {e}") from e
+        expected = {tok.path.name: meta.get("sha256"), **meta.get("file_sha256", {})}
+        for name, digest in tok.file_hashes().items():
+            if expected.get(name) and digest != expected[name]:
+                raise StoreError(f"{self.path / name} does not match the tokenizer recorded in {METADATA_NAME} "
+                                 "(sha256)")
         return tok
 
     def __repr__(self) -> str:
@@ -92,7 +117,8 @@ def open_dataset(path: str | Path, *, verify: bool = False) -> Dataset:
     return Dataset(path, verify=verify)
 
 
-def write_tokenized(path: str | Path, documents: Iterable[np.ndarray], *, vocab_size: int, eod_id: int) -> Dataset:
+def write_tokenized(path: str | Path, documents: Iterable[np.ndarray], *, vocab_size: int, eod_id: int,
+                    bos_id: int | None = None) -> Dataset:
     """Write already tokenized documents (each ending with ``eod_id``) as a data directory.
 
     For synthetic data in tests and benchmarks; there is no tokenizer. Writes in place (no
@@ -108,6 +134,6 @@ def write_tokenized(path: str | Path, documents: Iterable[np.ndarray], *, vocab_
         writer.add(doc, np.array([doc.size]))
     writer.close()
     meta = {"documents": writer.num_documents, "tokens": writer.num_tokens, "dtype": writer.dtype.name,
-            "tokenizer": {"file": None, "vocab_size": vocab_size, "eod_id": eod_id}}
+            "tokenizer": {"file": None, "vocab_size": vocab_size, "bos_id": bos_id, "eod_id": eod_id}}
     (path / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return Dataset(path)

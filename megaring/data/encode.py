@@ -1,29 +1,31 @@
 """Parallel, streaming encoding of raw records into flat token arrays.
 
 The main process reads raw records and groups them into batches of about ``batch_bytes``;
-worker processes decode (UTF-8 / JSON), encode with sentencepiece and append the
-end-of-document id. At most ``2 * workers`` batches are in flight and results come back in
-input order, so memory is bounded by the batches in flight, never by corpus size.
+worker processes decode (UTF-8 / JSON), encode with the tokenizer, put the BOS id (when the
+tokenizer's conventions have one) before each document and append the end-of-document id.
+At most ``2 * workers`` batches are in flight and results come back in input order, so memory
+is bounded by the batches in flight, never by corpus size.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import sentencepiece as spm
 
 from megaring.data.sources import InputError, Record, decode_record
+from megaring.data.tokenizer import Tokenizer
 
 
 @dataclass
 class EncodeSpec:
     """What a worker needs besides the records (picklable)."""
 
-    model_path: str
+    tokenizer: Tokenizer  # pickles as its files and ids
     text_key: str
     skip_bad_lines: bool
     dtype: str  # "<u2" | "<u4"
@@ -47,14 +49,15 @@ class EncodedBatch:
 _worker_state: dict = {}
 
 
-def _init_worker(spec: EncodeSpec) -> None:
+def _init_worker(spec: EncodeSpec, in_child: bool = False) -> None:
+    if in_child:  # one thread per worker process: the pool is the parallelism (and tokenizers warns after fork)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_state["spec"] = spec
-    _worker_state["sp"] = spm.SentencePieceProcessor(model_file=spec.model_path)
 
 
 def encode_batch(records: list[Record]) -> EncodedBatch:
     """Encode one batch in a worker (after :func:`_init_worker`)."""
-    spec, sp = _worker_state["spec"], _worker_state["sp"]
+    spec = _worker_state["spec"]
     texts, bad = [], []
     for record in records:
         try:
@@ -64,36 +67,31 @@ def encode_batch(records: list[Record]) -> EncodedBatch:
                 raise
             bad.append(str(e))
     nonempty = [t for t in texts if t]
-    tokens, lengths = _encode_texts(sp, nonempty, spec)
+    tokens, lengths = _encode_texts(spec.tokenizer, nonempty, spec)
     return EncodedBatch(tokens, lengths, sum(len(r.data) for r in records), len(texts) - len(nonempty), bad)
 
 
-def _encode_texts(sp: spm.SentencePieceProcessor, texts: list[str], spec: EncodeSpec):
-    """Flat ids of ``texts``, each followed by the end-of-document id: (tokens (T,), lengths (n,))."""
+def _encode_texts(tokenizer: Tokenizer, texts: list[str], spec: EncodeSpec):
+    """Flat ids of ``texts``, each as [BOS] ids EOD: (tokens (T,), lengths (n,))."""
     pieces, owner = [], []  # pieces in document order; owner[i] = document of piece i
     for doc, text in enumerate(texts):
         parts = line_pieces(text) if spec.split_lines else [text]
         pieces.extend(parts)
         owner.extend([doc] * len(parts))
-    ids = encode_ids(sp, pieces)
+    ids = tokenizer.encode_batch(pieces)
     piece_lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    lengths = np.bincount(np.asarray(owner, np.int64), piece_lengths, len(texts)).astype(np.int64) + 1
-    eod = np.array([sp.eos_id()], spec.dtype)
+    bos = [] if tokenizer.bos_id is None else [np.array([tokenizer.bos_id], spec.dtype)]
+    lengths = np.bincount(np.asarray(owner, np.int64), piece_lengths, len(texts)).astype(np.int64) + 1 + len(bos)
+    eod = np.array([tokenizer.eod_id], spec.dtype)
     chunks = []
     for i, x in enumerate(ids):
+        if i == 0 or owner[i - 1] != owner[i]:
+            chunks.extend(bos)  # the document's first piece
         chunks.append(x)
         if i + 1 == len(ids) or owner[i + 1] != owner[i]:
             chunks.append(eod)  # the document's last piece is done
     tokens = np.concatenate(chunks).astype(spec.dtype, copy=False) if chunks else np.zeros(0, spec.dtype)
     return tokens, lengths
-
-
-def encode_ids(sp: spm.SentencePieceProcessor, texts: list[str]) -> list:
-    """Ids of each text, one thread: int32 arrays where this sentencepiece can, else lists."""
-    try:
-        return sp.encode(texts, num_threads=1, return_type="numpy")
-    except (TypeError, ValueError):  # sentencepiece < 0.2.1 has no numpy output
-        return [np.asarray(x, np.int32) for x in sp.encode(texts, num_threads=1)]
 
 
 def line_pieces(text: str) -> list[str]:
@@ -127,7 +125,7 @@ def encode_stream(batches: Iterable[list[Record]], spec: EncodeSpec, workers: in
         yield from map(encode_batch, batches)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, True)) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append(pool.apply_async(encode_batch, (batch,)))

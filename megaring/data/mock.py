@@ -22,6 +22,7 @@ class MockSource:
     def __init__(self, cfg: DataConfig):
         self.vocab_size = cfg.vocab_size
         self.eod_id = cfg.vocab_size - 1
+        self.bos_id = None  # documents start without one
         rng = np.random.default_rng([cfg.mock_seed, 0x6D6F636B])
         lengths = _draw_lengths(rng, cfg.num_tokens, cfg.mean_doc_len, cfg.max_doc_len)  # (D,)
         self.doc_starts = np.zeros(lengths.size + 1, np.int64)  # (D + 1,)

@@ -1,10 +1,13 @@
-"""``megaring-preprocess``: text, JSONL or the stdlib corpus -> a token store directory.
+"""``megaring-preprocess``: text, JSONL, Parquet or the stdlib corpus -> a token store directory.
 
-    megaring-preprocess input=<file|dir|glob|stdlib> output=<dir> [workers=N] [tokenizer.model=<.model>]
+    megaring-preprocess input=<file|dir|glob|stdlib> output=<dir> [workers=N]
+                        [tokenizer.model=<.model | tokenizer.json | Hugging Face model dir>]
 
-Writes ``tokens.bin``, ``tokens.idx`` (:mod:`megaring.data.store`), ``tokenizer.model`` and
-``metadata.json`` into a temporary sibling directory and renames it to ``output`` only once
-everything is written, so an interrupted run never leaves a directory that looks complete.
+Writes ``tokens.bin``, ``tokens.idx`` (:mod:`megaring.data.store`), the tokenizer's files
+(``tokenizer.model``, or ``tokenizer.json`` with ``tokenizer_config.json`` and
+``special_tokens_map.json`` when present) and ``metadata.json`` into a temporary sibling
+directory and renames it to ``output`` only once everything is written, so an interrupted run
+never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from tqdm import tqdm
 
 from megaring.config_dir import CONFIG_DIR
 from megaring.data.config import PreprocessConfig
-from megaring.data.dataset import METADATA_NAME, TOKENIZER_NAME
+from megaring.data.dataset import METADATA_NAME
 from megaring.data.encode import EncodeSpec, batch_records, encode_stream
 from megaring.data.sources import InputError, Record, Source, decode_record, resolve_sources
 from megaring.data.store import TokenStoreWriter, token_dtype
-from megaring.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from megaring.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from megaring.data.tokenizer.spm import SPM_NAME
 from megaring.errors import problem_list
 
 MAX_REPORTED_BAD = 20  # skipped-record messages kept in metadata.json
@@ -47,11 +51,11 @@ def preprocess(cfg: PreprocessConfig, command_config: dict | None = None) -> dic
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise PreprocessError(f"output {output} already exists (pass overwrite=true to replace it)")
-    sources = resolve_sources(cfg.input, cfg.max_bytes)
+    sources = resolve_sources(cfg.input, cfg.max_bytes, text_key=cfg.text_key)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
-        tokenizer = _prepare_tokenizer(cfg, sources, tmp / TOKENIZER_NAME)
+        tokenizer = _prepare_tokenizer(cfg, sources, tmp)
         summary = _encode_all(cfg, sources, tokenizer, tmp)
         summary["config"] = command_config if command_config is not None else _plain(cfg)
         (tmp / METADATA_NAME).write_text(json.dumps(summary, indent=2) + "\n")
@@ -64,13 +68,12 @@ def preprocess(cfg: PreprocessConfig, command_config: dict | None = None) -> dic
     return summary
 
 
-def _prepare_tokenizer(cfg: PreprocessConfig, sources: list[Source], dest: Path) -> Tokenizer:
-    """Copy the given model into the output, or train one on a sample of the input."""
+def _prepare_tokenizer(cfg: PreprocessConfig, sources: list[Source], out: Path) -> Tokenizer:
+    """Copy the given tokenizer's files into ``out``, or train a sentencepiece model on a sample of the input."""
     if cfg.tokenizer.model:
-        shutil.copyfile(Tokenizer(cfg.tokenizer.model).path, dest)
-        return Tokenizer(dest)
+        return load_tokenizer(cfg.tokenizer.model).copy_to(out)
     sample = _sample_texts(sources, cfg)
-    return train_tokenizer(sample, cfg.tokenizer, dest, num_threads=max(1, cfg.workers))
+    return train_tokenizer(sample, cfg.tokenizer, out / SPM_NAME, num_threads=max(1, cfg.workers))
 
 
 def _sample_texts(sources: list[Source], cfg: PreprocessConfig) -> Iterator[str]:
@@ -108,7 +111,7 @@ def _records(sources: list[Source], max_bytes: int) -> Iterator[Record]:
 def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokenizer, out: Path) -> dict:
     """Stream every record through the encoding workers into the token store."""
     dtype = token_dtype(tokenizer.vocab_size)
-    spec = EncodeSpec(str(tokenizer.path), cfg.text_key, cfg.skip_bad_lines, dtype.str,
+    spec = EncodeSpec(tokenizer, cfg.text_key, cfg.skip_bad_lines, dtype.str,
                       split_lines=tokenizer.splits_at_newlines)
     writer = TokenStoreWriter(out, dtype)
     counts = {"input_bytes": 0, "empty_documents": 0, "skipped_records": 0}
@@ -135,8 +138,7 @@ def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokeniz
         "skipped_examples": bad, "seconds": round(seconds, 3),
         "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9)),
         "dtype": dtype.name,
-        "tokenizer": {"file": TOKENIZER_NAME, "sha256": tokenizer.sha256(), "vocab_size": tokenizer.vocab_size,
-                      "eod_id": tokenizer.eod_id, "source": cfg.tokenizer.model or "trained"},
+        "tokenizer": {**tokenizer.metadata(), "source": cfg.tokenizer.model or "trained"},
         "sources": [s.name for s in sources],
     }
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +35,17 @@ FIELDS = ("tokens", "labels", "positions", "segment_ids")
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the trainer checks before any collective."""
+    """What the trainer checks before any collective (see :mod:`megaring.data.checks`)."""
 
     kind: str
     vocab_size: int
     eod_id: int
     num_documents: int
     num_tokens: int
+    bos_id: int | None = None  # the id starting every document; None: documents start without one
+    path: str | None = None  # the store directory (kind=files)
+    tokenizer_sha256: str | None = None  # of the model file, tokenizer_files[0]
+    tokenizer_files: tuple[str, ...] = ()  # paths to copy into an exported model
 
 
 def read_shard(source, start_doc: int, start_token: int, ranges: list[tuple[int, int]],
@@ -73,21 +77,41 @@ def _read_range(source, start_doc: int, t0: int, a: int, b: int, reset: bool) ->
     return {"tokens": window[:-1], "labels": window[1:], "positions": positions, "segment_ids": segment_ids}
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """Tokens per sample, samples per step (over dp) and samples per forward on one rank."""
+
+    seq_len: int
+    global_batch_size: int
+    micro_batch_size: int
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """Which part of each batch a rank reads: its dp slice of the samples, its cp shard of each."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    layout: str = "zigzag"
+
+
 class BatchReader:
     """Micro-batches of this (dp rank, cp rank) for any step; see the module docstring for the order."""
 
-    def __init__(self, source, index: SampleIndex, *, seq_len: int, global_batch_size: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int,
-                 layout: str, reset_positions: bool = True):
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(f"global_batch_size {global_batch_size} must be divisible by "
-                             f"micro_batch_size * dp = {micro_batch_size} * {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} is outside a dp group of size {dp_size}")
+    def __init__(self, source, index: SampleIndex, shape: BatchShape, shard: RankShard,
+                 *, reset_positions: bool = True):
+        if shape.global_batch_size % (shape.micro_batch_size * shard.dp_size):
+            raise ValueError(f"global_batch_size {shape.global_batch_size} must be divisible by "
+                             f"micro_batch_size * dp = {shape.micro_batch_size} * {shard.dp_size}")
+        if not 0 <= shard.dp_rank < shard.dp_size:
+            raise ValueError(f"dp_rank {shard.dp_rank} is outside a dp group of size {shard.dp_size}")
         self.source, self.index = source, index
-        self.seq_len, self.global_batch_size, self.micro_batch_size = seq_len, global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.ranges = shard_ranges(seq_len, cp_rank, cp_size, layout)
+        self.seq_len, self.global_batch_size = shape.seq_len, shape.global_batch_size
+        self.micro_batch_size = shape.micro_batch_size
+        self.dp_rank, self.dp_size = shard.dp_rank, shard.dp_size
+        self.ranges = shard_ranges(shape.seq_len, shard.cp_rank, shard.cp_size, shard.layout)
         self.reset_positions = reset_positions
 
     @property
@@ -135,17 +159,6 @@ class BatchReader:
         return out
 
 
-def _as_config(cfg) -> DataConfig:
-    """Accept the dataclass, a structured DictConfig or a plain dict."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    return DataConfig(**cfg)
-
-
 def open_source(cfg: DataConfig):
     """The token source of ``cfg``: a :class:`MockSource` or a :class:`~megaring.data.dataset.Dataset`."""
     problems = cfg.problems()
@@ -156,20 +169,27 @@ def open_source(cfg: DataConfig):
     return open_dataset(cfg.path, verify=cfg.verify_checksum)
 
 
-def describe_data(cfg) -> DataInfo:
+def describe_data(cfg: DataConfig) -> DataInfo:
     """Check the data config and source cheaply (no sample index); raises ``ValueError`` with every problem.
 
     ``StoreError`` (a ``ValueError``) names a missing, truncated or corrupted data directory.
     """
-    cfg = _as_config(cfg)
-    source = open_source(cfg)
-    return DataInfo(cfg.kind, source.vocab_size, source.eod_id, source.num_documents, source.num_tokens)
+    return source_info(cfg.kind, open_source(cfg))
 
 
-def build_batch_reader(cfg, *, seq_len: int, global_batch_size: int, micro_batch_size: int, seed: int,
-                       dp_rank: int, dp_size: int, cp_rank: int, cp_size: int, layout: str) -> BatchReader:
+def source_info(kind: str, source) -> DataInfo:
+    """The :class:`DataInfo` of an open :class:`MockSource` or :class:`~megaring.data.dataset.Dataset`."""
+    info = DataInfo(kind, source.vocab_size, source.eod_id, source.num_documents, source.num_tokens)
+    if isinstance(source, MockSource):
+        return info
+    return replace(info, bos_id=source.bos_id, path=str(source.path),
+                   tokenizer_sha256=source.metadata["tokenizer"].get("sha256"),
+                   tokenizer_files=tuple(str(p) for p in source.tokenizer_files))
+
+
+def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, seed: int) -> BatchReader:
     """The reader of this (dp rank, cp rank), with the split's sample index loaded or built."""
-    cfg = _as_config(cfg)
+    seq_len = shape.seq_len
     source = open_source(cfg)
     d0, d1 = split_documents(source.num_documents, cfg.split, cfg.valid_fraction)
     split_tokens = int(source.doc_starts[d1]) - int(source.doc_starts[d0])
@@ -178,9 +198,7 @@ def build_batch_reader(cfg, *, seq_len: int, global_batch_size: int, micro_batch
                          f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
     cache = _index_cache_path(cfg, source, seq_len, seed)
     index = load_sample_index(source.doc_starts, d0=d0, d1=d1, seq_len=seq_len, seed=seed, cache_path=cache)
-    return BatchReader(source, index, seq_len=seq_len, global_batch_size=global_batch_size,
-                       micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                       cp_rank=cp_rank, cp_size=cp_size, layout=layout, reset_positions=cfg.reset_positions)
+    return BatchReader(source, index, shape, shard, reset_positions=cfg.reset_positions)
 
 
 def _index_cache_path(cfg: DataConfig, source, seq_len: int, seed: int) -> Path | None:

@@ -35,14 +35,19 @@ def split_documents(num_docs: int, split: str, valid_fraction: float) -> tuple[i
     raise ValueError(f"unknown split {split!r} (train | valid)")
 
 
-def build_index(doc_starts: np.ndarray, d0: int, d1: int, seq_len: int, seed: int) -> np.ndarray:
-    """``(n, 2)`` int64 rows ``(start_doc, start_token)`` of the split's samples, in epoch-0 order."""
+def pack_samples(doc_starts: np.ndarray, d0: int, d1: int, seq_len: int) -> np.ndarray:
+    """``(n, 2)`` int64 rows ``(start_doc, start_token)`` of the split's samples, in index order."""
     base, end = int(doc_starts[d0]), int(doc_starts[d1])
     n = max(0, (end - base - 1) // seq_len)
     starts = base + np.arange(n, dtype=np.int64) * seq_len  # (n,)
     first_doc = np.searchsorted(doc_starts, starts, side="right") - 1  # (n,) document holding each start
-    order = np.random.default_rng([seed, 0]).permutation(n)
-    return np.stack([first_doc[order], starts[order]], axis=1).astype(np.int64)
+    return np.stack([first_doc, starts], axis=1).astype(np.int64)
+
+
+def build_index(doc_starts: np.ndarray, d0: int, d1: int, seq_len: int, seed: int) -> np.ndarray:
+    """``(n, 2)`` int64 rows ``(start_doc, start_token)`` of the split's samples, in epoch-0 order."""
+    rows = pack_samples(doc_starts, d0, d1, seq_len)
+    return rows[np.random.default_rng([seed, 0]).permutation(rows.shape[0])]
 
 
 class SampleIndex:

@@ -2,9 +2,11 @@
 
 An input is a file, a directory (every non-hidden file below it, sorted), a glob, a list of
 those, or ``stdlib`` (see :mod:`megaring.data.stdlib_corpus`). Files ending in ``.jsonl`` or
-``.ndjson`` (optionally ``.gz``) hold one JSON document per line; any other file is one plain
-text document (``.gz`` is decompressed). Records stay raw bytes here: decoding and JSON
-parsing happen in the encoding workers (:func:`decode_record`).
+``.ndjson`` (optionally ``.gz``) hold one JSON document per line; ``.parquet`` files one
+document per row, in the ``text_key`` column, read one record batch at a time; any other file
+is one plain text document (``.gz`` is decompressed). Records stay raw bytes here: decoding and
+JSON parsing happen in the encoding workers (:func:`decode_record`), and so does reporting a
+bad Parquet value (a record of kind ``"error"``), so ``skip_bad_lines`` counts every kind alike.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Protocol
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIX = ".parquet"
+PARQUET_BATCH_ROWS = 1024  # rows read from a Parquet file at a time
 STDLIB = "stdlib"
 
 
@@ -28,11 +32,12 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One raw document: its UTF-8 text (``kind="text"``) or one JSON line (``kind="json"``)."""
+    """One raw document: its UTF-8 text (``kind="text"``), one JSON line (``kind="json"``), or
+    why a value could not be a document (``kind="error"``, the message in ``data``)."""
 
     data: bytes
     kind: str
-    where: str  # "path" or "path:line", for error messages
+    where: str  # "path", "path:line" or "path:row N", for error messages
 
 
 class Source(Protocol):
@@ -70,18 +75,62 @@ class FileSource:
             raise InputError(f"cannot read {self.name}: {e}") from e
 
 
-def resolve_sources(spec: str | Sequence[str], max_bytes: int = 0) -> list[Source]:
+@dataclass(frozen=True)
+class ParquetSource:
+    """A Parquet file: one document per row, in column ``text_key`` (row numbers count from 0)."""
+
+    path: Path
+    text_key: str
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def records(self) -> Iterator[Record]:
+        import pyarrow  # only Parquet input needs it
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+            columns = pf.schema_arrow.names
+            if self.text_key not in columns:
+                raise InputError(f"{self.name} has no column {self.text_key!r} (its columns: "
+                                 f"{', '.join(columns)}); set text_key=<column>")
+            row = 0
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[self.text_key]):
+                for value in batch.column(0).to_pylist():
+                    yield _parquet_record(value, self.text_key, f"{self.name}:row {row}")
+                    row += 1
+        except (OSError, pyarrow.ArrowException) as e:
+            raise InputError(f"cannot read {self.name} as Parquet: {e}") from e
+
+
+def _parquet_record(value, text_key: str, where: str) -> Record:
+    if isinstance(value, str):
+        return Record(value.encode("utf-8"), "text", where)
+    kind = "null" if value is None else type(value).__name__
+    return Record(f"column {text_key!r} is {kind}, not a string".encode(), "error", where)
+
+
+def resolve_sources(spec: str | Sequence[str], max_bytes: int = 0, *, text_key: str = "text") -> list[Source]:
     """The sources named by ``spec`` (see the module docstring), in a fixed order."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise InputError("no input given")
     sources: list[Source] = []
     for s in specs:
-        sources.extend(_resolve_one(str(s), max_bytes))
+        sources.extend(_resolve_one(str(s), max_bytes, text_key))
     return sources
 
 
-def _resolve_one(spec: str, max_bytes: int) -> list[Source]:
+def file_source(path: Path, text_key: str) -> Source:
+    """The source of one input file, by its suffix."""
+    if path.name.endswith(PARQUET_SUFFIX):
+        return ParquetSource(path, text_key)
+    return FileSource(path)
+
+
+def _resolve_one(spec: str, max_bytes: int, text_key: str) -> list[Source]:
     if spec == STDLIB:
         from megaring.data.stdlib_corpus import stdlib_sources
 
@@ -91,15 +140,15 @@ def _resolve_one(spec: str, max_bytes: int) -> list[Source]:
         files = [p for p in paths if p.is_file()]
         if not files:
             raise InputError(f"input {spec!r}: no files match this pattern")
-        return [FileSource(p) for p in files]
+        return [file_source(p, text_key) for p in files]
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
         if not files:
             raise InputError(f"input directory {spec} holds no files")
-        return [FileSource(p) for p in files]
+        return [file_source(p, text_key) for p in files]
     if path.is_file():
-        return [FileSource(path)]
+        return [file_source(path, text_key)]
     raise InputError(f"input {spec} does not exist")
 
 
@@ -109,6 +158,8 @@ def _hidden(rel: Path) -> bool:
 
 def decode_record(record: Record, text_key: str) -> str:
     """The document text of ``record``; raises :class:`InputError` naming file and line."""
+    if record.kind == "error":
+        raise InputError(f"{record.where}: {record.data.decode()}")
     try:
         if record.kind == "text":
             return record.data.decode("utf-8")

@@ -14,7 +14,7 @@ class ParallelContext:
     """The tp axis (weights split), the cp axis (sequence split, ring attention) and options.
 
     ``sequence_parallel``: Megatron sequence parallelism inside the tp group (norms and residuals
-    on ``S / tp`` tokens). ``layout``: how the cp ranks hold the sequence (``megaring.ring.layout``).
+    on ``S / tp`` tokens). ``layout``: how the cp ranks hold the sequence (``megaring.layout``).
     ``attn_kernel``: ``None`` (automatic) or a name from ``megaring.kernels``.
     ``ring_backward``: ``"whole"`` or ``"chunked"``, the backward of ring attention.
     ``ring_settings``: ring attention's tile and chunk sizes.

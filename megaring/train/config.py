@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from megaring.data import DataConfig
+from megaring.data import BatchShape, DataConfig
 from megaring.distributed.mesh import ParallelDims
 from megaring.model import ModelConfig
 from megaring.ring.settings import RingSettings
@@ -103,6 +103,9 @@ class TrainerConfig:
     resume: bool = True  # continue from the latest checkpoint in ckpt_dir when there is one
     log_every: int = 1
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+
+    def batch_shape(self) -> BatchShape:
+        return BatchShape(self.seq_len, self.global_batch_size, self.micro_batch_size)
 
 
 @dataclass

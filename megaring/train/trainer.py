@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaring.data import BatchReader, build_batch_reader
+from megaring.data import BatchReader, RankShard, build_batch_reader
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
 from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
@@ -76,11 +76,13 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
                                     attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring())
     model = build_model(cfg.model, ctx, seed=t.seed)
     engine = build_engine(model, cfg, mesh, device)
-    reader = build_batch_reader(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                micro_batch_size=t.micro_batch_size, seed=t.seed, dp_rank=mesh.dp.rank,
-                                dp_size=mesh.dp.size, cp_rank=mesh.cp.rank, cp_size=mesh.cp.size,
-                                layout=p.layout)
+    reader = build_batch_reader(cfg.data, t.batch_shape(), rank_shard(mesh, p.layout), seed=t.seed)
     return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader)
+
+
+def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
+    """The part of every batch this rank reads."""
+    return RankShard(mesh.dp.rank, mesh.dp.size, mesh.cp.rank, mesh.cp.size, layout)
 
 
 def seed_everything(seed: int) -> None:

@@ -6,7 +6,16 @@ import torch
 from omegaconf import OmegaConf
 
 from megaring.config_dir import CONFIG_DIR
-from megaring.data import DataConfig, MockSource, build_batch_reader, describe_data, read_shard, write_tokenized
+from megaring.data import (
+    BatchShape,
+    DataConfig,
+    MockSource,
+    RankShard,
+    build_batch_reader,
+    describe_data,
+    read_shard,
+    write_tokenized,
+)
 from megaring.data.sample_index import split_documents
 from megaring.layout import shard_ranges, shard_sequence, unshard_sequence
 
@@ -14,8 +23,7 @@ MOCK = DataConfig(kind="mock", vocab_size=97, num_tokens=40_000, mean_doc_len=30
 
 
 def reader(cfg=MOCK, *, seq_len=64, G=8, mb=1, seed=0, dp_rank=0, dp=1, cp_rank=0, cp=1, layout="zigzag"):
-    return build_batch_reader(cfg, seq_len=seq_len, global_batch_size=G, micro_batch_size=mb, seed=seed,
-                              dp_rank=dp_rank, dp_size=dp, cp_rank=cp_rank, cp_size=cp, layout=layout)
+    return build_batch_reader(cfg, BatchShape(seq_len, G, mb), RankShard(dp_rank, dp, cp_rank, cp, layout), seed=seed)
 
 
 def reference_sample(source, start_token, seq_len, reset=True):
@@ -238,4 +246,4 @@ def test_describe_data_and_configs(store):
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), yaml)  # keys match the schema
         assert OmegaConf.to_object(merged).kind == name
     as_dict = OmegaConf.merge(OmegaConf.structured(DataConfig), {"num_tokens": 5000})
-    assert describe_data(as_dict).num_tokens == 5000
+    assert describe_data(OmegaConf.to_object(as_dict)).num_tokens == 5000  # converted once, at the entry

@@ -5,7 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from megaring.data import DataConfig, StoreError, build_batch_reader, describe_data, open_dataset, write_tokenized
+from megaring.data import (
+    BatchShape,
+    DataConfig,
+    RankShard,
+    StoreError,
+    build_batch_reader,
+    describe_data,
+    open_dataset,
+    write_tokenized,
+)
 from megaring.data.store import HEADER, TokenStore, TokenStoreWriter, token_dtype
 
 VOCAB, EOD = 1000, 999
@@ -61,9 +70,8 @@ def test_million_token_document_crosses_many_samples(tmp_path):
     np.testing.assert_array_equal(ds.document(1), docs[1])
     stream = np.concatenate(docs)
     seq_len = 4096
-    reader = build_batch_reader(DataConfig(kind="files", path=str(ds.path)), seq_len=seq_len,
-                                global_batch_size=1, micro_batch_size=1, seed=0, dp_rank=0, dp_size=1,
-                                cp_rank=0, cp_size=1, layout="zigzag")
+    reader = build_batch_reader(DataConfig(kind="files", path=str(ds.path)), BatchShape(seq_len, 1, 1),
+                                RankShard(), seed=0)
     assert reader.num_samples == (stream.size - 1) // seq_len
     # Samples wholly inside the long document: one segment, positions restart at the sample start.
     inside = [k for k in range(reader.num_samples)

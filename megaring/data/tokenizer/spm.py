@@ -1,4 +1,4 @@
-"""Sentencepiece tokenizer: load an existing model or train one on a sample of text.
+"""Sentencepiece tokenizers: an existing ``.model`` or one trained on a sample of text.
 
 Trained models keep text exactly (identity normalization, no dummy prefix, whitespace kept,
 byte fallback for any character outside the vocabulary), so ``decode(encode(s)) == s`` for
@@ -8,58 +8,61 @@ trained models); decoding drops it.
 
 from __future__ import annotations
 
-import hashlib
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from megaring.data.config import TokenizerConfig
+from megaring.data.tokenizer.base import Tokenizer, TokenizerError
+
+SPM_NAME = "tokenizer.model"
 
 
-class TokenizerError(ValueError):
-    """A tokenizer model that cannot be loaded or trained."""
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model; by default no BOS and sentencepiece's ``eos_id`` as the end of document.
 
+    ``files`` is the ``.model`` path or a ``{store name: path}`` dict whose first entry is it
+    (``tokenizer.model``, then e.g. the ``tokenizer_config.json`` of a Hugging Face directory).
+    """
 
-class Tokenizer:
-    """A loaded sentencepiece model with the end-of-document id."""
+    kind = "sentencepiece"
 
-    def __init__(self, model_path: str | Path):
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise TokenizerError(f"tokenizer model {self.path} does not exist")
+    def __init__(self, files: str | Path | dict[str, Path], *, bos_id: int | None = None,
+                 eod_id: int | None = None):
+        files = {SPM_NAME: Path(files)} if isinstance(files, (str, Path)) else files
+        path = next(iter(files.values()))
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer model {path} does not exist")
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{self.path} is not a sentencepiece model: {e}") from e
-        if self.sp.eos_id() < 0:
-            raise TokenizerError(f"{self.path} has no end-of-document id (train it with eos_id >= 0)")
+            raise TokenizerError(f"{path} is not a sentencepiece model: {e}") from e
+        if eod_id is None:
+            eod_id = self.sp.eos_id()
+            if eod_id < 0:
+                raise TokenizerError(f"{path} has no end-of-document id (train it with eos_id >= 0)")
+        super().__init__(files, bos_id=bos_id, eod_id=eod_id)
 
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    @property
-    def eod_id(self) -> int:
-        return self.sp.eos_id()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no end-of-document id)."""
-        return self.sp.encode(text)
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Ids of each text, one thread: int32 arrays where this sentencepiece can, else lists."""
+        try:
+            return self.sp.encode(list(texts), num_threads=1, return_type="numpy")
+        except (TypeError, ValueError):  # sentencepiece < 0.2.1 has no numpy output
+            return [np.asarray(x, np.int32) for x in self.sp.encode(list(texts), num_threads=1)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; end-of-document ids decode to nothing."""
         return self.sp.decode([int(i) for i in ids])
-
-    def sha256(self) -> str:
-        return file_sha256(self.path)
 
     @property
     def splits_at_newlines(self) -> bool:
-        """True when encoding text in pieces cut after newlines gives the same ids as encoding it whole.
-
-        Holds for models trained here (identity normalization, no dummy prefix, whitespace kept,
+        """Holds for models trained here (identity normalization, no dummy prefix, whitespace kept,
         no piece holding a newline); such text is encoded in pieces, which is several times faster
         for long documents. Unknown models (or no ``protobuf`` to inspect them) are encoded whole.
         """
@@ -74,16 +77,8 @@ class Tokenizer:
                 and not any("\n" in piece.piece for piece in proto.pieces))
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, model_path: str | Path,
-                    num_threads: int = 1) -> Tokenizer:
+                    num_threads: int = 1) -> SentencePieceTokenizer:
     """Train a sentencepiece model on ``texts`` (fed line by line) and save it to ``model_path``."""
     lines = _training_lines(texts, cfg.max_sentence_bytes)
     first = next(lines, None)
@@ -104,7 +99,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, model_path: str 
                              "(set tokenizer.vocab_size: a small corpus allows only a small vocabulary, and it "
                              "must hold 256 byte pieces plus the corpus's characters)") from e
     Path(model_path).write_bytes(model.getvalue())
-    return Tokenizer(model_path)
+    return SentencePieceTokenizer(model_path)
 
 
 def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
