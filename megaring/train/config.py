@@ -109,6 +109,14 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on the validation data (``data.valid_path`` or ``data.valid_fraction``)."""
+
+    every: int = 0  # steps between evaluations (and at the final step); 0: off
+    batches: int = 0  # eval batches of trainer.global_batch_size samples per evaluation; 0: the whole split
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # "offline" (no key needed) | "online" | "disabled"
     project: str = "megaring"
@@ -134,6 +142,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

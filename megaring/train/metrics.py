@@ -110,6 +110,11 @@ class ProgressBar:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (rank 0 only)."""
+        if self.bar is not None:
+            self.bar.write(text)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

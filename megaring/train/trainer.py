@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaring.data import BatchReader, RankShard, build_batch_reader
+from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader, build_eval_reader
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
 from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
@@ -25,6 +25,7 @@ from megaring.model import ParallelContext, build_model, model_flops_per_token
 from megaring.train.checkpoint import TrainerState, load_latest, save_checkpoint
 from megaring.train.config import TrainConfig
 from megaring.train.engine import TrainEngine, build_engine
+from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
 from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
 from megaring.train.schedule import learning_rate
@@ -46,6 +47,7 @@ class Run:
     device: torch.device
     engine: TrainEngine
     reader: BatchReader
+    eval_reader: EvalReader | None  # None: eval.every = 0
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -76,8 +78,10 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
                                     attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring())
     model = build_model(cfg.model, ctx, seed=t.seed)
     engine = build_engine(model, cfg, mesh, device)
-    reader = build_batch_reader(cfg.data, t.batch_shape(), rank_shard(mesh, p.layout), seed=t.seed)
-    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader)
+    shard = rank_shard(mesh, p.layout)
+    reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)
+    eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader)
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -103,7 +107,19 @@ def run_steps(run: Run) -> list[dict]:
     flops_per_token = model_flops_per_token(cfg.model, t.seq_len)
     peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
     history, exit_code = [], 1
+
+    def log_eval(step: int) -> None:
+        record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
+        history.append(record)
+        progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
+                      f"({record['eval_tokens']:,} tokens)")
+        if is_logger:
+            metrics_file.write(record)
+            tracker.log(record)
+
     try:
+        if run.eval_reader is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
+            log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
             maybe_inject(rank, step)
             began = time.perf_counter()
@@ -120,6 +136,8 @@ def run_steps(run: Run) -> list[dict]:
             if is_logger and (step % t.log_every == 0 or step == t.max_steps):
                 metrics_file.write(metrics)
                 tracker.log(metrics)
+            if run.eval_reader is not None and (step % cfg.eval.every == 0 or step == t.max_steps):
+                log_eval(step)
             if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 save(run, step)
         exit_code = 0

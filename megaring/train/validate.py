@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megaring.data import describe_data
+from megaring.data import describe_data, eval_data_problems
 from megaring.errors import problem_list
 from megaring.kernels import KERNELS
 from megaring.layout import LAYOUTS
@@ -115,6 +115,18 @@ def data_problems(cfg: TrainConfig) -> list[str]:
     return out
 
 
+def eval_problems(cfg: TrainConfig) -> list[str]:
+    """Evaluation settings, and validation data that exists and fits the training data."""
+    e = cfg.eval
+    out = [f"eval.{n}={getattr(e, n)} must be >= 0" for n in ("every", "batches") if getattr(e, n) < 0]
+    if e.every > 0 and not cfg.data.valid_path and cfg.data.valid_fraction <= 0:
+        out.append(f"eval.every={e.every} needs validation data: set data.valid_path to a store written by "
+                   "megaring-preprocess, or data.valid_fraction > 0 to hold out the last documents")
+    elif e.every > 0:  # (the data config's own problems are reported by data_problems)
+        out += [p for p in eval_data_problems(cfg.data) if p not in cfg.data.problems()]
+    return out
+
+
 def logging_problems(cfg: TrainConfig) -> list[str]:
     mode = cfg.logging.wandb.mode
     return [] if mode in WANDB_MODES else [f"logging.wandb.mode={mode!r} must be one of {WANDB_MODES}"]
@@ -139,7 +151,7 @@ def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
 
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:
     out = parallel_problems(cfg, world_size) + batch_problems(cfg) + optim_problems(cfg)
-    out += model_problems(cfg) + data_problems(cfg) + logging_problems(cfg)
+    out += model_problems(cfg) + data_problems(cfg) + eval_problems(cfg) + logging_problems(cfg)
     if ckpt_dir is not None:
         out += resume_problems(cfg, ckpt_dir)
     return out
