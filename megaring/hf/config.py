@@ -175,23 +175,20 @@ def _signature(cfg: ModelConfig) -> dict:
 def override_problems(hf_cfg: ModelConfig, overrides: dict) -> list[str]:
     """The ``model.*`` overrides (keys with or without ``model.``) that conflict with the checkpoint.
 
-    Allowed freely: :data:`ALLOWED_OVERRIDES`. Any other key must leave the checkpoint's shapes and
-    semantics unchanged (e.g. ``ffn_dim`` equal to the checkpoint's intermediate size).
+    Allowed freely: :data:`ALLOWED_OVERRIDES`. Together, the others must leave the checkpoint's
+    shapes and semantics unchanged (e.g. ``ffn_dim=None`` with a ``multiple_of`` rule that gives
+    the checkpoint's intermediate size is fine). One problem per changed quantity.
     """
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     where = f" ({hf_cfg.init_from})" if hf_cfg.init_from else ""
-    out, want = [], _signature(hf_cfg)
-    for key, value in overrides.items():
-        name = key.removeprefix("model.")
-        if name not in fields:
-            out.append(f"model.{name} is not a model config field")
-            continue
-        if name in ALLOWED_OVERRIDES:
-            continue
-        got = _signature(dataclasses.replace(hf_cfg, **{name: value}))
-        changed = [k for k in want if got[k] != want[k]]
-        if changed:
-            out.append(f"model.{name}={value!r} conflicts with the checkpoint{where}: "
-                       f"{name}={getattr(hf_cfg, name)!r} there" +
-                       (f" (changes {', '.join(changed)})" if changed != [name] else ""))
+    named = {key.removeprefix("model."): value for key, value in overrides.items()}
+    out = [f"model.{name} is not a model config field" for name in named if name not in fields]
+    changes = {k: v for k, v in named.items() if k in fields and k not in ALLOWED_OVERRIDES}
+    want, got = _signature(hf_cfg), _signature(dataclasses.replace(hf_cfg, **changes))
+    for key in (k for k in want if got[k] != want[k]):
+        if key in changes:
+            out.append(f"model.{key}={changes[key]!r} conflicts with the checkpoint{where}: {key}={want[key]!r} there")
+        else:
+            out.append(f"model overrides {sorted(changes)} make {key}={got[key]!r}, "
+                       f"the checkpoint{where} has {key}={want[key]!r}")
     return out
