@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megaring.model.config import ModelConfig
+from megaring.model.config import ROPE_TYPES, ModelConfig
 from megaring.model.rope import ROPE_PARAMETER_KEYS
 
 ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 # Overrides that may differ from the checkpoint: they change neither a shape nor a learned value.
 ALLOWED_OVERRIDES = ("rope_theta", "rope_scaling", "activation_checkpointing", "max_position_embeddings",
                      "init_std", "name", "init_from", "bos_token_id", "eos_token_id")
@@ -59,8 +58,8 @@ def rope_from_hf(raw: dict, problems: list[str]) -> tuple[float, dict[str, Any] 
     theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     params.pop("type", None)
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        problems.append(f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if rope_type not in ROPE_TYPES:
+        problems.append(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1.0):
         problems.append(f"partial_rotary_factor={partial} is not supported (RoPE on the whole head only)")
@@ -164,8 +163,8 @@ def hf_config_dict(cfg: ModelConfig, *, dtype=None) -> dict:
     return out
 
 
-def _signature(cfg: ModelConfig) -> dict:
-    """What the checkpoint fixes: shapes and learned-value semantics."""
+def checkpoint_signature(cfg: ModelConfig) -> dict:
+    """What a checkpoint fixes: shapes and the meaning of the learned values (not RoPE, not options)."""
     return dict(vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                 n_kv_heads=cfg.kv_heads, ffn_dim=cfg.hidden_dim, tie_embeddings=cfg.tie_embeddings,
                 attention_bias=cfg.attention_bias, qkv_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias,
@@ -184,7 +183,7 @@ def override_problems(hf_cfg: ModelConfig, overrides: dict) -> list[str]:
     named = {key.removeprefix("model."): value for key, value in overrides.items()}
     out = [f"model.{name} is not a model config field" for name in named if name not in fields]
     changes = {k: v for k, v in named.items() if k in fields and k not in ALLOWED_OVERRIDES}
-    want, got = _signature(hf_cfg), _signature(dataclasses.replace(hf_cfg, **changes))
+    want, got = checkpoint_signature(hf_cfg), checkpoint_signature(dataclasses.replace(hf_cfg, **changes))
     for key in (k for k in want if got[k] != want[k]):
         if key in changes:
             out.append(f"model.{key}={changes[key]!r} conflicts with the checkpoint{where}: {key}={want[key]!r} there")

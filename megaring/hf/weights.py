@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from megaring.hf.config import _signature, model_config_from_hf
+from megaring.hf.config import checkpoint_signature, model_config_from_hf
 from megaring.hf.names import hf_sources
 from megaring.model.config import ModelConfig
 from megaring.model.context import ParallelContext
@@ -155,7 +155,7 @@ def _read(piece: _Piece, handle) -> tuple[torch.Tensor, int]:
 
 def _config_problems(model_cfg: ModelConfig, directory: Path) -> list[str]:
     hf_cfg = model_config_from_hf(directory)  # raises for a missing config.json or an unsupported model
-    want, got = _signature(hf_cfg), _signature(model_cfg)
+    want, got = checkpoint_signature(hf_cfg), checkpoint_signature(model_cfg)
     return [f"{directory / 'config.json'}: {k}={want[k]!r}, the model has {got[k]!r}"
             for k in want if want[k] != got[k]]
 

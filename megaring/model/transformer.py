@@ -49,6 +49,7 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             vocab = vocab_partition(cfg.vocab_size, ctx.tp.size)
             self.output = ColumnParallelLinear(cfg.dim, vocab.blocks[0], tp_axis=ctx.tp, sequence_parallel=sp)
+            # its output rows are the padded vocabulary: full state dicts see the real rows only
             self.output.tp_partitions["weight"] = vocab
 
     def check_inputs(self, tokens, positions, segment_ids) -> None:
