@@ -1,7 +1,7 @@
 """Training-step throughput of the megaring model against Hugging Face ``LlamaForCausalLM``.
 
 Single process, CPU, float32. For each (model size, sequence length) both models get identical
-shapes and identical weights (megaring's init, mapped with ``megaring.model.hf``), and the same
+shapes and identical weights (megaring's init, mapped with ``megaring.hf.names``), and the same
 batch; their steps (forward + backward + AdamW) alternate, so both see the same machine load.
 Reports median tokens/s (wall clock), the speed-up as the median over back-to-back step pairs of
 the wall-clock and of the process-CPU-time ratios, the logits agreement of the first step and
@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megaring.config_dir import CONFIG_DIR
+from megaring.hf.names import hf_llama_config_kwargs, to_hf_llama_state_dict
 from megaring.model import (
     IGNORE_INDEX,
     ModelConfig,
@@ -32,7 +33,6 @@ from megaring.model import (
     num_params,
     vocab_parallel_cross_entropy,
 )
-from megaring.model.hf import hf_llama_config_kwargs, to_hf_llama_state_dict
 
 
 def load_config(name: str) -> ModelConfig:

@@ -61,7 +61,8 @@ class Attention(nn.Module):
 
     ``[Q | K | V] = X [W_q | W_k | W_v]`` is one fused column-parallel matmul (rank i gets its
     ``H / tp`` query heads and ``H_kv / tp`` kv heads), ring attention runs over cp on the local
-    heads, and the row-parallel ``W_o`` sums the heads' contributions over tp.
+    heads, and the row-parallel ``W_o`` sums the heads' contributions over tp. Biases:
+    ``attention_bias`` on all four (Llama), ``qkv_bias`` on the fused projection only (Qwen2).
     """
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
@@ -71,7 +72,8 @@ class Attention(nn.Module):
         self.ctx = ctx
         sp = ctx.sequence_parallel_active
         self.wqkv = ColumnParallelLinear(cfg.dim, (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd),
-                                         tp_axis=ctx.tp, bias=cfg.attention_bias, sequence_parallel=sp)
+                                         tp_axis=ctx.tp, bias=cfg.attention_bias or cfg.qkv_bias,
+                                         sequence_parallel=sp)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, tp_axis=ctx.tp, bias=cfg.attention_bias,
                                     sequence_parallel=sp)
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 from megaring.errors import problem_list
 from megaring.layout import length_problem
@@ -17,7 +21,18 @@ from megaring.layout import length_problem
 class ModelConfig:
     """A Llama-family decoder. ``None`` sizes are derived: ``n_kv_heads = n_heads`` and
     ``ffn_dim`` by Llama's rule (``2/3 * 4 * dim``, times ``ffn_dim_multiplier``, rounded up to
-    ``multiple_of``)."""
+    ``multiple_of``).
+
+    ``vocab_size`` is the real vocabulary; the model pads it internally to a multiple of tp (see
+    :func:`padded_vocab_size`), full state dicts never show the padding.
+    ``attention_bias`` puts biases on q, k, v and o (Llama's flag); ``qkv_bias`` on q, k, v only
+    (Qwen2). ``rope_scaling``: ``None`` or ``{"rope_type": one of ROPE_TYPES, ...its parameters}``
+    as in Hugging Face's ``rope_parameters`` (without ``rope_theta``). ``sliding_window``: recorded
+    from Mistral/Qwen2 checkpoints; the ring does not implement windows, so a window shorter than
+    the training sequence is a config problem. ``init_from``: a Hugging Face checkpoint directory
+    to start from (``megaring.hf``); ``bos_token_id`` / ``eos_token_id`` (an int or a list) are
+    carried for export.
+    """
 
     name: str = "tiny"
     vocab_size: int = 256
@@ -32,9 +47,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False
     mlp_bias: bool = False
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 8192
+    sliding_window: int | None = None
+    architecture: str = "llama"
+    init_from: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
 
     @property
     def kv_heads(self) -> int:
@@ -56,8 +79,27 @@ class ModelConfig:
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that holds ``vocab_size`` tokens (e.g. ``multiple = 128 * tp``)."""
+    """The smallest multiple of ``multiple`` that holds ``vocab_size`` tokens (the model uses ``multiple = tp``)."""
     return multiple * math.ceil(vocab_size / multiple)
+
+
+def _variant_problems(cfg: ModelConfig) -> list[str]:
+    out = []
+    if cfg.architecture not in ARCHITECTURES:
+        out.append(f"model.architecture={cfg.architecture!r} must be one of {list(ARCHITECTURES)}")
+    if cfg.rope_scaling is not None:
+        rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+        if rope_type not in ROPE_TYPES:
+            out.append(f"model.rope_scaling.rope_type={rope_type!r} must be one of {list(ROPE_TYPES)}")
+        elif rope_type != "default" and rope_type != "yarn" and "factor" not in cfg.rope_scaling:
+            out.append(f"model.rope_scaling ({rope_type}) needs a 'factor'")
+        if rope_type == "llama3":
+            missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in cfg.rope_scaling]
+            if missing:
+                out.append(f"model.rope_scaling (llama3) needs {missing}")
+    if cfg.max_position_embeddings < 1:
+        out.append(f"model.max_position_embeddings={cfg.max_position_embeddings} must be >= 1")
+    return out
 
 
 def _shape_problems(cfg: ModelConfig) -> list[str]:
@@ -77,14 +119,9 @@ def _shape_problems(cfg: ModelConfig) -> list[str]:
 
 
 def _tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
-    sizes = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads,
-             "model.vocab_size": cfg.vocab_size, "model.ffn_dim": cfg.hidden_dim}
-    out = []
-    for name, size in sizes.items():
-        if size % tp:
-            hint = f" (pad it to {padded_vocab_size(size, tp)})" if name == "model.vocab_size" else ""
-            out.append(f"{name}={size} is not divisible by parallel.tp={tp}{hint}")
-    return out
+    # The vocabulary is not listed: the model pads it to a multiple of tp.
+    sizes = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads, "model.ffn_dim": cfg.hidden_dim}
+    return [f"{name}={size} is not divisible by parallel.tp={tp}" for name, size in sizes.items() if size % tp]
 
 
 def _seq_problems(seq_len: int, *, tp: int, cp: int, sequence_parallel: bool, layout: str) -> list[str]:
@@ -109,8 +146,12 @@ def validate_model_config(
     out = _shape_problems(cfg)
     if not out:
         out += _tp_problems(cfg, tp)
+    out += _variant_problems(cfg)
     if seq_len is not None:
         out += _seq_problems(seq_len, tp=tp, cp=cp, sequence_parallel=sequence_parallel, layout=layout)
+        if cfg.sliding_window is not None and cfg.sliding_window < seq_len:
+            out.append(f"model.sliding_window={cfg.sliding_window} is shorter than the sequence length {seq_len}: "
+                       "ring attention has no sliding window (train on sequences <= the window)")
     return out
 
 

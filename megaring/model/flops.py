@@ -27,7 +27,8 @@ def layer_matmul_params(cfg: ModelConfig) -> int:
 def num_params(cfg: ModelConfig) -> int:
     """Parameters of the model (tied embeddings counted once)."""
     norms = (2 * cfg.n_layers + 1) * cfg.dim
-    biases = cfg.n_layers * ((cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.dim) * cfg.attention_bias
+    qkv_bias = cfg.attention_bias or cfg.qkv_bias
+    biases = cfg.n_layers * ((cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * qkv_bias + cfg.dim * cfg.attention_bias)
     biases += cfg.n_layers * (2 * cfg.hidden_dim + cfg.dim) * cfg.mlp_bias
     embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     return cfg.n_layers * layer_matmul_params(cfg) + norms + biases + embeddings

@@ -7,6 +7,7 @@ builds the tp shards and fills them with the layout-independent initialisation.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -16,8 +17,14 @@ from megaring.model.blocks import RMSNorm, TransformerBlock
 from megaring.model.config import ModelConfig, check_model_config
 from megaring.model.context import ParallelContext
 from megaring.model.init import init_weights
-from megaring.model.rope import rope_cos_sin
-from megaring.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, parallel_lm_logits
+from megaring.model.rope import RopeSettings, rope_cos_sin
+from megaring.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    mask_padded_vocab,
+    parallel_lm_logits,
+    vocab_partition,
+)
 
 
 class Transformer(nn.Module):
@@ -25,18 +32,27 @@ class Transformer(nn.Module):
 
     tokens, positions, segment_ids: ``(B, S_local)`` for this cp rank's shard; positions are the
     tokens' global (or per-document) positions and feed the rotary embeddings; segment_ids (optional)
-    keep attention inside documents. The logits are this tp rank's vocab shard.
+    keep attention inside documents. The logits are this tp rank's shard of the vocabulary padded
+    to a multiple of tp (``V_pad / tp`` columns); padded columns are ``-inf``, so they take no
+    probability in the loss and get no gradient.
+    ``rope_seq_len`` (dynamic RoPE only): the max position + 1 over the global batch; by default
+    the max over this rank's positions, all-reduced (MAX) over cp.
     """
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
+        self.rope = RopeSettings.from_config(cfg)
         sp = ctx.sequence_parallel_active
         self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp_axis=ctx.tp, sequence_parallel=sp)
         self.layers = nn.ModuleList(TransformerBlock(cfg, ctx) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx)
-        self.output = None if cfg.tie_embeddings else ColumnParallelLinear(
-            cfg.dim, cfg.vocab_size, tp_axis=ctx.tp, sequence_parallel=sp)
+        self.output = None
+        if not cfg.tie_embeddings:
+            vocab = vocab_partition(cfg.vocab_size, ctx.tp.size)
+            self.output = ColumnParallelLinear(cfg.dim, vocab.blocks[0], tp_axis=ctx.tp, sequence_parallel=sp)
+            # its output rows are the padded vocabulary: full state dicts see the real rows only
+            self.output.tp_partitions["weight"] = vocab
 
     def check_inputs(self, tokens, positions, segment_ids) -> None:
         """Raise one error naming every problem, before any communication."""
@@ -55,10 +71,19 @@ class Transformer(nn.Module):
         if problems:
             raise ValueError(problem_list("invalid model inputs", problems))
 
-    def forward(self, tokens, positions, segment_ids=None):
+    def _rope_seq_len(self, positions: torch.Tensor, rope_seq_len: int | None) -> int | None:
+        if not self.rope.depends_on_seq_len or rope_seq_len is not None:
+            return rope_seq_len
+        longest = positions.max().reshape(1) + 1
+        if self.ctx.cp.size > 1:
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.ctx.cp.group)
+        return int(longest.item())
+
+    def forward(self, tokens, positions, segment_ids=None, *, rope_seq_len: int | None = None):
         self.check_inputs(tokens, positions, segment_ids)
         h = self.tok_embeddings(tokens)  # (B, S[/tp], dim)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)  # (B, S, 1, D)
+        seq_len = self._rope_seq_len(positions, rope_seq_len)
+        cos, sin = rope_cos_sin(positions, self.rope, h.dtype, seq_len)  # (B, S, 1, D)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, segment_ids, use_reentrant=False)
@@ -66,8 +91,10 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, segment_ids)
         h = self.norm(h)
         if self.output is not None:
-            return self.output(h)  # (B, S, V / tp)
-        return parallel_lm_logits(h, self.tok_embeddings.weight, self.ctx.tp, self.ctx.sequence_parallel_active)
+            logits = self.output(h)  # (B, S, V_pad / tp)
+        else:
+            logits = parallel_lm_logits(h, self.tok_embeddings.weight, self.ctx.tp, self.ctx.sequence_parallel_active)
+        return mask_padded_vocab(logits, self.cfg.vocab_size, self.ctx.tp)
 
 
 def build_model(cfg: ModelConfig, ctx: ParallelContext, *, seed: int = 0) -> Transformer:

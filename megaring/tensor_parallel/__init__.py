@@ -5,7 +5,9 @@ from megaring.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    mask_padded_vocab,
     parallel_lm_logits,
+    vocab_partition,
 )
 from megaring.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -28,10 +30,12 @@ __all__ = [
     "divide",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
+    "mask_padded_vocab",
     "parallel_lm_logits",
     "reduce_from_tensor_model_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_model_parallel_region",
     "vocab_parallel_cross_entropy",
+    "vocab_partition",
 ]

@@ -32,6 +32,26 @@ from megaring.tensor_parallel.mappings import (
 from megaring.tensor_parallel.utils import Partition, divide
 
 
+def vocab_partition(vocab_size: int, tp_size: int) -> Partition:
+    """How a ``(V, dim)`` vocabulary weight is split: ``V`` padded to a multiple of tp, rows split."""
+    padded = tp_size * -(-vocab_size // tp_size)
+    return Partition(0, (padded,), unpadded=vocab_size)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_axis: Axis) -> torch.Tensor:
+    """``-inf`` in the columns of vocab-parallel ``logits`` ``(B, S, V_pad / tp)`` past the real vocabulary.
+
+    A ``-inf`` logit has probability 0 in any softmax/cross entropy and passes no gradient back, so
+    the padding never reaches the loss. A no-op when the vocabulary divides by tp.
+    """
+    local = logits.shape[-1]
+    start = tp_axis.rank * local
+    if start + local <= vocab_size:
+        return logits
+    padded = torch.arange(start, start + local, device=logits.device) >= vocab_size  # (V_pad / tp,)
+    return logits.masked_fill(padded, float("-inf"))
+
+
 def enter_tensor_parallel_region(x: torch.Tensor, tp_axis: Axis, sequence_parallel: bool) -> torch.Tensor:
     """The replicated input of a column-parallel matmul: all-gather the sequence slices with sequence
     parallelism (backward reduce-scatters the partial grads), else copy (backward all-reduces)."""
@@ -138,21 +158,24 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding with the vocabulary split over tp: ``E = [E_1; ...; E_p]``, ``E_i`` of shape ``(V / p, dim)``.
+    """Embedding with the vocabulary split over tp: ``E = [E_1; ...; E_p]``, ``E_i`` of shape ``(V_pad / p, dim)``.
 
-    Rank ``i`` looks up the tokens in its range ``[i V / p, (i + 1) V / p)`` and writes zeros for
-    the others; the sum over ranks (all-reduce, or reduce-scatter over the sequence with
-    sequence parallelism) is the full lookup.
+    ``V`` is padded to ``V_pad``, a multiple of ``p``, with zero rows that no token looks up (full
+    state dicts have the real ``V`` rows, see :class:`Partition`). Rank ``i`` looks up the tokens in
+    its range ``[i V_pad / p, (i + 1) V_pad / p)`` and writes zeros for the others; the sum over
+    ranks (all-reduce, or reduce-scatter over the sequence with sequence parallelism) is the full
+    lookup.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_axis: Axis, sequence_parallel: bool = False):
         super().__init__()
         self.tp_axis = tp_axis
         self.sequence_parallel = sequence_parallel and tp_axis.size > 1
-        self.num_embeddings_per_partition = divide(num_embeddings, tp_axis.size, "vocabulary size")
+        partition = vocab_partition(num_embeddings, tp_axis.size)
+        self.num_embeddings_per_partition = partition.local_blocks(tp_axis.size)[0]
         self.vocab_start_index = tp_axis.rank * self.num_embeddings_per_partition
         self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim))
-        self.tp_partitions = {"weight": Partition(0, (num_embeddings,))}
+        self.tp_partitions = {"weight": partition}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp_axis.size == 1:

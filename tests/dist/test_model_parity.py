@@ -110,8 +110,13 @@ def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring
     loss = local_loss(losses, count_valid_tokens(local["labels"], mesh.cp))
     loss.backward()
 
-    want_logits = shard_sequence(ref["logits"], dim=1, rank=mesh.cp.rank, world_size=cp)
-    want_logits = want_logits.chunk(tp, dim=-1)[mesh.tp.rank]
+    # this rank's vocab columns [start, stop) of the real vocabulary; the rest is padding (-inf)
+    local_vocab = logits.shape[-1]
+    start = mesh.tp.rank * local_vocab
+    stop = min(start + local_vocab, cfg.vocab_size)
+    want_logits = shard_sequence(ref["logits"], dim=1, rank=mesh.cp.rank, world_size=cp)[..., start:stop]
+    padding_masked = bool(torch.isneginf(logits[..., stop - start:]).all().item())
+    logits = logits[..., :stop - start]
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss, group=mesh.cp.group)
     grads = gather_full_grads(model, ctx)
@@ -124,6 +129,7 @@ def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring
         logits=rel_err(logits.detach(), want_logits),
         loss=rel_err(global_loss, ref["loss"]),
         local_loss_finite=bool(torch.isfinite(loss).item()),
+        padding_masked=padding_masked,
         grads=grad_errs,
         weights_equal=all(torch.equal(weights[n], ref["weights"][n]) for n in ref["weights"])
         and weights.keys() == ref["weights"].keys(),
@@ -141,6 +147,7 @@ def _check(results, label):
         assert r["logits"] <= RTOL, f"{where}: logits rel err {r['logits']:.2e}"
         assert r["loss"] <= RTOL, f"{where}: loss rel err {r['loss']:.2e}"
         assert r["local_loss_finite"], f"{where}: local loss is not finite"
+        assert r["padding_masked"], f"{where}: padded vocabulary logits are not -inf"
         worst = max(r["grads"], key=r["grads"].get)
         assert r["grads"][worst] <= RTOL, f"{where}: grad {worst} rel err {r['grads'][worst]:.2e}"
         assert r["weights_equal"], f"{where}: gathered weights differ from the (1, 1) model's"
@@ -189,3 +196,15 @@ def test_tied_biased_checkpointed_variant_loaded_from_full_state(pools):
     for cp, tp, sp in [(2, 2, True), (1, 2, False)]:
         results = pools(WORLD).run(_run_case, cfg, cp, tp, sp, True, batch, ref, state)
         _check(results, f"variant cp={cp} tp={tp} sp={sp}")
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_odd_vocab_at_tp_matches_single_process(pools, tie):
+    """vocab 250: padded to 252 at tp=2 and tp=4 inside the model; the loss, every gradient and the
+    gathered (unpadded) weights equal the (1, 1) model's, and the padding logits are -inf."""
+    cfg = dataclasses.replace(TINY, vocab_size=250, tie_embeddings=tie)
+    batch = packed_batch(vocab=250)
+    ref = reference(cfg, batch, packed=True)
+    for cp, tp, sp in [(1, 2, False), (2, 2, True), (1, 4, True)]:
+        results = pools(WORLD).run(_run_case, cfg, cp, tp, sp, True, batch, ref)
+        _check(results, f"vocab=250 tie={tie} cp={cp} tp={tp} sp={sp}")

@@ -36,7 +36,7 @@ from megaring.model import (
 )
 from megaring.model.flops import layer_matmul_params
 from megaring.model.init import tp_partitions
-from megaring.model.rope import apply_rope, rope_cos_sin
+from megaring.model.rope import RopeSettings, apply_rope, rope_cos_sin
 
 TINY = ModelConfig()
 RTOL = 1e-5
@@ -88,12 +88,13 @@ def test_llama_ffn_rule():
 
 
 def test_every_bad_layout_is_reported_at_once():
-    cfg = ModelConfig(vocab_size=250, n_heads=6, n_kv_heads=3, dim=48, ffn_dim=102)
+    cfg = ModelConfig(vocab_size=250, n_heads=6, n_kv_heads=3, dim=48, ffn_dim=102, sliding_window=16,
+                      rope_scaling={"rope_type": "ntk"})
     problems = validate_model_config(cfg, tp=4, cp=2, seq_len=30)
     text = "\n".join(problems)
-    for needle in ("n_heads=6", "n_kv_heads=3", "vocab_size=250", "ffn_dim=102", "2*cp=4"):
+    for needle in ("n_heads=6", "n_kv_heads=3", "ffn_dim=102", "2*cp=4", "sliding_window=16", "'ntk'"):
         assert needle in text, f"{needle!r} missing from {problems}"
-    assert len(problems) == 5
+    assert len(problems) == 6  # the vocabulary is padded, not a problem
     assert validate_model_config(TINY, tp=4, cp=4, seq_len=64, sequence_parallel=True) == []
 
 
@@ -106,7 +107,6 @@ def test_sequence_parallel_needs_local_length_divisible_by_tp():
 @pytest.mark.parametrize("change,tp,needle", [
     (dict(n_heads=6, dim=48), 4, "n_heads=6"),
     (dict(n_kv_heads=2), 4, "n_kv_heads=2"),
-    (dict(vocab_size=254), 4, "vocab_size=254"),
     (dict(ffn_dim=190), 4, "ffn_dim=190"),
     (dict(n_kv_heads=3), 1, "multiple of model.n_kv_heads=3"),
 ])
@@ -165,6 +165,29 @@ def test_load_full_state_dict_slices_and_checks():
         assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_odd_vocab_is_padded_inside_the_model_only(tie):
+    """vocab 250 at tp=4: shards of 63 rows (2 zero padding rows on the last rank), full state dicts
+    of 250 rows at every tp, init an exact slice of the (1, 1) model, padded logits -inf."""
+    cfg = dataclasses.replace(TINY, vocab_size=250, tie_embeddings=tie)
+    full = gather_full_state_dict(build_model(cfg, ParallelContext.single(), seed=3), ParallelContext.single())
+    assert full["tok_embeddings.weight"].shape == (250, cfg.dim)
+    shards = [build_model(cfg, fake_ctx(tp=4, tp_rank=r), seed=3) for r in range(4)]
+    names = ["tok_embeddings.weight"] + ([] if tie else ["output.weight"])
+    for name in names:
+        local = [dict(m.named_parameters())[name] for m in shards]
+        assert local[3].shape == (63, cfg.dim) and local[3][-2:].eq(0).all()
+        part = tp_partitions(shards[0])[name]
+        assert torch.equal(part.unshard(local), full[name]), name
+    model = shards[3]
+    load_full_state_dict(model, {k: v + 1 for k, v in full.items()}, model.ctx)
+    assert model.tok_embeddings.weight[-2:].eq(0).all() and model.tok_embeddings.weight[:-2].ne(0).all()
+    single = build_model(cfg, ParallelContext.single())
+    assert single(*inputs(vocab=250)).shape[-1] == 250
+    single_tp = build_model(cfg, fake_ctx(tp=1))
+    assert torch.isfinite(single_tp(*inputs(vocab=250))).all()
+
+
 def test_tied_embeddings_share_one_weight():
     cfg = dataclasses.replace(TINY, tie_embeddings=True)
     model = build_model(cfg, ParallelContext.single())
@@ -203,8 +226,8 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16)
 
     def score(pq, pk):
-        cq, sq = rope_cos_sin(torch.tensor([[pq]]), 16, 10000.0, torch.float32)
-        ck, sk = rope_cos_sin(torch.tensor([[pk]]), 16, 10000.0, torch.float32)
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), RopeSettings(16, 10000.0), torch.float32)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), RopeSettings(16, 10000.0), torch.float32)
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum(-1)
 
     assert torch.allclose(score(7, 3), score(104, 100), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from megaring.hf.names import hf_llama_config_kwargs, to_hf_llama_state_dict
 from megaring.model import (
     IGNORE_INDEX,
     ModelConfig,
@@ -19,7 +20,6 @@ from megaring.model import (
     local_loss,
     vocab_parallel_cross_entropy,
 )
-from megaring.model.hf import hf_llama_config_kwargs, to_hf_llama_state_dict
 
 transformers = pytest.importorskip("transformers")
 RTOL = 1e-5

@@ -92,7 +92,6 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "sequence length 34 is not divisible by 2*cp=4",
         "model.n_heads=8 is not divisible by parallel.tp=3",
         "model.n_kv_heads=4 is not divisible by parallel.tp=3",
-        "model.vocab_size=256 is not divisible by parallel.tp=3",
         "trainer.global_batch_size=6 must be divisible by trainer.micro_batch_size * parallel.dp = 2 * 2",
         "has a vocabulary of 1000 tokens, more than model.vocab_size=256",
         "optim.grad_clip=-1.0 must be >= 0",
