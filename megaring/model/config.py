@@ -10,11 +10,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
-
 from megaring.errors import problem_list
 from megaring.layout import length_problem
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from megaring.model import (
     local_loss,
     vocab_parallel_cross_entropy,
 )
-from megaring.ring.layout import shard_sequence
+from megaring.layout import shard_sequence
 from tests.helpers.hf_models import hf_loss_and_logits, llama_dir
 
 transformers = pytest.importorskip("transformers")

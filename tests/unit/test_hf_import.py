@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megaring.layout import shard_sequence
 from safetensors.torch import load_file, save_file
 
 from megaring.hf import (
@@ -41,7 +42,6 @@ from megaring.model import (
     vocab_parallel_cross_entropy,
 )
 from megaring.model.rope import RopeSettings, rope_cos_sin
-from megaring.ring.layout import shard_sequence
 from tests.helpers.hf_models import hf_loss_and_logits, llama_dir, mistral_dir, qwen2_dir
 
 transformers = pytest.importorskip("transformers")
