@@ -6,3 +6,12 @@ from __future__ import annotations
 def problem_list(title: str, problems: list[str]) -> str:
     """``title:`` followed by one ``  - problem`` line each."""
     return f"{title}:\n  - " + "\n  - ".join(problems)
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message lists every problem (exit status 2)."""
+
+    @classmethod
+    def listing(cls, problems: list[str]) -> ConfigError:
+        return cls(problem_list(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                                problems))

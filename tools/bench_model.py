@@ -33,6 +33,7 @@ from megaring.model import (
     num_params,
     vocab_parallel_cross_entropy,
 )
+from tools.rounds import median_ratio
 
 
 def load_config(name: str) -> ModelConfig:
@@ -108,8 +109,8 @@ def bench_one(name: str, seq_len: int, batch: int, steps: int, warmup: int) -> d
     tps = {k: tokens / statistics.median(t[0] for t in v) for k, v in times.items()}
     # Each pair of steps ran back to back, so their ratio is robust to slow drifts in machine load.
     pairs = list(zip(times["ours"], times["hf"]))
-    wall = statistics.median(hf[0] / ours[0] for ours, hf in pairs)
-    cpu = statistics.median(hf[1] / ours[1] for ours, hf in pairs)
+    wall = median_ratio((hf[0], ours[0]) for ours, hf in pairs)
+    cpu = median_ratio((hf[1], ours[1]) for ours, hf in pairs)
     flops = model_flops_per_token(cfg, seq_len)
     return dict(model=name, params=num_params(cfg), seq_len=seq_len, batch=batch, ours=tps["ours"], hf=tps["hf"],
                 wall=wall, cpu=cpu, tflops=tps["ours"] * flops / 1e12, logits_err=logits_err)

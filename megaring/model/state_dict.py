@@ -10,22 +10,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaring.distributed.mesh import Axis
 from megaring.errors import problem_list
 from megaring.model.context import ParallelContext
 from megaring.model.init import full_shape, tp_partitions
 from megaring.tensor_parallel.mappings import all_gather_list
+from megaring.tensor_parallel.utils import Partition
+
+
+def gather_full_tensor(local: torch.Tensor, part: Partition | None, tp: Axis) -> torch.Tensor:
+    """The full (1, 1) value of one tensor from its tp shards (collective over tp when split)."""
+    if part is None or tp.size == 1:
+        return local.detach().clone()
+    return part.unshard(all_gather_list(local.detach(), tp))
+
+
+def shard_full_tensor(full: torch.Tensor, part: Partition | None, tp: Axis) -> torch.Tensor:
+    """This tp rank's shard of a full (1, 1) tensor (no communication)."""
+    return full if part is None else part.shard(full, tp.rank, tp.size)
 
 
 def _gather(tensors: dict[str, torch.Tensor], model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     partitions = tp_partitions(model)
-    out = {}
-    for name, local in tensors.items():
-        part = partitions.get(name)
-        if part is None or ctx.tp.size == 1:
-            out[name] = local.detach().clone()
-        else:
-            out[name] = part.unshard(all_gather_list(local.detach(), ctx.tp))
-    return out
+    return {name: gather_full_tensor(local, partitions.get(name), ctx.tp) for name, local in tensors.items()}
 
 
 def gather_full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
@@ -55,6 +62,5 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: 
     if problems:
         raise ValueError(problem_list("cannot load the state dict", problems))
     for name, param in params.items():
-        part = partitions.get(name)
-        full = state[name].to(dtype=param.dtype, device=param.device)
-        param.copy_(full if part is None else part.shard(full, ctx.tp.rank, ctx.tp.size))
+        param.copy_(shard_full_tensor(state[name].to(dtype=param.dtype, device=param.device), partitions.get(name),
+                                      ctx.tp))

@@ -4,7 +4,9 @@ Layout of ``ckpt_dir``::
 
     latest                   the tag of the newest complete checkpoint (replaced atomically)
     step_00000012/           the engine's model / optimizer files (:meth:`TrainEngine.save`),
-                             trainer_state.json (step, consumed samples, layout), rng/rank_*.json
+                             trainer_state.json (step, consumed samples, layout), rng/rank_*.json,
+                             universal/ (full fp32 weights and Adam moments: any layout resumes
+                             from it and megaring-export reads it, see megaring.train.universal)
     step_00000016.partial/   a save in progress (or killed): never read, removed by the next save
 
 Every rank writes its own files into the ``.partial`` directory; after a barrier rank 0 renames it
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megaring.train.universal import save_universal
 
 PARTIAL = ".partial"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -67,7 +71,7 @@ def read_trainer_state(ckpt_dir: Path) -> tuple[str, TrainerState] | None:
                               f"{ckpt_dir / 'latest'} at an older one") from None
 
 
-def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int) -> Path:
+def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int, universal: dict) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     rank = dist.get_rank()
     tag = tag_for(state.step)
@@ -78,6 +82,7 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
             shutil.rmtree(stale)
     dist.barrier()
     engine.save(ckpt_dir, partial.name)
+    save_universal(engine, partial, **universal)
     _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
     if rank == 0:
         _write_json(partial / "trainer_state.json", asdict(state))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megaring.data import BatchShape, DataConfig
 from megaring.distributed.mesh import ParallelDims
+from megaring.errors import ConfigError
 from megaring.model import ModelConfig
 from megaring.ring.settings import RingSettings
 
@@ -32,6 +34,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 # overrides; converted once into the frozen settings (:meth:`ParallelConfig.ring`).
 RingSettingsConfig = dataclasses.make_dataclass(
     "RingSettingsConfig", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(RingSettings)])
+RingSettingsConfig.__module__ = __name__  # picklable: spawned workers receive the config
 
 
 @dataclass
@@ -184,13 +187,33 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """The composed Hydra config as typed dataclasses (resolves interpolations)."""
-    if isinstance(cfg, TrainConfig):
-        return cfg
-    if "hydra" in cfg:
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+def to_train_config(cfg: DictConfig | TrainConfig, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The composed Hydra config as typed dataclasses (resolves interpolations), converted once.
+
+    With ``model.init_from`` the model is the checkpoint's (its ``config.json``), and the ``model.*``
+    keys among the command line's ``overrides`` apply on top of it; one that changes the
+    checkpoint's shapes is a :class:`~megaring.errors.ConfigError`.
+    """
+    if not isinstance(cfg, TrainConfig):
+        if "hydra" in cfg:
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    if cfg.model.init_from:
+        cfg.model = pretrained_model_config(cfg.model, overrides)
+    return cfg
+
+
+def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    """The model of ``model.init_from`` with the command line's other ``model.*`` values on top."""
+    from megaring.hf import hf_model_config  # reads config.json only
+
+    named = {_override_key(o).removeprefix("model.") for o in overrides if _override_key(o).startswith("model.")}
+    named.discard("init_from")
+    try:
+        resolved = hf_model_config(model.init_from, {k: getattr(model, k) for k in named if hasattr(model, k)})
+    except (ValueError, OSError) as err:
+        raise ConfigError.listing([f"model.init_from={model.init_from}: {err}"]) from None
+    return dataclasses.replace(resolved, init_from=model.init_from)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -85,6 +85,79 @@ class TrainEngine:
     def destroy(self) -> None:
         self.ds.destroy()
 
+    # Layout-independent optimizer state (megaring.train.universal): per parameter, this tp rank's
+    # shard of the fp32 master weight and Adam moments, whole over ZeRO's partitions.
+
+    def master_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        """``key`` (``"param"``, ``"exp_avg"``, ``"exp_avg_sq"``) of ``param`` in float32, gathered over
+        ZeRO's partitions (collective over ``dp_cp`` under ZeRO: every rank calls it, same order)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
+        if value is None:  # no ZeRO in float32: torch's optimizer works on the module's own parameters
+            value = param.detach() if key == "param" else self._torch_optimizer().state[param][key]
+        return value.detach().float()
+
+    def set_master_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
+        """Set what :meth:`master_state` reads from ``value`` (this tp rank's whole shard); call
+        :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None:
+            value = value.to(param.device)
+            if key == "param":
+                safe_set_full_fp32_param(param, value)
+            else:
+                safe_set_full_optimizer_state(param, value, key)
+        elif hasattr(param, "_hp_mapping"):
+            return  # ZeRO 1-2: this rank's partition holds no piece of this parameter
+        elif key == "param":
+            param.data.copy_(value)
+        else:
+            self._torch_optimizer().state[param][key].copy_(value)
+
+    def optimizer_step(self) -> int:
+        """Updates the optimizer has made (Adam's bias-correction step)."""
+        for state in self._torch_optimizer().state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def prime_optimizer_states(self, step: int) -> None:
+        """Create Adam's state at update count ``step`` with zero moments, as torch would at its first
+        step, and link DeepSpeed's per-parameter views to it, so that :meth:`set_master_state` can
+        fill it. For resuming from a layout-independent checkpoint."""
+        opt = self._torch_optimizer()
+        on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
+        # ZeRO-3 steps its flat fp32 partitions one sub-group at a time, so they are not (all) in
+        # the torch optimizer's param groups between steps.
+        flat = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None)
+        for p in flat if flat is not None else [p for g in opt.param_groups for p in g["params"]]:
+            opt.state[p] = {
+                    "step": torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+        self.link_optimizer_views()
+
+    def link_optimizer_views(self) -> None:
+        """(Re)point DeepSpeed's per-parameter views at Adam's state; call before :meth:`master_state`.
+
+        ZeRO 1-2 and the bf16 optimizer link them once, after the first param group's first step, so
+        the views of later groups (ours: weights without decay) would stay empty.
+        """
+        wrapper = self.ds.optimizer
+        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch (or apex) optimizer inside DeepSpeed's wrappers."""
+        opt = self.ds.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt
+
 
 def own_grad_norm(model: torch.nn.Module, tp: Axis) -> float:
     """Global 2-norm of reduced gradients: replicated parameters once, tp shards from every tp rank."""

@@ -46,7 +46,8 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        launch(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        launch(to_train_config(cfg, hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
     except ConfigError as err:  # the user's to fix: the message, not a traceback
         print(f"megaring-train: {err}", file=sys.stderr)
         sys.exit(2)

@@ -96,10 +96,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class ProgressBar:
-    """tqdm on rank 0 (ETA from the step rate); nothing elsewhere."""
+    """tqdm on rank 0 (ETA from the step rate), and the run's notes; nothing elsewhere."""
 
-    def __init__(self, enabled: bool, start_step: int, max_steps: int):
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True) if enabled else None
+    def __init__(self, speaks: bool, show_bar: bool, start_step: int, max_steps: int):
+        self.speaks = speaks
+        self.bar = (tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+                    if speaks and show_bar else None)
 
     def update(self, metrics: dict) -> None:
         if self.bar is None:
@@ -111,9 +113,11 @@ class ProgressBar:
         self.bar.update(1)
 
     def note(self, text: str) -> None:
-        """A line above the bar (rank 0 only)."""
+        """A line for the user, above the bar (rank 0 only)."""
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=sys.stderr)
+        elif self.speaks:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

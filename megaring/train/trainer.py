@@ -17,23 +17,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader, build_eval_reader
+from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader, build_eval_reader, describe_data
+from megaring.data.tokenizer import MODEL_FILES
+from megaring.data.tokenizer.conventions import SIDE_FILES
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
 from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
-from megaring.model import ParallelContext, build_model, model_flops_per_token
-from megaring.train.checkpoint import TrainerState, load_latest, save_checkpoint
+from megaring.hf import load_hf_weights
+from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
+from megaring.train.checkpoint import TrainerState, load_latest, read_trainer_state, save_checkpoint
 from megaring.train.config import TrainConfig
-from megaring.train.engine import TrainEngine, build_engine
+from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
 from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
 from megaring.train.tracking import Tracker
+from megaring.train.universal import UniversalState, load_optimizer, load_weights
 from megaring.train.validate import validate
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from: same layout (the engine's own files, bit-identical) or
+    another one (through its layout-independent state)."""
+
+    path: Path
+    state: TrainerState
+    same_layout: bool
 
 
 @dataclass
@@ -48,6 +62,7 @@ class Run:
     engine: TrainEngine
     reader: BatchReader
     eval_reader: EvalReader | None  # None: eval.every = 0
+    resume: Resume | None
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -70,18 +85,41 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
             dist.destroy_process_group()
 
 
+def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
+    found = read_trainer_state(ckpt_dir) if cfg.trainer.resume else None
+    if found is None:
+        return None
+    tag, state = found
+    return Resume(ckpt_dir / tag, state, state.layout == cfg.parallel.layout_key())
+
+
+def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None) -> Transformer:
+    """This rank's model shards: from a checkpoint of another layout, a Hugging Face checkpoint
+    (``model.init_from``), or the seed (also when the engine's own files will overwrite them)."""
+    if resume is not None and not resume.same_layout:
+        model = Transformer(cfg.model, ctx)
+        load_weights(model, UniversalState(resume.path), ctx.tp)
+        return model
+    if cfg.model.init_from and resume is None:
+        model = Transformer(cfg.model, ctx)
+        load_hf_weights(model, ctx, cfg.model.init_from)
+        return model
+    return build_model(cfg.model, ctx, seed=cfg.trainer.seed)
+
+
 def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     p, t = cfg.parallel, cfg.trainer
     mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
                                     attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring())
-    model = build_model(cfg.model, ctx, seed=t.seed)
+    resume = find_resume(cfg, checkpoint_dir(cfg, run_dir))
+    model = build_weights(cfg, ctx, resume)
     engine = build_engine(model, cfg, mesh, device)
     shard = rank_shard(mesh, p.layout)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
-    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader)
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume)
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -97,12 +135,13 @@ def seed_everything(seed: int) -> None:
 
 def run_steps(run: Run) -> list[dict]:
     cfg, t, rank = run.cfg, run.cfg.trainer, run.mesh.rank
-    state = load_latest(run.engine, run.ckpt_dir) if t.resume else None
-    start = state.step if state else 0
     is_logger = rank == 0
+    start, note = resume_state(run)
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start) if is_logger else None
     tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
-    progress = ProgressBar(is_logger and cfg.logging.progress_bar, start, t.max_steps)
+    progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
+    if note:
+        progress.note(note)
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = model_flops_per_token(cfg.model, t.seq_len)
     peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
@@ -150,9 +189,37 @@ def run_steps(run: Run) -> list[dict]:
     return history
 
 
+def resume_state(run: Run) -> tuple[int, str | None]:
+    """Restore the engine from ``run.resume``; returns the step to continue after and a note for the user."""
+    r = run.resume
+    if r is None:
+        return 0, None
+    if r.same_layout:
+        load_latest(run.engine, run.ckpt_dir)
+        return r.state.step, f"resumed from step {r.state.step} ({r.path})"
+    began = time.perf_counter()
+    load_optimizer(run.engine, UniversalState(r.path))
+    return r.state.step, (f"resumed from step {r.state.step} ({r.path}), written at {r.state.layout}, on "
+                          f"{run.cfg.parallel.layout_key()}: weights and Adam state converted through its "
+                          f"layout-independent state in {time.perf_counter() - began:.1f} s")
+
+
 def save(run: Run, step: int) -> None:
     t = run.cfg.trainer
     state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
                          tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key())
-    save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last)
+    universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
+                 "tokenizer_files": tokenizer_files(run.cfg)}
+    save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
+
+
+def tokenizer_files(cfg: TrainConfig) -> list[str]:
+    """The tokenizer files an exported model should carry: the data store's, else the init_from checkpoint's."""
+    if cfg.data.kind == "files" and cfg.data.path:
+        files = describe_data(cfg.data).tokenizer_files
+        if files:
+            return list(files)
+    if cfg.model.init_from:
+        return [str(p) for p in sorted(Path(cfg.model.init_from).iterdir()) if p.name in (*MODEL_FILES, *SIDE_FILES)]
+    return []
 

@@ -8,29 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megaring.data import describe_data, eval_data_problems
-from megaring.errors import problem_list
+from megaring.data import describe_data, eval_data_problems, tokenizer_vocab_problems
+from megaring.errors import ConfigError
+from megaring.hf.config import checkpoint_signature
 from megaring.kernels import KERNELS
 from megaring.layout import LAYOUTS
 from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
 from megaring.train.checkpoint import CheckpointError, read_trainer_state
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
+from megaring.train.universal import UniversalError, UniversalState
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
 OWNED_DEEPSPEED_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler",
 )
-
-
-class ConfigError(ValueError):
-    """A training config that cannot run; the message lists every problem."""
-
-    @classmethod
-    def listing(cls, problems: list[str]) -> ConfigError:
-        return cls(problem_list(f"invalid training config ({len(problems)} problem{'s' * (len(problems) > 1)})",
-                                problems))
 
 
 def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
@@ -75,8 +68,8 @@ def batch_problems(cfg: TrainConfig) -> list[str]:
 
 def optim_problems(cfg: TrainConfig) -> list[str]:
     o, out = cfg.optim, []
-    if o.lr <= 0:
-        out.append(f"optim.lr={o.lr} must be > 0")
+    if not o.lr >= 0:  # 0 is allowed: a run that must not change the weights (tests, exports)
+        out.append(f"optim.lr={o.lr} must be >= 0")
     if o.schedule not in SCHEDULES:
         out.append(f"optim.schedule={o.schedule!r} must be one of {SCHEDULES}")
     if o.warmup_steps < 0 or (o.decay_steps is not None and o.decay_steps < 1):
@@ -99,7 +92,8 @@ def model_problems(cfg: TrainConfig) -> list[str]:
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:
-    """The data config, and a vocabulary that must fit the model's embedding."""
+    """The data config, a vocabulary that fits the model's embedding and, with ``model.init_from``, a
+    tokenizer that is the checkpoint's."""
     out = cfg.data.problems()
     if out:
         return out
@@ -107,12 +101,12 @@ def data_problems(cfg: TrainConfig) -> list[str]:
         info = describe_data(cfg.data)
     except (ValueError, OSError) as err:
         return [f"data: {err}"]
-    if info.vocab_size > cfg.model.vocab_size:
+    if info.vocab_size > cfg.model.vocab_size and not cfg.model.init_from:
         where = f"data.path={cfg.data.path}" if cfg.data.kind == "files" else "data=mock"
-        out.append(f"{where} has a vocabulary of {info.vocab_size} tokens, more than "
-                   f"model.vocab_size={cfg.model.vocab_size} (model={cfg.model.name}): use a model with "
-                   f"vocab_size >= {info.vocab_size}")
-    return out
+        return [f"{where} has a vocabulary of {info.vocab_size} tokens, more than "
+                f"model.vocab_size={cfg.model.vocab_size} (model={cfg.model.name}): use a model with "
+                f"vocab_size >= {info.vocab_size}"]
+    return tokenizer_vocab_problems(info, cfg.model.vocab_size, checkpoint_dir=cfg.model.init_from)
 
 
 def eval_problems(cfg: TrainConfig) -> list[str]:
@@ -133,7 +127,8 @@ def logging_problems(cfg: TrainConfig) -> list[str]:
 
 
 def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
-    """A checkpoint to resume from must have been written by the same layout."""
+    """A checkpoint to resume from: readable, and of this model; on another layout, with the
+    layout-independent state that conversion reads (the new layout's own checks are the model's)."""
     if not cfg.trainer.resume:
         return []
     try:
@@ -142,11 +137,19 @@ def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
         return [str(err)]
     if found is None:
         return []
-    saved, now = found[1].layout, cfg.parallel.layout_key()
-    if saved != now:
-        return [f"the checkpoint in {ckpt_dir} was written with {saved}, this run is {now}: "
-                f"resume with the same layout, or set trainer.resume=false / another trainer.ckpt_dir"]
-    return []
+    tag, state = found
+    try:
+        saved_model = UniversalState(ckpt_dir / tag).model_config
+    except UniversalError as err:
+        if state.layout == cfg.parallel.layout_key():
+            return []  # the engine's own files suffice on the same layout
+        return [f"the checkpoint {ckpt_dir / tag} was written with {state.layout}, this run is "
+                f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same layout, "
+                "or set trainer.resume=false / another trainer.ckpt_dir"]
+    theirs, ours = checkpoint_signature(saved_model), checkpoint_signature(cfg.model)
+    return [f"model.{k}={ours[k]!r} differs from the checkpoint {ckpt_dir / tag} ({theirs[k]!r}): resume with "
+            "the model it was written with, or set trainer.resume=false / another trainer.ckpt_dir"
+            for k in theirs if theirs[k] != ours[k]]
 
 
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:

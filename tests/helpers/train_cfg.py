@@ -17,7 +17,7 @@ TINY_RUN = ("model=tiny", "data=mock", "trainer.seq_len=64", "trainer.global_bat
 def compose_cfg(*overrides: str) -> TrainConfig:
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_train_config(compose("config", overrides=list(overrides)))
+        return to_train_config(compose("config", overrides=list(overrides)), overrides)
 
 
 def make_cfg(*, dp: int = 1, cp: int = 1, tp: int = 1, zero_stage: int = 1, micro_batch_size: int = 1,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from megaring.layout import shard_sequence
 from safetensors.torch import load_file, save_file
 
 from megaring.hf import (
@@ -30,6 +29,7 @@ from megaring.hf import (
 )
 from megaring.hf.export import parse_size
 from megaring.hf.weights import INDEX_FILE
+from megaring.layout import shard_sequence
 from megaring.model import (
     IGNORE_INDEX,
     ModelConfig,

@@ -1,0 +1,105 @@
+"""``megaring-export``: a training checkpoint of any layout -> a Hugging Face model directory.
+
+    megaring-export input=<run dir | checkpoint dir | step dir> output=<dir> [step=N] \\
+        [dtype=bfloat16|float32] [max_shard_size=5GB]
+
+Runs in one process without torch.distributed, whatever layout (dp, cp, tp, ZeRO 0-3) wrote the
+checkpoint: it reads the checkpoint's layout-independent state (:mod:`megaring.train.universal`,
+full fp32 weights under (1, 1) names, safetensors only, no pickle) and writes ``config.json``,
+``generation_config.json``, safetensors shards with their index, and the tokenizer files the run
+trained with. Peak memory is about one copy of the model. Bad input exits with status 2 and one
+message naming the path.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megaring.errors import problem_list
+from megaring.train.checkpoint import PARTIAL, read_latest, tag_for
+from megaring.train.universal import UniversalError, UniversalState
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ExportConfig:
+    input: str = "???"  # a run directory, its checkpoints directory, or one step_N directory
+    output: str = "???"  # the Hugging Face directory to write (replaced if it exists)
+    step: int | None = None  # None: the checkpoint "latest" names
+    dtype: str | None = None  # None: the training dtype
+    max_shard_size: str = "5GB"
+
+
+class ExportError(ValueError):
+    """The export cannot run; the message names the path and what to change."""
+
+
+def find_checkpoint(source: Path, step: int | None) -> Path:
+    """The ``step_N`` directory to export from a run, checkpoints or step directory."""
+    if source.name.endswith(PARTIAL):
+        raise ExportError(f"{source} is a save that did not complete; export a complete checkpoint "
+                          f"(the one 'latest' names in {source.parent})")
+    if (source / "trainer_state.json").is_file() and step is None:
+        return source
+    for ckpt_dir in (source, source / "checkpoints"):
+        if (ckpt_dir / "latest").is_file():
+            tag = tag_for(step) if step is not None else read_latest(ckpt_dir)
+            path = ckpt_dir / tag
+            if (ckpt_dir / (tag + PARTIAL)).exists() and not path.exists():
+                raise ExportError(f"{ckpt_dir / (tag + PARTIAL)} is a save that did not complete; choose another step")
+            if not path.is_dir():
+                kept = sorted(p.name for p in ckpt_dir.glob("step_*") if not p.name.endswith(PARTIAL))
+                raise ExportError(f"{path} does not exist; {ckpt_dir} holds {kept}")
+            return path
+    raise ExportError(f"{source} holds no megaring checkpoint (no 'latest' in it or in {source / 'checkpoints'})")
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the Hugging Face directory; returns its path."""
+    from megaring.hf import write_hf_checkpoint
+
+    source, output = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    problems = []
+    if not source.exists():
+        problems.append(f"input={cfg.input} does not exist")
+    if output == source or source in output.parents:
+        problems.append(f"output={cfg.output} is inside input={cfg.input}: write the model elsewhere")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        problems.append(f"dtype={cfg.dtype} must be one of {sorted(DTYPES)}")
+    if problems:
+        raise ExportError(problem_list("cannot export", problems))
+    state = UniversalState(find_checkpoint(source, cfg.step))
+    model_cfg = state.model_config
+    full = {name: state.tensor("param", name) for name in state.names("param")}
+    dtype = DTYPES[cfg.dtype or state.meta["dtype"]]
+    return write_hf_checkpoint(full, model_cfg, output, dtype=dtype, max_shard_size=cfg.max_shard_size,
+                               tokenizer_files=state.tokenizer_files)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``megaring-export key=value ...``)."""
+    try:
+        given = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
+        cfg: ExportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), given))
+    except OmegaConfBaseException as err:
+        print(f"megaring-export: error: {err} (usage: megaring-export input=<run dir> output=<dir> [step=N] "
+              "[dtype=bfloat16|float32] [max_shard_size=5GB])", file=sys.stderr)
+        sys.exit(2)
+    try:
+        out = export(cfg)
+    except (ExportError, UniversalError, ValueError, OSError) as err:
+        print(f"megaring-export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out}: {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    main()

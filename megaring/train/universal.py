@@ -1,0 +1,166 @@
+"""The layout-independent part of a checkpoint: full fp32 weights and Adam moments, by (1, 1) name.
+
+Every checkpoint carries, next to the engine's own per-rank files (fast, same-layout resume)::
+
+    universal/
+      meta.json                    format, optimizer step, model config, training dtype, tokenizer
+                                   file names, and which file holds each tensor
+      state-00001.safetensors ...  "param.<name>", "exp_avg.<name>", "exp_avg_sq.<name>": float32,
+                                   full (1, 1) shapes (tp shards joined, ZeRO partitions gathered,
+                                   vocabulary unpadded); files of at most ``max_file_bytes``
+      tokenizer/                   the tokenizer files of the run's data store or init_from checkpoint
+
+Saving is collective (ZeRO gathers over dp x cp, tp gathers over tp); global rank 0 writes, holding
+at most one file's worth of tensors plus one full parameter. Any layout resumes from it (each rank
+slices its shards: :func:`load_weights`, then :func:`load_optimizer`), and ``megaring-export``
+reads the weights in one process without torch.distributed. Safetensors and JSON only: loading
+runs no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megaring.model import ModelConfig
+from megaring.model.init import tp_partitions
+from megaring.model.state_dict import gather_full_tensor, shard_full_tensor
+
+UNIVERSAL = "universal"
+META = "meta.json"
+FORMAT = 1
+KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+class UniversalError(ValueError):
+    """A layout-independent checkpoint that is missing or unreadable; the message names the file."""
+
+
+class _ShardedWriter:
+    """Tensors into ``state-0000k.safetensors`` files of at most ``max_bytes`` each (rank 0 only)."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > self.max_bytes:
+            self.flush()
+        self.pending[key] = tensor.contiguous()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"state-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.directory / name))
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.pending = {}
+
+
+def save_universal(engine, directory: Path, *, model_cfg: ModelConfig, dtype: torch.dtype,
+                   tokenizer_files: list[str], max_file_bytes: int = 1 << 30) -> None:
+    """Write ``directory/universal`` (collective: every rank calls it)."""
+    out = directory / UNIVERSAL
+    rank0 = dist.get_rank() == 0
+    writer = None
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        writer = _ShardedWriter(out, max_file_bytes)
+    partitions = tp_partitions(engine.module)
+    engine.link_optimizer_views()
+    for name, param in engine.module.named_parameters():
+        for key in KEYS:
+            full = gather_full_tensor(engine.master_state(param, key), partitions.get(name), engine.tp)
+            if writer is not None:
+                writer.add(f"{key}.{name}", full.cpu())
+    step = engine.optimizer_step()
+    if writer is None:
+        return
+    writer.flush()
+    names = _copy_tokenizer(tokenizer_files, out / "tokenizer")
+    meta = {"format": FORMAT, "optimizer_step": step, "model": asdict(model_cfg),
+            "dtype": str(dtype).removeprefix("torch."), "tokenizer_files": names, "weight_map": writer.weight_map}
+    (out / META).write_text(json.dumps(meta, indent=1))
+
+
+def _copy_tokenizer(files: list[str], dest: Path) -> list[str]:
+    if not files:
+        return []
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, dest / Path(f).name)
+    return [Path(f).name for f in files]
+
+
+class UniversalState:
+    """A checkpoint's ``universal/`` directory, opened for reading (memory-mapped, tensor by tensor)."""
+
+    def __init__(self, checkpoint: Path):
+        self.directory = Path(checkpoint) / UNIVERSAL
+        meta_path = self.directory / META
+        if not meta_path.is_file():
+            raise UniversalError(f"{meta_path} is missing: the checkpoint {checkpoint} has no layout-independent "
+                                 "state (written before it existed, or its save did not complete)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.weight_map: dict[str, str] = self.meta["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise UniversalError(f"{meta_path} is corrupted ({err!r})") from None
+        if self.meta.get("format") != FORMAT:
+            raise UniversalError(f"{meta_path} has format {self.meta.get('format')}, this megaring reads {FORMAT}")
+        self._files: dict[str, object] = {}
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.meta["model"])
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        return [self.directory / "tokenizer" / n for n in self.meta.get("tokenizer_files", [])]
+
+    def names(self, key: str = "param") -> list[str]:
+        """The (1, 1) parameter names that carry ``key``, in saved order."""
+        return [k.split(".", 1)[1] for k in self.weight_map if k.split(".", 1)[0] == key]
+
+    def tensor(self, key: str, name: str) -> torch.Tensor:
+        full_key = f"{key}.{name}"
+        if full_key not in self.weight_map:
+            raise UniversalError(f"{self.directory / META} lists no tensor {full_key!r}")
+        file = self.directory / self.weight_map[full_key]
+        if file not in self._files:
+            try:
+                self._files[file] = safe_open(str(file), framework="pt")
+            except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for bad files
+                raise UniversalError(f"cannot read {file}: {err}") from None
+        return self._files[file].get_tensor(full_key)
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, state: UniversalState, tp) -> None:
+    """Copy this rank's shards of the saved fp32 weights into ``model`` (before the engine exists)."""
+    partitions = tp_partitions(model)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state.names()))
+    if missing:
+        raise UniversalError(f"{state.directory} has no weights for {missing[:5]}: it was written for another model")
+    for name, param in params.items():
+        full = state.tensor("param", name).to(param.device)
+        param.copy_(shard_full_tensor(full, partitions.get(name), tp).to(param.dtype))
+
+
+def load_optimizer(engine, state: UniversalState) -> None:
+    """Set the engine's fp32 master weights and Adam moments from ``state`` (after :func:`load_weights`)."""
+    engine.prime_optimizer_states(int(state.meta["optimizer_step"]))
+    partitions = tp_partitions(engine.module)
+    for name, param in engine.module.named_parameters():
+        for key in KEYS:
+            full = state.tensor(key, name)
+            engine.set_master_state(param, key, shard_full_tensor(full, partitions.get(name), engine.tp))

@@ -1,0 +1,178 @@
+"""Benchmark loading a Hugging Face checkpoint into megaring at tp=1 and tp=2, and exporting one.
+
+    python -m tools.bench_pretrained make --out /tmp/llama1b               # random Llama-3.2-1B shapes
+    python -m tools.bench_pretrained load --ckpt /tmp/llama1b --rounds 2    # megaring tp=1, tp=2 vs transformers
+    python -m tools.bench_pretrained export --ckpt /tmp/llama1b --layers 4  # from a (1,1,2,ZeRO-3) checkpoint
+
+``load`` runs, in turn and in fresh processes, transformers' ``from_pretrained`` (one process) and
+megaring's sharded load at tp=1 and tp=2 (gloo processes, each reading only its slices), and reports
+per rank the wall time, the peak resident memory (ru_maxrss) and the safetensors bytes read; the
+summary is the median over rounds. ``export`` trains one step at ``optim.lr=0`` at dp=1, cp=1, tp=2
+with ZeRO-3 to get a checkpoint, then times ``megaring-export`` of it in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(args) -> None:
+    """A random checkpoint with Llama-3.2-1B's shapes (bf16, as the real one ships)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters={"rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(args.out, max_shard_size="2GB")
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _hf_worker(ckpt: str) -> dict:
+    import torch
+    import transformers
+
+    began = time.perf_counter()
+    transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    return {"wall_s": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib()}
+
+
+def _megaring_worker(rank: int, world: int, port: int, ckpt: str, results) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from megaring.distributed import ParallelDims, build_mesh
+    from megaring.hf import hf_model_config, load_hf_weights
+    from megaring.model import ParallelContext, Transformer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    ctx = ParallelContext.from_mesh(build_mesh(ParallelDims(tp=world)))
+    began = time.perf_counter()
+    cfg = hf_model_config(ckpt)
+    model = Transformer(cfg, ctx).to(torch.bfloat16)
+    report = load_hf_weights(model, ctx, ckpt)
+    results.put((rank, {"wall_s": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib(),
+                        "bytes_read_gib": report.bytes_read / 2**30}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_megaring(ckpt: str, tp: int) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from tests.helpers.pool import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_megaring_worker, args=(r, tp, port, ckpt, results)) for r in range(tp)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=3600) for _ in procs)
+    for p in procs:
+        p.join()
+    return [out[r] for r in range(tp)]
+
+
+def _run_hf(ckpt: str) -> dict:
+    code = f"import json, tools.bench_pretrained as b; print(json.dumps(b._hf_worker({ckpt!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load(args) -> None:
+    rounds = []
+    for i in range(args.rounds):
+        rnd = {"transformers": _run_hf(args.ckpt), "tp1": _run_megaring(args.ckpt, 1),
+               "tp2": _run_megaring(args.ckpt, 2)}
+        rounds.append(rnd)
+        print(f"round {i + 1}: {json.dumps(rnd)}", flush=True)
+    size = sum(p.stat().st_size for p in Path(args.ckpt).glob("*.safetensors")) / 2**30
+    print(f"\ncheckpoint {args.ckpt}: {size:.2f} GiB of safetensors; median of {args.rounds} round(s)")
+    print("| loader | wall (s) | peak RSS per rank (GiB) | bytes read per rank (GiB) |\n|---|---|---|---|")
+    hf = [r["transformers"] for r in rounds]
+    print(f"| transformers from_pretrained, 1 process | {statistics.median(h['wall_s'] for h in hf):.1f} | "
+          f"{statistics.median(h['peak_rss_gib'] for h in hf):.2f} | (whole files) |")
+    for key in ("tp1", "tp2"):
+        wall = statistics.median(max(y["wall_s"] for y in r[key]) for r in rounds)
+        print(f"| megaring {key.replace('tp', 'tp=')} (max over ranks) | {wall:.1f} | "
+              f"{statistics.median(max(y['peak_rss_gib'] for y in r[key]) for r in rounds):.2f} | "
+              f"{statistics.median(max(y['bytes_read_gib'] for y in r[key]) for r in rounds):.2f} |")
+
+
+def export(args) -> None:
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bench-export-", dir=args.tmp))
+    ckpt = Path(args.ckpt)
+    if args.layers:  # a shallower copy of the checkpoint's config, same per-layer shapes
+        small = work / "hf"
+        code = (f"import tools.bench_pretrained as b, argparse; "
+                f"b.make(argparse.Namespace(out={str(small)!r}, layers={args.layers}))")
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+        ckpt = small
+    run = work / "run"
+    train = [sys.executable, "-m", "megaring.train", f"model.init_from={ckpt}", "data=mock", "data.vocab_size=128256",
+             "trainer.seq_len=64", "trainer.global_batch_size=1", "trainer.max_steps=1", "optim.lr=0",
+             "parallel.tp=2", "parallel.zero_stage=3", "parallel.nproc_per_node=2", "logging.wandb.mode=disabled",
+             "logging.progress_bar=false", f"hydra.run.dir={run}"]
+    print("$", " ".join(train), flush=True)
+    subprocess.run(train, cwd=ROOT, check=True)
+    out = work / "exported"
+    cmd = [sys.executable, "-c", "import resource, sys, time; from megaring.train.export import main; "
+           f"t = time.perf_counter(); main(['input={run}', 'output={out}']); print('wall_s', time.perf_counter() - t); "
+           "print('peak_rss_gib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    print(proc.stdout)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
+    print(f"exported {size:.2f} GiB of safetensors (float32, the training dtype on CPU)")
+    shutil.rmtree(work)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--out", required=True)
+    m.add_argument("--layers", type=int, default=16)
+    ld = sub.add_parser("load")
+    ld.add_argument("--ckpt", required=True)
+    ld.add_argument("--rounds", type=int, default=2)
+    ex = sub.add_parser("export")
+    ex.add_argument("--ckpt", required=True)
+    ex.add_argument("--layers", type=int, default=0, help="export a shallower model of the same shapes (memory)")
+    ex.add_argument("--tmp", default=None)
+    args = p.parse_args(argv)
+    {"make": make, "load": load, "export": export}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
