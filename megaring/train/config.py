@@ -118,10 +118,16 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Make ``base_config`` (the schema) and the run-name resolver known to Hydra."""
+    """Make ``base_config`` (the schema), the run-name resolver and, with the ``slurm`` extra, the
+    slurm launcher's schema and job-size resolvers known to Hydra."""
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
     if not OmegaConf.has_resolver("megaring_run_name"):
         OmegaConf.register_new_resolver("megaring_run_name", run_name)
+    try:
+        from megaring.train.slurm_launcher import register_launcher
+    except ImportError:  # hydra-submitit-launcher not installed: no hydra/launcher=slurm
+        return
+    register_launcher()
 
 
 def run_name(override_dirname: str) -> str:
