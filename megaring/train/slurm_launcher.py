@@ -1,7 +1,7 @@
 """Hydra sweeps on slurm, each job sized by its own layout (the owner of the submitit boundary).
 
 hydra-submitit-launcher resolves its parameters once, from the sweep's base config, so every job
-of ``parallel.cp=1,2,4`` would ask for the same number of tasks. :class:`MegaringSlurmLauncher`
+of ``parallel.cp=1,2,4`` would ask for the same number of tasks. :class:`LayoutSlurmLauncher`
 resolves ``hydra.launcher`` again in each job's own config, where
 ``configs/hydra/launcher/slurm.yaml`` computes the size from the layout (the resolvers below):
 
@@ -13,6 +13,8 @@ the sweep with a message instead of pending forever (``check_fit: false`` skips 
 Clusters without accounting cannot answer ``sacct``, which submitit polls; there the jobs are
 watched with ``squeue`` (:class:`SqueueWatcher`).
 
+Hydra instantiates launchers only from the ``hydra_plugins`` package: the name in the configs is
+``hydra_plugins.megaring_slurm.launcher.MegaringSlurmLauncher``, a subclass with nothing added.
 Preemption and requeue (submitit's ``checkpoint``, ``max_num_timeout``) keep the plugin's behaviour.
 """
 
@@ -22,6 +24,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ INIT_KEYS = ("submitit_folder", "max_num_timeout")  # the executor's constructor
 class MegaringSlurmConf(SlurmQueueConf):
     """The plugin's slurm schema plus the node size the layout is divided by."""
 
-    _target_: str = "megaring.train.slurm_launcher.MegaringSlurmLauncher"
+    _target_: str = "hydra_plugins.megaring_slurm.launcher.MegaringSlurmLauncher"
     ranks_per_node: int = 8  # ranks (GPUs, or CPUs in slurm_cpu) one node of the partition holds
     check_fit: bool = True  # refuse jobs the partition cannot hold, before submitting any
 
@@ -155,7 +158,7 @@ def accounting_enabled() -> bool:
     return match is None or match.group(1) != "accounting_storage/none"
 
 
-class MegaringSlurmLauncher(SlurmLauncher):
+class LayoutSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's slurm launcher, sizing and checking every job from its own config."""
 
     def job_params(self, overrides: list[str]) -> dict[str, Any]:
@@ -182,7 +185,9 @@ class MegaringSlurmLauncher(SlurmLauncher):
             executor = self.executor(group[0][2])
             args = [(o, "hydra.sweep.dir", i, f"job_id_for_{i}", Singleton.get_state()) for i, o, _ in group]
             for (idx, _, _), job in zip(group, executor.map_array(self, *zip(*args))):
-                submitted[idx] = job
+                # submitit makes array jobs SlurmJob whatever the executor's job_class: watch them with ours
+                submitted[idx] = executor.job_class(folder=executor.folder, job_id=job.job_id,
+                                                    tasks=list(range(job.num_tasks)))
         return [submitted[idx].results()[0] for idx, _, _ in jobs]
 
     def check_fit(self, jobs: list) -> None:
@@ -195,10 +200,11 @@ class MegaringSlurmLauncher(SlurmLauncher):
             if name not in partitions:
                 partitions[name] = read_partition(name)
             problems += fit_problems(f"#{idx} ({' '.join(filter_overrides(overrides))})", params, partitions[name])
-        if problems:
-            raise RuntimeError("megaring: nothing submitted, these jobs cannot start in their partition "
-                               "(set hydra.launcher.partition / ranks_per_node, or a smaller layout):\n  - "
-                               + "\n  - ".join(problems))
+        if problems:  # the user's to fix, like a ConfigError: the message and exit code 2, no traceback
+            print("megaring-train: nothing submitted, these jobs cannot start in their partition (set "
+                  "hydra.launcher.partition / ranks_per_node, or a smaller layout):\n  - " + "\n  - ".join(problems),
+                  file=sys.stderr)
+            raise SystemExit(2)
 
     def executor(self, params: dict[str, Any]) -> SlurmExecutor:
         kind = SlurmExecutor if accounting_enabled() else SqueueExecutor

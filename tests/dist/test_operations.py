@@ -127,7 +127,7 @@ def test_slurm_launcher_config_composes(fake_slurm_bin, monkeypatch):
     ok(job)
     assert yaml.safe_load(job.stdout)["parallel"]["cp"] == 4
     launcher = launcher_params("hydra/launcher=slurm", "parallel.cp=4", "parallel.dp=4")  # resolved per job
-    assert launcher["_target_"] == "megaring.train.slurm_launcher.MegaringSlurmLauncher"
+    assert launcher["_target_"] == "hydra_plugins.megaring_slurm.launcher.MegaringSlurmLauncher"
     assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (8, 8, 2)
     monkeypatch.setenv("PATH", f"{fake_slurm_bin}:{clean_env()['PATH']}")  # submitit looks for srun
     assert_submitit_accepts(launcher)

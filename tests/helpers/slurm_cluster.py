@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -166,6 +167,19 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         proc = self.run("sinfo", "-h", "-N", "-o", "%N %t")
         return proc.returncode == 0 and f"{self.node} idle" in proc.stdout
 
+    def job_state(self, job_id: str) -> str:
+        """PENDING, RUNNING, ..., COMPLETED, FAILED (finished jobs stay listed for MinJobAge)."""
+        return self.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip() or "UNKNOWN"
+
+    def wait_job(self, job_id: str, timeout_s: float = 300) -> str:
+        """Poll until the job ends; its final state. (``sbatch --wait`` polls every few seconds up to 30.)"""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.job_state(job_id)) in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "UNKNOWN"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"slurm job {job_id} still {state} after {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return state
+
     def logs(self, tail: int = 2000) -> str:
         parts = []
         for f in sorted((self.root / "log").glob("*")):
@@ -199,6 +213,7 @@ def main(argv: list[str]) -> None:
     if reason:
         sys.exit(reason)
     cluster = SlurmCluster(Path(argv[0]).resolve())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the daemons on kill / timeout too
     cluster.start()
     print(f"one-node slurm up ({cluster.cpus} CPUs, partition {cluster.partition}); Ctrl-C stops it:\n"
           f"  export SLURM_CONF={cluster.conf}", flush=True)

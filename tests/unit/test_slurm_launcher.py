@@ -34,7 +34,7 @@ def test_uneven_layout_is_an_error():
 ])
 def test_gpu_profile_sizes_each_job(overrides, expected):
     p = launcher_params("hydra/launcher=slurm", *overrides)
-    assert p["_target_"] == "megaring.train.slurm_launcher.MegaringSlurmLauncher"
+    assert p["_target_"] == "hydra_plugins.megaring_slurm.launcher.MegaringSlurmLauncher"
     assert (p["nodes"], p["tasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == expected
 
 
