@@ -158,48 +158,62 @@ def accounting_enabled() -> bool:
     return match is None or match.group(1) != "accounting_storage/none"
 
 
+@dataclass(frozen=True)
+class SweepJob:
+    index: int
+    overrides: list[str]
+    params: dict[str, Any]  # hydra.launcher resolved in this job's config, less _target_
+
+    def describe(self) -> str:
+        return f"#{self.index} ({' '.join(filter_overrides(self.overrides))})"
+
+
 class LayoutSlurmLauncher(SlurmLauncher):
-    """hydra-submitit-launcher's slurm launcher, sizing and checking every job from its own config."""
+    """hydra-submitit-launcher's slurm launcher, sizing and checking every job from its own config.
+
+    ``launch`` resolves each job's parameters, checks them all against their partitions, then submits
+    one job array per distinct set of parameters; on the cluster each task runs the plugin's
+    ``__call__`` (the Hydra job), and ``checkpoint`` (submitit's requeue on preemption) is the plugin's.
+    """
 
     def job_params(self, overrides: list[str]) -> dict[str, Any]:
         """``hydra.launcher`` resolved in this job's config: its submitit parameters and ours."""
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+        params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+        params.pop("_target_", None)
+        return params
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir}")
-        jobs = []  # (index, overrides, params)
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            params = {k: v for k, v in self.job_params(overrides).items() if k != "_target_"}
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}: {params['nodes']} node(s) x "
-                     f"{params['tasks_per_node']} task(s)")
-            jobs.append((idx, list(overrides), params))
-        self.check_fit(jobs)
-        groups: dict[str, list] = {}
+        jobs = [SweepJob(idx, list(o), self.job_params(o)) for idx, o in enumerate(job_overrides, initial_job_idx)]
         for job in jobs:
-            groups.setdefault(json.dumps(job[2], sort_keys=True, default=str), []).append(job)
+            log.info(f"\t{job.describe()}: {job.params['nodes']} node(s) x {job.params['tasks_per_node']} task(s)")
+        self.check_fit(jobs)
+        groups: dict[str, list[SweepJob]] = {}
+        for job in jobs:
+            groups.setdefault(json.dumps(job.params, sort_keys=True, default=str), []).append(job)
         submitted = {}
         for group in groups.values():
-            executor = self.executor(group[0][2])
-            args = [(o, "hydra.sweep.dir", i, f"job_id_for_{i}", Singleton.get_state()) for i, o, _ in group]
-            for (idx, _, _), job in zip(group, executor.map_array(self, *zip(*args))):
+            executor = self.executor(group[0].params)
+            args = [(j.overrides, "hydra.sweep.dir", j.index, f"job_id_for_{j.index}", Singleton.get_state())
+                    for j in group]
+            for job, array_job in zip(group, executor.map_array(self, *zip(*args))):
                 # submitit makes array jobs SlurmJob whatever the executor's job_class: watch them with ours
-                submitted[idx] = executor.job_class(folder=executor.folder, job_id=job.job_id,
-                                                    tasks=list(range(job.num_tasks)))
-        return [submitted[idx].results()[0] for idx, _, _ in jobs]
+                submitted[job.index] = executor.job_class(folder=executor.folder, job_id=array_job.job_id,
+                                                          tasks=list(range(array_job.num_tasks)))
+        return [submitted[job.index].results()[0] for job in jobs]
 
-    def check_fit(self, jobs: list) -> None:
-        if not all(p["check_fit"] for _, _, p in jobs):
-            return
+    def check_fit(self, jobs: list[SweepJob]) -> None:
+        """Exit (code 2, one line per job) before submitting when a job can never start."""
         partitions: dict[str | None, Partition] = {}
         problems = []
-        for idx, overrides, params in jobs:
-            name = params.get("partition")
+        for job in (j for j in jobs if j.params["check_fit"]):
+            name = job.params.get("partition")
             if name not in partitions:
                 partitions[name] = read_partition(name)
-            problems += fit_problems(f"#{idx} ({' '.join(filter_overrides(overrides))})", params, partitions[name])
+            problems += fit_problems(job.describe(), job.params, partitions[name])
         if problems:  # the user's to fix, like a ConfigError: the message and exit code 2, no traceback
             print("megaring-train: nothing submitted, these jobs cannot start in their partition (set "
                   "hydra.launcher.partition / ranks_per_node, or a smaller layout):\n  - " + "\n  - ".join(problems),
