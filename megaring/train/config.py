@@ -150,10 +150,16 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Make ``base_config`` (the schema) and the run-name resolver known to Hydra."""
+    """Make ``base_config`` (the schema), the run-name resolver and, with the ``slurm`` extra, the
+    slurm launcher's schema and job-size resolvers known to Hydra."""
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
     if not OmegaConf.has_resolver("megaring_run_name"):
         OmegaConf.register_new_resolver("megaring_run_name", run_name)
+    try:
+        from megaring.train.slurm_launcher import register_launcher
+    except ImportError:  # hydra-submitit-launcher not installed: no hydra/launcher=slurm
+        return
+    register_launcher()
 
 
 # Settings that do not change what a run computes: re-running a command with other values of these

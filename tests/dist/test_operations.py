@@ -20,7 +20,7 @@ import yaml
 from megaring.train.metrics import read_metrics
 from tests.helpers.cli import ROOT, clean_env, losses, ok
 from tests.helpers.pool import free_port
-from tests.helpers.train_cfg import TINY_RUN
+from tests.helpers.train_cfg import TINY_RUN, launcher_params
 
 pytestmark = pytest.mark.slow
 
@@ -126,28 +126,24 @@ def test_slurm_launcher_config_composes(fake_slurm_bin, monkeypatch):
     job = run([sys.executable, "-m", "megaring.train", "--cfg", "job", "hydra/launcher=slurm", "parallel.cp=4"], env)
     ok(job)
     assert yaml.safe_load(job.stdout)["parallel"]["cp"] == 4
-    hydra_cfg = run([sys.executable, "-m", "megaring.train", "--cfg", "hydra", "hydra/launcher=slurm"], env)
-    ok(hydra_cfg)
-    launcher = yaml.safe_load(hydra_cfg.stdout)["hydra"]["launcher"]
-    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (8, 8, 1)
+    launcher = launcher_params("hydra/launcher=slurm", "parallel.cp=4", "parallel.dp=4")  # resolved per job
+    assert launcher["_target_"] == "hydra_plugins.megaring_slurm.launcher.MegaringSlurmLauncher"
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (8, 8, 2)
     monkeypatch.setenv("PATH", f"{fake_slurm_bin}:{clean_env()['PATH']}")  # submitit looks for srun
     assert_submitit_accepts(launcher)
 
 
 def assert_submitit_accepts(launcher: dict) -> None:
-    """The launcher's parameters, mapped as the plugin maps them, are parameters submitit's slurm knows."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
-    from submitit.slurm.slurm import _make_sbatch_string
+    """The launcher's parameters, as MegaringSlurmLauncher hands them over, are parameters submitit's slurm knows."""
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder", "max_num_timeout")}
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor = submitit.AutoExecutor(folder="unused", cluster="slurm")
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})  # raises on unknown
-    sbatch = _make_sbatch_string(command="megaring-train", folder="unused", **executor._executor.parameters)
-    for line in ("#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=1"):
+    from megaring.train.slurm_launcher import INIT_KEYS, OWN_KEYS
+
+    params = {k: v for k, v in launcher.items() if k not in ("_target_", *INIT_KEYS, *OWN_KEYS) and v is not None}
+    executor = SlurmExecutor(folder="unused")
+    executor.update_parameters(**executor._convert_parameters(params))  # raises on unknown
+    sbatch = _make_sbatch_string(command="megaring-train", folder="unused", **executor.parameters)
+    for line in ("#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=2"):
         assert line in sbatch, sbatch
 
 

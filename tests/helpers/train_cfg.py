@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from megaring.config_dir import CONFIG_DIR
 from megaring.train.config import TrainConfig, register_configs, to_train_config
@@ -18,6 +19,14 @@ def compose_cfg(*overrides: str) -> TrainConfig:
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return to_train_config(compose("config", overrides=list(overrides)), overrides)
+
+
+def launcher_params(*overrides: str) -> dict:
+    """``hydra.launcher`` resolved in the job config these overrides make (as the slurm launcher does per job)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
 
 
 def make_cfg(*, dp: int = 1, cp: int = 1, tp: int = 1, zero_stage: int = 1, micro_batch_size: int = 1,
