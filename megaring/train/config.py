@@ -211,15 +211,19 @@ def to_train_config(cfg: DictConfig | TrainConfig, overrides: Sequence[str] = ()
 
 def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
     """The model of ``model.init_from`` with the command line's other ``model.*`` values on top."""
-    from megaring.hf import hf_model_config  # reads config.json only
+    from megaring.hf import model_config_from_hf, override_problems  # reads config.json only
 
     named = {_override_key(o).removeprefix("model.") for o in overrides if _override_key(o).startswith("model.")}
     named.discard("init_from")
     try:
-        resolved = hf_model_config(model.init_from, {k: getattr(model, k) for k in named if hasattr(model, k)})
+        checkpoint = model_config_from_hf(model.init_from)
     except (ValueError, OSError) as err:
         raise ConfigError.listing([f"model.init_from={model.init_from}: {err}"]) from None
-    return dataclasses.replace(resolved, init_from=model.init_from)
+    given = {k: getattr(model, k) for k in named if hasattr(model, k)}
+    problems = override_problems(checkpoint, given)
+    if problems:
+        raise ConfigError.listing(problems)
+    return dataclasses.replace(checkpoint, **given, init_from=model.init_from)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
