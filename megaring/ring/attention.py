@@ -118,6 +118,7 @@ def cp_axis(group) -> Axis:
     return Axis.single("cp")
 
 
+@torch.compiler.disable  # opaque to torch.compile: the one graph break of a compiled block
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
                    segment_ids=None, layout: str = "zigzag", kernel: str | BlockKernel | None = None,
                    backward: str = "whole", settings: RingSettings | None = None):
