@@ -74,3 +74,26 @@ def test_compiled_blocks_match_eager(pools):
     ref = reference(eager, batch, packed=True, state=state)
     results = pools(WORLD).run(_features_case, dataclasses.replace(eager, compile=True), 2, 2, True, batch, state)
     _check(results, ref, "compile cp=2 tp=2 sp", rtol=1e-5)
+
+
+def _train(rank, world, cfg, run_dir):
+    from megaring.train.trainer import train
+
+    return [(m["loss"], m["grad_norm"]) for m in train(cfg, run_dir) if "loss" in m]
+
+
+@pytest.mark.slow
+def test_training_with_every_feature_matches_plain_training_and_profiles(pools, tmp_path):
+    """Three steps at cp=2 through the trainer (step.py and the engine use the losses entry); step 2
+    is profiled: a Chrome trace with ring attention's regions named."""
+    from tests.helpers.train_cfg import make_cfg
+
+    plain = pools(2).run(_train, make_cfg(cp=2), str(tmp_path / "plain"))
+    features = ("model.loss_chunk=24", "model.mlp_chunk=10", "model.activation_checkpointing=true",
+                "model.checkpoint_offload=true", "trainer.profile_steps=[2,2]")
+    got = pools(2).run(_train, make_cfg(cp=2, extra=features), str(tmp_path / "features"))
+    for (loss, norm), (want_loss, want_norm) in zip(got[0], plain[0], strict=True):
+        assert abs(loss - want_loss) <= 1e-5 * abs(want_loss) and abs(norm - want_norm) <= 1e-5 * want_norm
+    trace = (tmp_path / "features" / "profile" / "trace_rank0.json").read_text()
+    for region in ("ring_attention.forward", "ring_attention.backward", "ring.comm.send_recv", "ring.comm.wait"):
+        assert region in trace, f"{region} is not named in the profile"
