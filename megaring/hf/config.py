@@ -20,7 +20,8 @@ from megaring.model.rope import ROPE_PARAMETER_KEYS
 ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Overrides that may differ from the checkpoint: they change neither a shape nor a learned value.
 ALLOWED_OVERRIDES = ("rope_theta", "rope_scaling", "activation_checkpointing", "max_position_embeddings",
-                     "init_std", "name", "init_from", "bos_token_id", "eos_token_id")
+                     "init_std", "name", "init_from", "bos_token_id", "eos_token_id",
+                     "checkpoint_offload", "loss_chunk", "mlp_chunk", "compile")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 

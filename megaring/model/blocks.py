@@ -15,6 +15,7 @@ from torch import nn
 from megaring.model.config import ModelConfig
 from megaring.model.context import ParallelContext
 from megaring.model.rope import apply_rope
+from megaring.model.tiling import swiglu, tiled
 from megaring.ring.attention import ring_attention
 from megaring.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
 
@@ -100,13 +101,23 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
         hidden, sp = cfg.hidden_dim, ctx.sequence_parallel_active
+        self.tile = cfg.mlp_chunk  # tokens per tile of the tiled MLP (0: untiled)
         self.w13 = ColumnParallelLinear(cfg.dim, (hidden, hidden), tp_axis=ctx.tp, bias=cfg.mlp_bias,
                                         sequence_parallel=sp)
         self.w2 = RowParallelLinear(hidden, cfg.dim, tp_axis=ctx.tp, bias=cfg.mlp_bias, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tile:
+            return self.tiled_forward(x)
         gate, up = self.w13(x).chunk(2, dim=-1)  # (B, S, F / tp) each
         return self.w2(F.silu(gate) * up)  # (B, S[/tp], dim)
+
+    def tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same SwiGLU over sequence tiles of ``self.tile`` tokens, recomputed in backward: the
+        ``(B, S, 2 F / tp)`` intermediates exist for one tile at a time (:mod:`megaring.model.tiling`)."""
+        x = self.w13.enter(x)  # (B, S, dim): the tp region's communication stays outside the tiles
+        partial = tiled(swiglu, x, (self.w13.weight, self.w13.bias, self.w2.weight), self.tile)  # (B, S, dim)
+        return self.w2.reduce_partial(partial)  # (B, S[/tp], dim)
 
 
 class TransformerBlock(nn.Module):

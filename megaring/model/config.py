@@ -32,6 +32,12 @@ class ModelConfig:
     the training sequence is a config problem. ``init_from``: a Hugging Face checkpoint directory
     to start from (``megaring.hf``); ``bos_token_id`` / ``eos_token_id`` (an int or a list) are
     carried for export.
+
+    Memory and speed (none changes a result beyond float rounding): ``loss_chunk`` tokens per chunk
+    of the fused output projection + cross entropy (0: whole logits), ``mlp_chunk`` tokens per tile
+    of the tiled SwiGLU (0: untiled), ``checkpoint_offload`` moves each checkpointed layer's input to
+    host memory (CUDA; needs ``activation_checkpointing``), ``compile`` runs each block through
+    ``torch.compile`` (eager after a compile failure). See docs/memory.md.
     """
 
     name: str = "tiny"
@@ -51,6 +57,10 @@ class ModelConfig:
     mlp_bias: bool = False
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    checkpoint_offload: bool = False
+    loss_chunk: int = 0
+    mlp_chunk: int = 0
+    compile: bool = False
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 8192
     sliding_window: int | None = None
@@ -97,6 +107,11 @@ def _variant_problems(cfg: ModelConfig) -> list[str]:
             missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in cfg.rope_scaling]
             if missing:
                 out.append(f"model.rope_scaling (llama3) needs {missing}")
+    out += [f"model.{n}={getattr(cfg, n)} must be >= 0 tokens (0: off)" for n in ("loss_chunk", "mlp_chunk")
+            if getattr(cfg, n) < 0]
+    if cfg.checkpoint_offload and not cfg.activation_checkpointing:
+        out.append("model.checkpoint_offload=true offloads the activation checkpoints: "
+                   "it needs model.activation_checkpointing=true")
     if cfg.max_position_embeddings < 1:
         out.append(f"model.max_position_embeddings={cfg.max_position_embeddings} must be >= 1")
     return out

@@ -6,6 +6,9 @@ builds the tp shards and fills them with the layout-independent initialisation.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -14,32 +17,32 @@ from torch.utils.checkpoint import checkpoint
 from megaring.errors import problem_list
 from megaring.layout import length_problem
 from megaring.model.blocks import RMSNorm, TransformerBlock
+from megaring.model.compile import BlockRunner
 from megaring.model.config import ModelConfig, check_model_config
 from megaring.model.context import ParallelContext
+from megaring.model.head import HeadSettings, OutputLayer, lm_head
 from megaring.model.init import init_weights
+from megaring.model.offload import offloaded_checkpoint
 from megaring.model.rope import RopeSettings, rope_cos_sin
-from megaring.tensor_parallel import (
-    ColumnParallelLinear,
-    VocabParallelEmbedding,
-    mask_padded_vocab,
-    parallel_lm_logits,
-    vocab_partition,
-)
+from megaring.tensor_parallel import VocabParallelEmbedding
 
 
 class Transformer(nn.Module):
-    """``model(tokens, positions, segment_ids) -> logits (B, S_local, V / tp)``.
+    """``model(tokens, positions, segment_ids) -> logits (B, S_local, V / tp)``, or with
+    ``labels=`` ``(B, S_local)`` the float32 token losses ``(B, S_local)`` (0 where ignored).
 
     tokens, positions, segment_ids: ``(B, S_local)`` for this cp rank's shard; positions are the
     tokens' global (or per-document) positions and feed the rotary embeddings; segment_ids (optional)
     keep attention inside documents. The logits are this tp rank's shard of the vocabulary padded
     to a multiple of tp (``V_pad / tp`` columns); padded columns are ``-inf``, so they take no
-    probability in the loss and get no gradient.
+    probability in the loss and get no gradient. The losses path is the one to train on: with
+    ``model.loss_chunk`` it never holds more than one chunk of logits (:mod:`megaring.model.head`).
     ``rope_seq_len`` (dynamic RoPE only): the max position + 1 over the global batch; by default
     the max over this rank's positions, all-reduced (MAX) over cp.
+    ``compile_backend``: the ``torch.compile`` backend of the blocks with ``model.compile``.
     """
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, *, compile_backend: str | Callable = "inductor"):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
         self.rope = RopeSettings.from_config(cfg)
@@ -47,12 +50,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp_axis=ctx.tp, sequence_parallel=sp)
         self.layers = nn.ModuleList(TransformerBlock(cfg, ctx) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx)
-        self.output = None
-        if not cfg.tie_embeddings:
-            vocab = vocab_partition(cfg.vocab_size, ctx.tp.size)
-            self.output = ColumnParallelLinear(cfg.dim, vocab.blocks[0], tp_axis=ctx.tp, sequence_parallel=sp)
-            # its output rows are the padded vocabulary: full state dicts see the real rows only
-            self.output.tp_partitions["weight"] = vocab
+        self.head_settings = HeadSettings(cfg.vocab_size, ctx.tp, sp, cfg.loss_chunk)
+        self.output = None if cfg.tie_embeddings else OutputLayer(cfg.dim, self.head_settings)
+        self.block_runner = BlockRunner(compile_backend) if cfg.compile else None
 
     def check_inputs(self, tokens, positions, segment_ids) -> None:
         """Raise one error naming every problem, before any communication."""
@@ -79,28 +79,36 @@ class Transformer(nn.Module):
             dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.ctx.cp.group)
         return int(longest.item())
 
-    def forward(self, tokens, positions, segment_ids=None, *, rope_seq_len: int | None = None):
+    def forward(self, tokens, positions, segment_ids=None, *, labels=None, rope_seq_len: int | None = None):
         self.check_inputs(tokens, positions, segment_ids)
         h = self.tok_embeddings(tokens)  # (B, S[/tp], dim)
         seq_len = self._rope_seq_len(positions, rope_seq_len)
         cos, sin = rope_cos_sin(positions, self.rope, h.dtype, seq_len)  # (B, S, 1, D)
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, segment_ids, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, segment_ids)
+            h = self._run_layer(layer, h, cos, sin, segment_ids)
         h = self.norm(h)
         if self.output is not None:
-            logits = self.output(h)  # (B, S, V_pad / tp)
-        else:
-            logits = parallel_lm_logits(h, self.tok_embeddings.weight, self.ctx.tp, self.ctx.sequence_parallel_active)
-        return mask_padded_vocab(logits, self.cfg.vocab_size, self.ctx.tp)
+            return self.output(h, labels)  # (B, S, V_pad / tp) logits, or (B, S) losses
+        return lm_head(h, self.tok_embeddings.weight, labels, self.head_settings)
+
+    def _run_layer(self, layer, h, cos, sin, segment_ids):
+        run = self.block_runner or _call
+        if not (self.cfg.activation_checkpointing and torch.is_grad_enabled()):
+            return run(layer, h, cos, sin, segment_ids)
+        if self.cfg.checkpoint_offload:
+            return offloaded_checkpoint(functools.partial(run, layer), h, cos, sin, segment_ids)
+        return checkpoint(run, layer, h, cos, sin, segment_ids, use_reentrant=False)
 
 
-def build_model(cfg: ModelConfig, ctx: ParallelContext, *, seed: int = 0) -> Transformer:
+def _call(block: nn.Module, *args):
+    return block(*args)
+
+
+def build_model(cfg: ModelConfig, ctx: ParallelContext, *, seed: int = 0,
+                compile_backend: str | Callable = "inductor") -> Transformer:
     """The model's shards for this rank, initialised as slices of the (1, 1) model of ``seed``."""
     check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, sequence_parallel=ctx.sequence_parallel,
                        layout=ctx.layout)
-    model = Transformer(cfg, ctx)
+    model = Transformer(cfg, ctx, compile_backend=compile_backend)
     init_weights(model, cfg, ctx, seed=seed)
     return model

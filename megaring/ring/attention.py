@@ -47,7 +47,8 @@ def _ring_forward(ring: Ring, kernel: BlockKernel, q, k, v, seg, scale):
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segment_ids, ring: Ring, scale: float, kernel: BlockKernel, backward: str):
-        out, lse = _ring_forward(ring, kernel, q, k, v, segment_ids, scale)
+        with torch.profiler.record_function("ring_attention.forward"):  # kernels and ring.comm.* inside
+            out, lse = _ring_forward(ring, kernel, q, k, v, segment_ids, scale)
         ctx.save_for_backward(q, k, v, out, lse, segment_ids)
         ctx.ring, ctx.kernel, ctx.scale, ctx.backward = ring, kernel, scale, BACKWARDS[backward]
         return out
@@ -56,7 +57,8 @@ class RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, seg = ctx.saved_tensors
         saved = Saved(dense(dout), q, k, v, out, lse, seg, ctx.scale)
-        dq, dk, dv = ctx.backward(ctx.ring, ctx.kernel, saved)
+        with torch.profiler.record_function("ring_attention.backward"):
+            dq, dk, dv = ctx.backward(ctx.ring, ctx.kernel, saved)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -118,6 +120,7 @@ def cp_axis(group) -> Axis:
     return Axis.single("cp")
 
 
+@torch.compiler.disable  # opaque to torch.compile: the one graph break of a compiled block
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
                    segment_ids=None, layout: str = "zigzag", kernel: str | BlockKernel | None = None,
                    backward: str = "whole", settings: RingSettings | None = None):

@@ -51,11 +51,13 @@ class RingComm:
         buffers = [torch.empty_like(t) for t in tensors]  # the same strides as what is sent
         ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
-        self._works = dist.batch_isend_irecv(ops)
+        with torch.profiler.record_function("ring.comm.send_recv"):  # a named region in profiles
+            self._works = dist.batch_isend_irecv(ops)
         self._sending = tensors  # alive until sent, even where dense() made a copy
         return buffers
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        with torch.profiler.record_function("ring.comm.wait"):
+            for work in self._works:
+                work.wait()
         self._works, self._sending = [], []

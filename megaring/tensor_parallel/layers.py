@@ -108,8 +108,12 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.tp_partitions["bias"] = Partition(0, sizes)
 
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """The replicated input ``X`` ``(B, S, in)`` of this layer (all-gathered with sequence parallelism)."""
+        return enter_tensor_parallel_region(x, self.tp_axis, self.sequence_parallel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = enter_tensor_parallel_region(x, self.tp_axis, self.sequence_parallel)  # (B, S, in)
+        x = self.enter(x)  # (B, S, in)
         y = F.linear(x, self.weight, self.bias)  # (B, S, out / tp)
         return gather_from_tensor_model_parallel_region(y, self.tp_axis) if self.gather_output else y
 
@@ -146,7 +150,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_axis)
-        y = F.linear(x, self.weight)  # (B, S, out): partial sum over tp
+        return self.reduce_partial(F.linear(x, self.weight))  # (B, S, out): partial sum over tp
+
+    def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
+        """``sum_i X_i A_i + b`` from this rank's partial ``X_i A_i`` ``(B, S, out)`` (all-reduce or
+        reduce-scatter over the sequence); for callers that compute the partial themselves (tiled MLP)."""
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_axis)  # (B, S / tp, out)
         else:

@@ -106,6 +106,7 @@ class TrainerConfig:
     resume: bool = True  # continue from the latest checkpoint in ckpt_dir when there is one
     log_every: int = 1
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    profile_steps: list[int] | None = None  # [first, last]: torch.profiler trace into <run dir>/profile
 
     def batch_shape(self) -> BatchShape:
         return BatchShape(self.seq_len, self.global_batch_size, self.micro_batch_size)
@@ -165,7 +166,8 @@ def register_configs() -> None:
 # Settings that do not change what a run computes: re-running a command with other values of these
 # resumes the same run directory, and runs that differ only in them share a wandb group.
 RUN_NEUTRAL_KEYS = (
-    "trainer.max_steps", "trainer.resume", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_last",
+    "trainer.max_steps", "trainer.resume", "trainer.profile_steps", "trainer.log_every", "trainer.checkpoint_every",
+    "trainer.keep_last",
     "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
     "logging.wandb.mode", "logging.wandb.tags", "logging.progress_bar", "hydra/launcher",
 )

@@ -49,8 +49,9 @@ class TrainEngine:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
 
-    def forward(self, tokens, positions, segment_ids):
-        return self.ds(tokens, positions, segment_ids)
+    def forward(self, tokens, positions, segment_ids, labels=None):
+        """The model's logits, or with ``labels`` its float32 token losses (see ``Transformer``)."""
+        return self.ds(tokens, positions, segment_ids, labels=labels)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss``, this rank's share of the global mean (shares sum to it over ``dp_cp``).

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megaring.data import EvalReader
 from megaring.distributed.mesh import ParallelMesh
-from megaring.model import IGNORE_INDEX, vocab_parallel_cross_entropy
+from megaring.model import IGNORE_INDEX
 from megaring.train.engine import TrainEngine
 
 
@@ -32,8 +32,7 @@ def evaluate(engine: TrainEngine, reader: EvalReader, batches: int, mesh: Parall
     for j in range(eval_batches(reader, batches)):
         for mb in reader.micro_batches(j):
             mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-            logits = engine.forward(mb["tokens"], mb["positions"], mb["segment_ids"])  # (B, S_local, V / tp)
-            token_losses = vocab_parallel_cross_entropy(logits, mb["labels"], mesh.tp)  # (B, S_local)
+            token_losses = engine.forward(mb["tokens"], mb["positions"], mb["segment_ids"], mb["labels"])  # (B, S)
             total[0] += token_losses.double().sum()
             total[1] += (mb["labels"] != IGNORE_INDEX).sum()
     if mesh.dp_cp.size > 1:

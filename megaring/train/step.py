@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megaring.distributed.mesh import ParallelMesh
-from megaring.model import count_valid_tokens, local_loss, vocab_parallel_cross_entropy
+from megaring.model import count_valid_tokens, local_loss
 from megaring.train.engine import TrainEngine
 
 
@@ -36,8 +36,7 @@ def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm = None
     for mb in batches:
-        logits = engine.forward(mb["tokens"], mb["positions"], mb["segment_ids"])  # (B, S_local, V / tp)
-        token_losses = vocab_parallel_cross_entropy(logits, mb["labels"], mesh.tp).float()  # (B, S_local)
+        token_losses = engine.forward(mb["tokens"], mb["positions"], mb["segment_ids"], mb["labels"])  # (B, S_local)
         engine.backward(local_loss(token_losses, count))
         norm = engine.step()  # the update and its norm come on the last micro-batch
         loss_sum += token_losses.detach().sum().to(torch.float64)

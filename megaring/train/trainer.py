@@ -31,6 +31,7 @@ from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
 from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
+from megaring.train.profile import StepProfiler
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
 from megaring.train.tracking import Tracker
@@ -146,6 +147,7 @@ def run_steps(run: Run) -> list[dict]:
     flops_per_token = model_flops_per_token(cfg.model, t.seq_len)
     peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
     history, exit_code = [], 1
+    profiler = StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device)
 
     def log_eval(step: int) -> None:
         record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
@@ -163,7 +165,8 @@ def run_steps(run: Run) -> list[dict]:
             maybe_inject(rank, step)
             began = time.perf_counter()
             lr = learning_rate(step - 1, cfg.optim, t.max_steps)
-            result = train_step(run.engine, run.reader.micro_batches(step - 1), run.mesh, run.device, lr)
+            with profiler.around(step):
+                result = train_step(run.engine, run.reader.micro_batches(step - 1), run.mesh, run.device, lr)
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             metrics = step_metrics(step, result, step_time_s=time.perf_counter() - began,

@@ -17,6 +17,7 @@ from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
 from megaring.train.checkpoint import CheckpointError, read_trainer_state
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
+from megaring.train.profile import profile_steps_problems
 from megaring.train.universal import UniversalError, UniversalState
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
@@ -63,7 +64,7 @@ def batch_problems(cfg: TrainConfig) -> list[str]:
                    f"trainer.micro_batch_size * parallel.dp = {t.micro_batch_size} * {dp}")
     if t.dtype not in DTYPES:
         out.append(f"trainer.dtype={t.dtype!r} must be one of {DTYPES}")
-    return out
+    return out + profile_steps_problems(t.profile_steps)
 
 
 def optim_problems(cfg: TrainConfig) -> list[str]:
