@@ -14,14 +14,19 @@ from megaring.distributed.mesh import Axis
 from megaring.errors import problem_list
 from megaring.model.context import ParallelContext
 from megaring.model.init import full_shape, tp_partitions
-from megaring.tensor_parallel.mappings import all_gather_list
+from megaring.tensor_parallel.mappings import all_gather_list, gather_list_to_first
 from megaring.tensor_parallel.utils import Partition
 
 
-def gather_full_tensor(local: torch.Tensor, part: Partition | None, tp: Axis) -> torch.Tensor:
-    """The full (1, 1) value of one tensor from its tp shards (collective over tp when split)."""
+def gather_full_tensor(local: torch.Tensor, part: Partition | None, tp: Axis, *,
+                       first_only: bool = False) -> torch.Tensor | None:
+    """The full (1, 1) value of one tensor from its tp shards (collective over tp when split);
+    with ``first_only`` only tp rank 0 receives it (None elsewhere), holding no full copy on the others."""
     if part is None or tp.size == 1:
-        return local.detach().clone()
+        return local.detach().clone() if tp.rank == 0 or not first_only else None
+    if first_only:
+        parts = gather_list_to_first(local.detach(), tp)
+        return None if parts is None else part.unshard(parts)
     return part.unshard(all_gather_list(local.detach(), tp))
 
 

@@ -49,6 +49,15 @@ def all_gather_list(x: torch.Tensor, axis: Axis) -> list[torch.Tensor]:
     return parts
 
 
+def gather_list_to_first(x: torch.Tensor, axis: Axis) -> list[torch.Tensor] | None:
+    """Every rank's ``x`` (equal shapes) on the group's first rank, in group-rank order; None elsewhere."""
+    x = x.contiguous()
+    first = axis.rank == 0
+    parts = [torch.empty_like(x) for _ in range(axis.size)] if first else None
+    dist.gather(x, parts, dst=axis.ranks[0], group=axis.group)
+    return parts
+
+
 def all_gather_along(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
     return torch.cat(all_gather_list(x, axis), dim=dim)
 

@@ -76,11 +76,14 @@ def save_universal(engine, directory: Path, *, model_cfg: ModelConfig, dtype: to
         writer = _ShardedWriter(out, max_file_bytes)
     partitions = tp_partitions(engine.module)
     engine.link_optimizer_views()
+    writes = 0 in engine.tp.ranks  # rank 0's tp group joins the shards; the others only join ZeRO's gathers
     for name, param in engine.module.named_parameters():
         for key in KEYS:
-            full = gather_full_tensor(engine.master_state(param, key), partitions.get(name), engine.tp)
-            if writer is not None:
-                writer.add(f"{key}.{name}", full.cpu())
+            master = engine.master_state(param, key)  # collective over dp x cp under ZeRO
+            if writes:
+                full = gather_full_tensor(master, partitions.get(name), engine.tp, first_only=True)
+                if writer is not None:
+                    writer.add(f"{key}.{name}", full.cpu())
     step = engine.optimizer_step()
     if writer is None:
         return
