@@ -84,11 +84,13 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, S[/tp], dim)
         seq_len = self._rope_seq_len(positions, rope_seq_len)
         cos, sin = rope_cos_sin(positions, self.rope, h.dtype, seq_len)  # (B, S, 1, D)
+        # document positions make the attention mask (balanced layout, sliding window); else None
+        mask_positions = positions if self.ctx.layout == "balanced" or self.cfg.sliding_window else None
         for layer in self.layers:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, segment_ids, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, segment_ids, mask_positions, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, segment_ids)
+                h = layer(h, cos, sin, segment_ids, mask_positions)
         h = self.norm(h)
         if self.output is not None:
             logits = self.output(h)  # (B, S, V_pad / tp)
