@@ -10,7 +10,9 @@ cp and tp are, and the data state is just the number of consumed samples ``s*G``
 Sharding: a sample is ``L + 1`` tokens from ``start_token``; for each of this cp rank's ranges
 ``[a, b)`` (:func:`megaring.layout.shard_ranges`) the reader copies tokens
 ``[start + a, start + b + 1)`` out of the memory map, so labels (the next token) are right at
-chunk edges and only ``O(L / cp)`` token bytes are read per sample.
+chunk edges and only ``O(L / cp)`` token bytes are read per sample. With the balanced layout the
+ranges depend on the sample's documents: they come from the document offsets the sample index
+points at (:func:`sample_doc_lengths`), the same plan ring attention sees in the segment ids.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from megaring.data.dataset import open_dataset
 from megaring.data.mock import MockSource
 from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
 from megaring.errors import problem_list
-from megaring.layout import shard_ranges
+from megaring.layout import balanced_ranges, shard_ranges
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids")
 
@@ -77,6 +79,14 @@ def _read_range(source, start_doc: int, t0: int, a: int, b: int, reset: bool) ->
     return {"tokens": window[:-1], "labels": window[1:], "positions": positions, "segment_ids": segment_ids}
 
 
+def sample_doc_lengths(doc_starts, start_token: int, seq_len: int) -> tuple[int, ...]:
+    """Lengths of the documents (pieces) making the sample of ``seq_len`` tokens at ``start_token``."""
+    lo = int(np.searchsorted(doc_starts, start_token, side="right"))
+    hi = int(np.searchsorted(doc_starts, start_token + seq_len, side="left"))
+    edges = [start_token, *(int(x) for x in doc_starts[lo:hi]), start_token + seq_len]
+    return tuple(b - a for a, b in zip(edges[:-1], edges[1:]) if b > a)
+
+
 @dataclass(frozen=True)
 class BatchShape:
     """Tokens per sample, samples per step (over dp) and samples per forward on one rank."""
@@ -111,7 +121,9 @@ class BatchReader:
         self.seq_len, self.global_batch_size = shape.seq_len, shape.global_batch_size
         self.micro_batch_size = shape.micro_batch_size
         self.dp_rank, self.dp_size = shard.dp_rank, shard.dp_size
-        self.ranges = shard_ranges(shape.seq_len, shard.cp_rank, shard.cp_size, shard.layout)
+        self.shard = shard
+        self.ranges = None if shard.layout == "balanced" else shard_ranges(shape.seq_len, shard.cp_rank,
+                                                                            shard.cp_size, shard.layout)
         self.reset_positions = reset_positions
 
     @property
@@ -144,7 +156,11 @@ class BatchReader:
     def read_sample(self, ordinal: int) -> dict[str, np.ndarray]:
         """This cp rank's shard of the ``ordinal``-th sample: fields (seq_len / cp,) int64."""
         start_doc, start_token = self.index.locate(ordinal)
-        return read_shard(self.source, start_doc, start_token, self.ranges, self.reset_positions)
+        ranges = self.ranges
+        if ranges is None:  # balanced: the plan of this sample's documents
+            lengths = sample_doc_lengths(self.source.doc_starts, start_token, self.seq_len)
+            ranges = balanced_ranges(lengths, self.shard.cp_size)[self.shard.cp_rank]
+        return read_shard(self.source, start_doc, start_token, ranges, self.reset_positions)
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``step``: dicts of (micro_batch_size, seq_len / cp) int64."""

@@ -71,6 +71,7 @@ class Attention(nn.Module):
         tp, hd = ctx.tp.size, cfg.head_dim
         self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, cfg.n_heads // tp, cfg.kv_heads // tp
         self.ctx = ctx
+        self.window = cfg.sliding_window  # Mistral-style: a query sees the last `window` keys of its document
         sp = ctx.sequence_parallel_active
         self.wqkv = ColumnParallelLinear(cfg.dim, (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd),
                                          tp_axis=ctx.tp, bias=cfg.attention_bias or cfg.qkv_bias,
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, tp_axis=ctx.tp, bias=cfg.attention_bias,
                                     sequence_parallel=sp)
 
-    def forward(self, x, cos, sin, segment_ids):
+    def forward(self, x, cos, sin, segment_ids, positions=None):
         qkv = self.wqkv(x)  # (B, S, (H_l + 2 H_kv_l) * D)
         b, s, _ = qkv.shape
         hd, h, h_kv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
@@ -87,8 +88,11 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, s, h_kv, hd), cos, sin)  # (B, S, H_kv_l, D)
         v = v.view(b, s, h_kv, hd)
         c = self.ctx  # cp=1: a size-1 axis, plain attention
-        out = ring_attention(q, k, v, group=c.cp, causal=True, segment_ids=segment_ids, layout=c.layout,
-                             kernel=c.attn_kernel, backward=c.ring_backward, settings=c.ring_settings)  # (B, S, H_l, D)
+        window = self.window if self.window is not None and self.window < s * c.cp.size else None
+        out = ring_attention(q, k, v, group=c.cp, causal=True, segment_ids=segment_ids,
+                             positions=positions if (window or c.layout == "balanced") else None, window=window,
+                             layout=c.layout, kernel=c.attn_kernel, backward=c.ring_backward,
+                             settings=c.ring_settings, traffic=c.traffic)  # (B, S, H_l, D)
         return self.wo(out.reshape(b, s, h * hd))  # (B, S[/tp], dim)
 
 
@@ -130,6 +134,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx)
         self.feed_forward = FeedForward(cfg, ctx)
 
-    def forward(self, x, cos, sin, segment_ids):
-        h = x + self.attention(self.attention_norm(x), cos, sin, segment_ids)
+    def forward(self, x, cos, sin, segment_ids, positions=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, segment_ids, positions)
         return h + self.feed_forward(self.ffn_norm(h))

@@ -27,11 +27,11 @@ class ModelConfig:
     :func:`padded_vocab_size`), full state dicts never show the padding.
     ``attention_bias`` puts biases on q, k, v and o (Llama's flag); ``qkv_bias`` on q, k, v only
     (Qwen2). ``rope_scaling``: ``None`` or ``{"rope_type": one of ROPE_TYPES, ...its parameters}``
-    as in Hugging Face's ``rope_parameters`` (without ``rope_theta``). ``sliding_window``: recorded
-    from Mistral/Qwen2 checkpoints; the ring does not implement windows, so a window shorter than
-    the training sequence is a config problem. ``init_from``: a Hugging Face checkpoint directory
-    to start from (``megaring.hf``); ``bos_token_id`` / ``eos_token_id`` (an int or a list) are
-    carried for export.
+    as in Hugging Face's ``rope_parameters`` (without ``rope_theta``). ``sliding_window``: Mistral-style
+    window (a query sees the ``W`` latest keys of its document, itself included); ring attention
+    computes it from document positions and stops the ring where the window ends. ``init_from``: a
+    Hugging Face checkpoint directory to start from (``megaring.hf``); ``bos_token_id`` /
+    ``eos_token_id`` (an int or a list) are carried for export.
 
     Memory and speed (none changes a result beyond float rounding): ``loss_chunk`` tokens per chunk
     of the fused output projection + cross entropy (0: whole logits), ``mlp_chunk`` tokens per tile
@@ -164,9 +164,8 @@ def validate_model_config(
     out += _variant_problems(cfg)
     if seq_len is not None:
         out += _seq_problems(seq_len, tp=tp, cp=cp, sequence_parallel=sequence_parallel, layout=layout)
-        if cfg.sliding_window is not None and cfg.sliding_window < seq_len:
-            out.append(f"model.sliding_window={cfg.sliding_window} is shorter than the sequence length {seq_len}: "
-                       "ring attention has no sliding window (train on sequences <= the window)")
+        if cfg.sliding_window is not None and cfg.sliding_window < 1:
+            out.append(f"model.sliding_window={cfg.sliding_window} must be >= 1 (or null: no window)")
     return out
 
 

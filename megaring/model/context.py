@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from megaring.distributed.mesh import Axis, ParallelMesh
 from megaring.layout import check_layout
+from megaring.ring.comm import KVTraffic
 from megaring.ring.settings import RingSettings
 
 
@@ -18,6 +19,8 @@ class ParallelContext:
     ``attn_kernel``: ``None`` (automatic) or a name from ``megaring.kernels``.
     ``ring_backward``: ``"whole"`` or ``"chunked"``, the backward of ring attention.
     ``ring_settings``: ring attention's tile and chunk sizes.
+    ``traffic``: counts the K/V bytes this rank sends in ring attention (the trainer reads and
+    resets it every step); None: not counted.
     """
 
     tp: Axis
@@ -27,6 +30,7 @@ class ParallelContext:
     attn_kernel: str | None = None
     ring_backward: str = "whole"
     ring_settings: RingSettings = RingSettings()
+    traffic: KVTraffic | None = None
 
     def __post_init__(self):
         check_layout(self.layout)

@@ -8,8 +8,9 @@ Per token, forward + backward (backward = 2x forward), counting a multiply-add a
 ``H * D * dim`` (wo) and ``3 * dim * ffn_dim`` (SwiGLU), plus ``vocab * dim`` for the output
 layer (the embedding lookup is not a matmul; norms and biases are negligible). The attention
 term counts ``Q K^T`` and ``P V`` (``2 * 2 * seq_len * H * D`` per token and layer without a
-mask) halved for the causal mask, times 3 for forward + backward. It uses the full sample
-length even when packed documents mask part of the attention (the usual convention), and no
+mask) halved for the causal mask, times 3 for forward + backward. The trainer passes the keys a query
+actually sees (``visible_keys``: packed documents and windows), not dense causal attention over
+the whole sample; no
 activation recomputation (model FLOPs, not hardware FLOPs).
 """
 
@@ -34,8 +35,13 @@ def num_params(cfg: ModelConfig) -> int:
     return cfg.n_layers * layer_matmul_params(cfg) + norms + biases + embeddings
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token at sample length ``seq_len`` (see the module docstring)."""
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, visible_keys: float | None = None) -> int:
+    """Training FLOPs per token at sample length ``seq_len`` (see the module docstring).
+
+    ``visible_keys``: the mean number of keys a query actually sees (documents, windows: the
+    trainer measures it every step); None: dense causal attention over the sample (``seq_len / 2``).
+    """
     n_matmul = cfg.n_layers * layer_matmul_params(cfg) + cfg.vocab_size * cfg.dim
-    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 12 * L * H * D * T / 2 (causal)
-    return 6 * n_matmul + attention
+    keys = seq_len / 2 if visible_keys is None else visible_keys
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys  # Q K^T and P V, x3 for fwd + bwd
+    return int(6 * n_matmul + attention)

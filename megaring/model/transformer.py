@@ -84,20 +84,22 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, S[/tp], dim)
         seq_len = self._rope_seq_len(positions, rope_seq_len)
         cos, sin = rope_cos_sin(positions, self.rope, h.dtype, seq_len)  # (B, S, 1, D)
+        # document positions make the attention mask (balanced layout, sliding window); else None
+        mask_positions = positions if self.ctx.layout == "balanced" or self.cfg.sliding_window else None
         for layer in self.layers:
-            h = self._run_layer(layer, h, cos, sin, segment_ids)
+            h = self._run_layer(layer, h, cos, sin, segment_ids, mask_positions)
         h = self.norm(h)
         if self.output is not None:
             return self.output(h, labels)  # (B, S, V_pad / tp) logits, or (B, S) losses
         return lm_head(h, self.tok_embeddings.weight, labels, self.head_settings)
 
-    def _run_layer(self, layer, h, cos, sin, segment_ids):
+    def _run_layer(self, layer, h, cos, sin, segment_ids, mask_positions):
         run = self.block_runner or _call
         if not (self.cfg.activation_checkpointing and torch.is_grad_enabled()):
-            return run(layer, h, cos, sin, segment_ids)
+            return run(layer, h, cos, sin, segment_ids, mask_positions)
         if self.cfg.checkpoint_offload:
-            return offloaded_checkpoint(functools.partial(run, layer), h, cos, sin, segment_ids)
-        return checkpoint(run, layer, h, cos, sin, segment_ids, use_reentrant=False)
+            return offloaded_checkpoint(functools.partial(run, layer), h, cos, sin, segment_ids, mask_positions)
+        return checkpoint(run, layer, h, cos, sin, segment_ids, mask_positions, use_reentrant=False)
 
 
 def _call(block: nn.Module, *args):

@@ -13,12 +13,14 @@ import torch.distributed as dist
 
 from megaring.distributed.mesh import Axis
 from megaring.kernels import BlockKernel, select_kernel
-from megaring.layout import LAYOUTS, chunks_per_rank
+from megaring.layout import LAYOUTS, chunks_per_rank, shard_positions
 from megaring.ring.backward import BACKWARDS, Saved
-from megaring.ring.comm import KV_TAG, RingComm, dense
+from megaring.ring.comm import KV_TAG, KVTraffic, RingComm, dense
 from megaring.ring.merge import merge_into
 from megaring.ring.plan import Ring
+from megaring.ring.route import build_route, gather_runs, local_runs
 from megaring.ring.settings import RingSettings
+from megaring.ring.sparse import SparseRing, sparse_backward, sparse_forward
 
 
 def _ring_forward(ring: Ring, kernel: BlockKernel, q, k, v, seg, scale):
@@ -28,7 +30,7 @@ def _ring_forward(ring: Ring, kernel: BlockKernel, q, k, v, seg, scale):
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)  # (B, S, H, D)
     lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)  # (B, H, S)
-    comm = RingComm(ring.axis, KV_TAG) if ring.size > 1 else None
+    comm = RingComm(ring.axis, KV_TAG, ring.traffic) if ring.size > 1 else None
     k_cur, v_cur, seg_cur = k, v, seg
     for step in range(ring.size):
         if step < ring.size - 1:
@@ -62,6 +64,24 @@ class RingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+class SparseRingAttentionFunction(torch.autograd.Function):
+    """The mask-aware ring (:mod:`megaring.ring.sparse`): positions, windows, the balanced layout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: SparseRing, scale: float, kernel: BlockKernel):
+        out, lse = sparse_forward(ring, kernel, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.kernel, ctx.scale = ring, kernel, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        saved = Saved(dense(dout), q, k, v, out, lse, None, ctx.scale)
+        dq, dk, dv = sparse_backward(ctx.ring, ctx.kernel, saved)
+        return dq, dk, dv, None, None, None
+
+
 def heads_major(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, S, H, D)`` as a view of ``(B, H, S, D)`` memory (a copy only if not already so).
 
@@ -71,7 +91,8 @@ def heads_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole") -> None:
+def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole", positions=None,
+                 window: int | None = None) -> None:
     """Raise one ValueError naming every problem with the inputs (before any communication)."""
     if layout not in LAYOUTS:
         raise ValueError(f"ring_attention: layout must be one of {LAYOUTS}, got {layout!r}")
@@ -94,6 +115,16 @@ def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole") -> 
     if q.shape[1] % chunks_per_rank(layout):
         problems.append(f"local_seq={q.shape[1]} must be divisible by {chunks_per_rank(layout)} "
                         f"with the {layout} layout (chunks per rank)")
+    if layout == "balanced" and positions is None:
+        problems.append("the balanced layout needs positions (each token's position in its document)")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        problems.append(f"window={window!r} must be an integer >= 1 or None")
+    if positions is not None:
+        if tuple(positions.shape) != tuple(q.shape[:2]):
+            problems.append(f"positions must have shape (batch, local_seq) = {tuple(q.shape[:2])}; "
+                            f"got {tuple(positions.shape)}")
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            problems.append(f"positions must be integers; got {positions.dtype}")
     if segment_ids is not None:
         if tuple(segment_ids.shape) != tuple(q.shape[:2]):
             problems.append(f"segment_ids must have shape (batch, local_seq) = {tuple(q.shape[:2])}; "
@@ -122,24 +153,52 @@ def cp_axis(group) -> Axis:
 
 @torch.compiler.disable  # opaque to torch.compile: the one graph break of a compiled block
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
-                   segment_ids=None, layout: str = "zigzag", kernel: str | BlockKernel | None = None,
-                   backward: str = "whole", settings: RingSettings | None = None):
+                   segment_ids=None, positions=None, window: int | None = None, layout: str = "zigzag",
+                   kernel: str | BlockKernel | None = None, backward: str = "whole",
+                   settings: RingSettings | None = None, traffic: KVTraffic | None = None):
     """Exact attention over a sequence sharded across ``group`` in ``layout``.
 
     q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); segment_ids: optional (B, S_local)
     integers, a query attends only to keys of its own segment (and, if ``causal``, at a
-    global position not after its own). ``group``: the cp process group or its
+    global position not after its own). ``positions``: optional (B, S_local) integers, each
+    token's position inside its document (as the data reader returns them): a query at ``p``
+    then sees a key at ``p'`` of its segment iff ``p' <= p`` (causal) and, with ``window=W``,
+    ``p - p' < W`` (``|p - p'| < W`` without ``causal``). Positions make any layout exact and are
+    required by ``layout="balanced"``; with them, or a window, the mask-aware ring runs
+    (:mod:`megaring.ring.sparse`: K/V travel only as far as a query sees them, steps with nothing
+    visible are skipped). ``traffic``: a :class:`~megaring.ring.comm.KVTraffic` that counts the
+    bytes this rank sends. ``group``: the cp process group or its
     :class:`~megaring.distributed.Axis`; ``None`` only without torch.distributed (or with one
     process): plain attention. ``kernel``: a name from ``megaring.kernels``, a kernel instance, or
     None (automatic). ``backward``: ``"whole"`` (double-buffered blocks, fastest) or ``"chunked"``
     (blocks in tiles and chunks, least memory). ``settings``: tile and chunk sizes
     (:class:`RingSettings`; None: defaults). Returns (B, S_local, H, D).
     """
-    check_inputs(q, k, v, segment_ids, layout, backward)
+    check_inputs(q, k, v, segment_ids, layout, backward, positions, window)
     settings = (settings or RingSettings()).for_device(q.device.type)
-    ring = Ring(cp_axis(group), causal, layout, q.shape[1], settings)
+    axis = cp_axis(group)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    block_kernel = select_kernel(kernel, q, needs_mask=segment_ids is not None)
     seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
+    if positions is not None or window is not None or layout == "balanced":
+        ring = sparse_ring(axis, q, seg, positions, causal=causal, window=window, layout=layout,
+                           settings=settings, traffic=traffic)
+        block_kernel = select_kernel(kernel, q, needs_mask=True)
+        return SparseRingAttentionFunction.apply(heads_major(q), heads_major(k), heads_major(v), ring,
+                                                 scale, block_kernel)
+    ring = Ring(axis, causal, layout, q.shape[1], settings, traffic)
+    block_kernel = select_kernel(kernel, q, needs_mask=segment_ids is not None)
     return RingAttentionFunction.apply(heads_major(q), heads_major(k), heads_major(v), seg,
                                        ring, scale, block_kernel, backward)
+
+
+def sparse_ring(axis: Axis, q, seg, positions, *, causal: bool, window: int | None, layout: str,
+                settings: RingSettings, traffic: KVTraffic | None) -> SparseRing:
+    """The mask-aware ring of this call: token metadata, one all-gather of runs, the route."""
+    b, s = q.shape[:2]
+    if positions is None:  # a window on zigzag / contiguous: global positions suffice
+        positions = shard_positions(s * axis.size, axis.rank, axis.size, layout).expand(b, -1)
+    pos = positions.to(device=q.device, dtype=torch.int64).contiguous()
+    seg = torch.zeros(b, s, dtype=torch.int64, device=q.device) if seg is None else seg
+    runs = gather_runs(axis, local_runs(seg, pos))
+    route = build_route(runs, axis.rank, s, causal, window)
+    return SparseRing(axis, route, seg, pos, causal=causal, window=window, settings=settings, traffic=traffic)

@@ -76,8 +76,8 @@ def backward_whole(ring: Ring, kernel: BlockKernel, s: Saved):
     """
     if (done := _single_call(ring, kernel, s)) is not None:
         return done
-    kv_comm = RingComm(ring.axis, KV_TAG) if ring.size > 1 else None
-    grad_comm = RingComm(ring.axis, GRAD_TAG) if ring.size > 1 else None
+    kv_comm = RingComm(ring.axis, KV_TAG, ring.traffic) if ring.size > 1 else None
+    grad_comm = RingComm(ring.axis, GRAD_TAG, ring.traffic) if ring.size > 1 else None
     k_cur, v_cur, seg_cur = s.k, s.v, s.seg
     dq = dk = dv = None  # float32 accumulators; dk/dv belong to the K/V block held this step
     received: list[torch.Tensor] = []  # dk/dv accumulators arriving from the previous rank
@@ -123,7 +123,7 @@ def backward_chunked(ring: Ring, kernel: BlockKernel, s: Saved):
         return done
     chunks, q_tiles = backward_chunks(ring.local_len, ring.layout, ring.settings)
     kvs, grads = KVStream(ring, chunks, s.k, s.v), GradStream(ring, chunks, s.k)
-    seg_comm = RingComm(ring.axis, SEG_TAG) if s.seg is not None and ring.size > 1 else None
+    seg_comm = RingComm(ring.axis, SEG_TAG, ring.traffic) if s.seg is not None and ring.size > 1 else None
     dq = torch.zeros_like(s.q, dtype=torch.float32)
     seg_cur = s.seg
     for step in range(ring.size):

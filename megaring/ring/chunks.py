@@ -95,7 +95,7 @@ class KVStream:
     """The K/V block being computed in the backward ring, in chunks, and the next one arriving."""
 
     def __init__(self, ring: Ring, chunks: list[Chunk], k: torch.Tensor, v: torch.Tensor):
-        self.comm = RingComm(ring.axis, KV_TAG) if ring.size > 1 else None
+        self.comm = RingComm(ring.axis, KV_TAG, ring.traffic) if ring.size > 1 else None
         self.chunks = chunks
         self.own = (k, v)  # this rank's block, read in place on the first step
         self.current: list | None = None  # [k, v] per chunk of a block that arrived
@@ -143,7 +143,7 @@ class GradStream:
     """
 
     def __init__(self, ring: Ring, chunks: list[Chunk], like: torch.Tensor):
-        self.comm = RingComm(ring.axis, GRAD_TAG) if ring.size > 1 else None
+        self.comm = RingComm(ring.axis, GRAD_TAG, ring.traffic) if ring.size > 1 else None
         self.chunks, self.like = chunks, like
         self.passing: list | None = None  # the previous step's block, chunk by chunk, until sent
         self.current: list = []  # this step's block, chunks done so far

@@ -14,7 +14,29 @@ import torch.distributed as dist
 from megaring.distributed.mesh import Axis
 
 # One tag per kind of message, so that messages between a pair of ranks match one to one.
-KV_TAG, GRAD_TAG, SEG_TAG = 11, 12, 13
+KV_TAG, GRAD_TAG, SEG_TAG, HOME_TAG = 11, 12, 13, 14
+
+
+class KVTraffic:
+    """Bytes this rank sent in ring attention's K/V (and dK/dV) transfers: a counter the caller owns.
+
+    Pass one to :func:`megaring.ring_attention` (``traffic=``) or to :class:`RingComm` /
+    :class:`PeerExchange`; every posted send adds its bytes. ``take()`` reads and resets it
+    (the trainer does so once per step).
+    """
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.messages = 0
+
+    def add(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            self.bytes_sent += t.numel() * t.element_size()
+            self.messages += 1
+
+    def take(self) -> int:
+        sent, self.bytes_sent, self.messages = self.bytes_sent, 0, 0
+        return sent
 
 
 def memory_order(t: torch.Tensor) -> torch.Tensor:
@@ -35,8 +57,9 @@ def dense(t: torch.Tensor) -> torch.Tensor:
 class RingComm:
     """Transfers of one kind (``tag``) around the ring of ``axis``: to the next rank, from the previous."""
 
-    def __init__(self, axis: Axis, tag: int = 0):
+    def __init__(self, axis: Axis, tag: int = 0, traffic: KVTraffic | None = None):
         self.group = axis.group
+        self.traffic = traffic
         self.tag = tag
         self.next = axis.ranks[(axis.rank + 1) % axis.size]  # global ranks, as P2POp wants them
         self.prev = axis.ranks[(axis.rank - 1) % axis.size]
@@ -48,6 +71,8 @@ class RingComm:
         if self._works:
             raise RuntimeError("RingComm.send_recv called twice without wait()")
         tensors = [dense(t) for t in tensors]
+        if self.traffic is not None:
+            self.traffic.add(tensors)
         buffers = [torch.empty_like(t) for t in tensors]  # the same strides as what is sent
         ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
@@ -60,4 +85,38 @@ class RingComm:
         with torch.profiler.record_function("ring.comm.wait"):
             for work in self._works:
                 work.wait()
+        self._works, self._sending = [], []
+
+
+class PeerExchange:
+    """One batch of point-to-point transfers of one kind (``tag``) with any ranks of ``axis``.
+
+    The mask-aware ring's schedule (:mod:`megaring.ring.route`) says which rank sends what to
+    whom at each step; every rank derives it from the same data, so the sends and receives of a
+    batch match one to one. ``post(sends, recvs)`` takes ``(axis rank, tensor)`` pairs (receive
+    buffers allocated by the caller) and ``wait()`` completes them; an empty batch posts nothing.
+    """
+
+    def __init__(self, axis: Axis, tag: int, traffic: KVTraffic | None = None):
+        self.axis, self.tag, self.traffic = axis, tag, traffic
+        self._works: list = []
+        self._sending: list[torch.Tensor] = []
+
+    def post(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
+        if self._works:
+            raise RuntimeError("PeerExchange.post called twice without wait()")
+        sends = [(peer, dense(t)) for peer, t in sends]
+        if self.traffic is not None:
+            self.traffic.add([t for _, t in sends])
+        ops = [dist.P2POp(dist.isend, memory_order(t), self.axis.ranks[peer], self.axis.group, self.tag)
+               for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, memory_order(b), self.axis.ranks[peer], self.axis.group, self.tag)
+                for peer, b in recvs]
+        if ops:
+            self._works = dist.batch_isend_irecv(ops)
+        self._sending = [t for _, t in sends]
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
         self._works, self._sending = [], []

@@ -46,7 +46,7 @@ class ParallelConfig:
     tp: int = 1
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 over dp x cp
     sequence_parallel: bool = False  # Megatron sequence parallelism inside the tp group
-    layout: str = "zigzag"  # how cp ranks hold the sequence: "zigzag" | "contiguous"
+    layout: str = "zigzag"  # how cp ranks hold the sequence: "zigzag" | "contiguous" | "balanced" (by documents)
     # Without a launcher: spawn this many local workers (0: don't; "auto": dp * cp * tp, for sweeps over layouts).
     nproc_per_node: int | str = 0
     attn_kernel: str | None = None  # None: automatic; else a name from megaring.kernels

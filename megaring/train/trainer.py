@@ -25,6 +25,8 @@ from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
+from megaring.ring.comm import KVTraffic
+from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.checkpoint import TrainerState, load_latest, read_trainer_state, save_checkpoint
 from megaring.train.config import TrainConfig
 from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
@@ -64,6 +66,7 @@ class Run:
     reader: BatchReader
     eval_reader: EvalReader | None  # None: eval.every = 0
     resume: Resume | None
+    traffic: KVTraffic  # ring attention's K/V bytes sent by this rank, read and reset every step
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -112,15 +115,18 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     p, t = cfg.parallel, cfg.trainer
     mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
+    traffic = KVTraffic()
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
-                                    attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring())
+                                    attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring(),
+                                    traffic=traffic)
     resume = find_resume(cfg, checkpoint_dir(cfg, run_dir))
     model = build_weights(cfg, ctx, resume)
     engine = build_engine(model, cfg, mesh, device)
     shard = rank_shard(mesh, p.layout)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
-    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume)
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
+               traffic)
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -144,7 +150,6 @@ def run_steps(run: Run) -> list[dict]:
     if note:
         progress.note(note)
     tokens_per_step = t.global_batch_size * t.seq_len
-    flops_per_token = model_flops_per_token(cfg.model, t.seq_len)
     peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
     history, exit_code = [], 1
     profiler = StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device)
@@ -165,14 +170,19 @@ def run_steps(run: Run) -> list[dict]:
             maybe_inject(rank, step)
             began = time.perf_counter()
             lr = learning_rate(step - 1, cfg.optim, t.max_steps)
+            batches = run.reader.micro_batches(step - 1)
             with profiler.around(step):
-                result = train_step(run.engine, run.reader.micro_batches(step - 1), run.mesh, run.device, lr)
+                result = train_step(run.engine, batches, run.mesh, run.device, lr)
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
-            metrics = step_metrics(step, result, step_time_s=time.perf_counter() - began,
+            step_time_s = time.perf_counter() - began
+            work = attention_work(visible_pairs(batches, cfg.model.sliding_window), run.traffic.take(),
+                                  run.mesh, run.device)
+            flops_per_token = model_flops_per_token(cfg.model, t.seq_len, work.pairs_total / tokens_per_step)
+            metrics = step_metrics(step, result, step_time_s=step_time_s,
                                    tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
                                    world_size=run.mesh.dims.world_size, peak_tflops=peak,
-                                   tokens_seen=step * tokens_per_step, device=run.device)
+                                   tokens_seen=step * tokens_per_step, device=run.device) | work.metrics()
             history.append(metrics)
             progress.update(metrics)
             if is_logger and (step % t.log_every == 0 or step == t.max_steps):

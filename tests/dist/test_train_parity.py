@@ -79,3 +79,43 @@ def test_bfloat16_computes_in_bfloat16_and_tracks_float32(pools, reference, tmp_
     assert per_rank[0][0][0] != reference[0][0]
     for (loss, _), (ref_loss, _) in zip(per_rank[0], reference):
         assert loss == pytest.approx(ref_loss, rel=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(1, 2, 1), (1, 4, 1), (1, 2, 2)], ids=lambda t: "dp{}cp{}tp{}".format(*t))
+def test_balanced_layout_matches_single_process(pools, reference, tmp_path, layout):
+    cfg = layout_cfg(*layout, 1, layout="balanced")
+    per_rank = pools(layout[0] * layout[1] * layout[2]).run(_train, cfg, str(tmp_path))
+    check_against(reference, per_rank)
+
+
+def _train_metrics(rank: int, world_size: int, cfg, run_dir: str) -> list[dict]:
+    from megaring.train.trainer import train
+
+    return train(cfg, run_dir)
+
+
+@pytest.mark.slow
+def test_sliding_window_and_attention_metrics(pools, tmp_path):
+    """model.sliding_window=8 at cp=2 (balanced) against one process; the step metrics report the
+    attention work balance and the K/V bytes each rank sent."""
+    ref_cfg = make_cfg(dp=1, cp=1, tp=1, zero_stage=0, micro_batch_size=1)
+    ref_cfg.model = dataclasses.replace(ref_cfg.model, sliding_window=8)
+    (ref,) = pools(1).run(_train_metrics, ref_cfg, str(tmp_path / "ref"))
+    cfg = layout_cfg(1, 2, 1, 1, layout="balanced")
+    cfg.model = dataclasses.replace(cfg.model, sliding_window=8)
+    got = pools(2).run(_train_metrics, cfg, str(tmp_path / "cp2"))[0]
+    for r, g in zip(ref, got):
+        assert g["loss"] == pytest.approx(r["loss"], rel=RTOL)
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=RTOL)
+        assert 1.0 <= g["attn_imbalance"] < 1.5 and g["kv_bytes_sent_max"] >= g["kv_bytes_sent_mean"] > 0
+        assert r["kv_bytes_sent_max"] == 0 and r["attn_imbalance"] == 1.0
+    assert ref[0]["tflops"] < make_cfg_dense_tflops(ref[0], ref_cfg)
+
+
+def make_cfg_dense_tflops(metrics: dict, cfg) -> float:
+    """TFLOP/s the step would report counting dense causal attention over the whole sample."""
+    from megaring.model import model_flops_per_token
+
+    t = cfg.trainer
+    return metrics["tokens_per_s"] * model_flops_per_token(cfg.model, t.seq_len) / 1e12

@@ -88,11 +88,11 @@ def test_llama_ffn_rule():
 
 
 def test_every_bad_layout_is_reported_at_once():
-    cfg = ModelConfig(vocab_size=250, n_heads=6, n_kv_heads=3, dim=48, ffn_dim=102, sliding_window=16,
+    cfg = ModelConfig(vocab_size=250, n_heads=6, n_kv_heads=3, dim=48, ffn_dim=102, sliding_window=0,
                       rope_scaling={"rope_type": "ntk"})
     problems = validate_model_config(cfg, tp=4, cp=2, seq_len=30)
     text = "\n".join(problems)
-    for needle in ("n_heads=6", "n_kv_heads=3", "ffn_dim=102", "2*cp=4", "sliding_window=16", "'ntk'"):
+    for needle in ("n_heads=6", "n_kv_heads=3", "ffn_dim=102", "2*cp=4", "sliding_window=0", "'ntk'"):
         assert needle in text, f"{needle!r} missing from {problems}"
     assert len(problems) == 6  # the vocabulary is padded, not a problem
     assert validate_model_config(TINY, tp=4, cp=4, seq_len=64, sequence_parallel=True) == []

@@ -1,0 +1,110 @@
+"""Ring attention fwd+bwd wall time and K/V bytes per rank: zigzag vs balanced, and windows (CPU, gloo).
+
+Spawns ``cp`` gloo processes (one torch thread each). Each case runs ring attention forward and
+backward on the rank's shard of one packed sample (documents from a mix of
+:mod:`tools.bench_balance`), ``--iters`` times; reported: the median over iterations of the
+slowest rank's time, and the bytes each rank sent (:class:`megaring.ring.comm.KVTraffic`, K/V
+and dK/dV, forward and backward).
+
+    python -m tools.bench_balance_ring --seq-len 16384 --cp 4
+    python -m tools.bench_balance_ring --seq-len 16384 --cp 4 --window 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megaring import ring_attention, shard_sequence
+from megaring.ring.comm import KVTraffic
+from tools.bench_balance import samples, stream
+
+
+def _segments(mix: str, seq: int) -> torch.Tensor:
+    lengths = samples(stream(mix, seq * 2, seed=1), seq, 2)[-1] if mix != "one" else [seq]
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def _positions(seg: torch.Tensor) -> torch.Tensor:
+    idx = torch.arange(seg.numel())
+    start = torch.ones_like(seg, dtype=torch.bool)
+    start[1:] = seg[1:] != seg[:-1]
+    return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(0).values
+
+
+def _worker(rank, world, port, args, cases, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    s, h, hk, d = args.seq_len, args.heads, args.kv_heads, args.head_dim
+    q, k, v = (torch.randn(1, s, n, d, generator=g) for n in (h, hk, hk))
+    results = {}
+    for name, mix, layout, window, use_pos in cases:
+        seg = _segments(mix, s)[None]
+        pos = _positions(seg[0])[None]
+        shard = dict(dim=1, rank=rank, world_size=world, layout=layout, segment_ids=seg)
+        ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
+        sl, pl = shard_sequence(seg, **shard), shard_sequence(pos, **shard)
+        times, traffic = [], KVTraffic()
+        for it in range(args.iters + 1):
+            traffic.take()
+            dist.barrier()
+            t0 = time.perf_counter()
+            out = ring_attention(ql, kl, vl, group=dist.group.WORLD, segment_ids=sl,
+                                 positions=pl if use_pos else None, window=window, layout=layout, traffic=traffic)
+            out.sum().backward()
+            elapsed = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if it:  # the first is a warm-up
+                times.append(float(elapsed))
+        results[name] = (statistics.median(times), traffic.bytes_sent)
+    queue.put((rank, results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-len", type=int, default=16384)
+    p.add_argument("--cp", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--window", type=int, default=None)
+    args = p.parse_args()
+    if args.window:
+        cases = [("zigzag, full ring (one document)", "one", "zigzag", None, False),
+                 (f"zigzag, window {args.window}", "one", "zigzag", args.window, False),
+                 (f"contiguous, window {args.window}", "one", "contiguous", args.window, False)]
+    else:
+        cases = [(f"{mix}, {layout}", mix, layout, None, layout == "balanced")
+                 for mix in ("stdlib", "lognormal") for layout in ("zigzag", "balanced")]
+    from tests.helpers.pool import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args.cp, port, args, cases, out)) for r in range(args.cp)]
+    for proc in procs:
+        proc.start()
+    per_rank = dict(out.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    print(f"seq {args.seq_len}, cp {args.cp}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, float32")
+    print("| case | fwd+bwd s (slowest rank, median) | MiB sent per rank (max / mean) |")
+    print("|---|---|---|")
+    for name, *_ in cases:
+        t = per_rank[0][name][0]
+        sent = [per_rank[r][name][1] / 2**20 for r in range(args.cp)]
+        print(f"| {name} | {t:.3f} | {max(sent):.1f} / {statistics.mean(sent):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
