@@ -38,6 +38,7 @@ class RingComm:
     def __init__(self, axis: Axis, tag: int = 0):
         self.group = axis.group
         self.tag = tag
+        self.traffic = axis.traffic
         self.next = axis.ranks[(axis.rank + 1) % axis.size]  # global ranks, as P2POp wants them
         self.prev = axis.ranks[(axis.rank - 1) % axis.size]
         self._works: list = []
@@ -52,6 +53,7 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
         self._works = dist.batch_isend_irecv(ops)
+        self.traffic.add("ring_p2p", sum(t.numel() * t.element_size() for t in tensors))
         self._sending = tensors  # alive until sent, even where dense() made a copy
         return buffers
 
