@@ -99,8 +99,8 @@ class Transformer(nn.Module):
 
 def build_model(cfg: ModelConfig, ctx: ParallelContext, *, seed: int = 0) -> Transformer:
     """The model's shards for this rank, initialised as slices of the (1, 1) model of ``seed``."""
-    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, sequence_parallel=ctx.sequence_parallel,
-                       layout=ctx.layout)
+    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, ulysses=ctx.cp_ulysses.size,
+                       sequence_parallel=ctx.sequence_parallel, layout=ctx.layout)
     model = Transformer(cfg, ctx)
     init_weights(model, cfg, ctx, seed=seed)
     return model

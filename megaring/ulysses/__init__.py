@@ -1,7 +1,4 @@
 """Head-parallel context parallelism (DeepSpeed-Ulysses) and the 2D hybrid with the ring:
-all-to-all (comm), head assignment (heads), ``context_attention`` (attention)."""
-
-from megaring.ulysses.attention import context_attention
-from megaring.ulysses.heads import head_problems
-
-__all__ = ["context_attention", "head_problems"]
+``comm`` (the all-to-all), ``heads`` (which heads each rank gets: pure arithmetic, imported by the
+model config), ``attention`` (``context_attention``, public as ``megaring.context_attention``).
+Nothing is imported here, so the config checks do not pull in the ring."""

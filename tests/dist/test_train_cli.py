@@ -60,7 +60,8 @@ def test_self_spawn_writes_metrics_and_offline_wandb(reference):
     (wandb_file,) = (reference / "wandb").glob("offline-run-*/run-*.wandb")
     raw = wandb_file.read_bytes()
     cfg = compose_cfg(*RUN)
-    for needle in (b'"mesh"', b'{"dp":2,"cp":1,"tp":1}', b"world_size", f"exp-{experiment_id(cfg)}".encode(),
+    for needle in (b'"mesh"', b'{"dp":2,"cp":1,"ulysses":1,"tp":1}', b"ulysses1", b"world_size",
+                   f"exp-{experiment_id(cfg)}".encode(),
                    b"dp2", b"cp1", b"tp1", b"zero2", b"grad_norm", b"tokens_per_s"):
         assert needle in raw or needle.replace(b'"', b"") in raw, needle
     assert (reference / "checkpoints" / "latest").read_text() == "step_00000003"
