@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "ring_attention": "megaring.ring.attention",
+    "context_attention": "megaring.ulysses.attention",
     "RingSettings": "megaring.ring.settings",
     "shard_sequence": "megaring.layout",
     "unshard_sequence": "megaring.layout",

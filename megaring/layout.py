@@ -263,3 +263,30 @@ def unshard_sequence(shards: Sequence[torch.Tensor], *, dim: int, layout: str = 
         for cid, piece in zip(chunk_ids(rank, world_size, layout), pieces):
             chunks[cid] = piece
     return torch.cat(chunks, dim=dim)
+
+
+def ulysses_gather_order(ulysses: int, layout: str) -> list[tuple[int, int]]:
+    """How a Ulysses group's gathered shards form its ring rank's shard: ``(member, piece)`` in local order.
+
+    cp factors as ``cp = ring * ulysses`` with ``cp_rank = ring_rank * ulysses + member``; the data
+    is sharded over the total cp. The ``ulysses`` members of ring rank j together hold exactly ring
+    rank j's shard of the same sequence laid out over ``ring`` ranks, with ``piece`` the index of a
+    member's chunk in its own local order (:func:`chunk_ids`); writing ``U = ulysses``, ``W = cp``,
+    ``R = ring``:
+
+    - contiguous: member u holds chunk ``jU + u``; ring rank j holds chunks ``[jU, (j+1)U)`` of W,
+      i.e. its one chunk of R: members in order.
+    - zigzag: member u holds chunks ``jU + u`` and ``2W-1-jU-u``; ring rank j holds ring chunks j
+      and ``2R-1-j``, i.e. chunks ``[jU, (j+1)U)`` then ``[2W-(j+1)U, 2W-jU)`` of the total
+      ``2W``: every member's first piece in member order, then every second piece in reverse
+      member order.
+
+    So ring attention over the ring group, on the gathered sequence in this order, is ring
+    attention in the same layout, and the data reader's sharding is the same for every factorisation.
+    """
+    if ulysses < 1:
+        raise ValueError(f"ulysses={ulysses} must be >= 1")
+    first = [(u, 0) for u in range(ulysses)]
+    if chunks_per_rank(layout) == 1:
+        return first
+    return first + [(u, 1) for u in reversed(range(ulysses))]

@@ -27,8 +27,8 @@ def build_model_from_hf(
 ) -> tuple[Transformer, ModelConfig]:
     """This rank's shards of the checkpoint's model (no random init: every weight is read)."""
     cfg = hf_model_config(directory, overrides)
-    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, sequence_parallel=ctx.sequence_parallel,
-                       layout=ctx.layout)
+    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, ulysses=ctx.cp_ulysses.size,
+                       sequence_parallel=ctx.sequence_parallel, layout=ctx.layout)
     model = Transformer(cfg, ctx)
     load_hf_weights(model, ctx, directory)
     return model, cfg

@@ -18,6 +18,7 @@ from megaring.model.rope import apply_rope
 from megaring.model.tiling import swiglu, tiled
 from megaring.ring.attention import ring_attention
 from megaring.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
+from megaring.ulysses.attention import context_attention
 
 
 def _apex_fused_rms_norm():
@@ -61,8 +62,9 @@ class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings; tp splits the q heads and the kv heads.
 
     ``[Q | K | V] = X [W_q | W_k | W_v]`` is one fused column-parallel matmul (rank i gets its
-    ``H / tp`` query heads and ``H_kv / tp`` kv heads), ring attention runs over cp on the local
-    heads, and the row-parallel ``W_o`` sums the heads' contributions over tp. Biases:
+    ``H / tp`` query heads and ``H_kv / tp`` kv heads), context attention runs over cp on the local
+    heads (Ulysses all-to-all inside, ring across; cp=1: plain attention), and the row-parallel
+    ``W_o`` sums the heads' contributions over tp. Biases:
     ``attention_bias`` on all four (Llama), ``qkv_bias`` on the fused projection only (Qwen2).
     """
 
@@ -88,6 +90,11 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, s, h_kv, hd), cos, sin)  # (B, S, H_kv_l, D)
         v = v.view(b, s, h_kv, hd)
         c = self.ctx  # cp=1: a size-1 axis, plain attention
+        if c.cp_ulysses is not None and c.cp_ulysses.size > 1:  # Ulysses inside, the ring across
+            out = context_attention(q, k, v, ulysses_group=c.cp_ulysses, ring_group=c.cp_ring, causal=True,
+                                    segment_ids=segment_ids, layout=c.layout, kernel=c.attn_kernel,
+                                    backward=c.ring_backward, settings=c.ring_settings)  # (B, S, H_l, D)
+            return self.wo(out.reshape(b, s, h * hd))  # (B, S[/tp], dim)
         window = self.window if self.window is not None and self.window < s * c.cp.size else None
         out = ring_attention(q, k, v, group=c.cp, causal=True, segment_ids=segment_ids,
                              positions=positions if (window or c.layout == "balanced") else None, window=window,

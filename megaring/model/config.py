@@ -12,6 +12,7 @@ from typing import Any
 
 from megaring.errors import problem_list
 from megaring.layout import length_problem
+from megaring.ulysses.heads import head_problems
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -139,6 +140,17 @@ def _tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
     return [f"{name}={size} is not divisible by parallel.tp={tp}" for name, size in sizes.items() if size % tp]
 
 
+def _ulysses_problems(cfg: ModelConfig, tp: int, ulysses: int) -> list[str]:
+    """The heads of one tp rank split over the Ulysses group (see :mod:`megaring.ulysses.heads`)."""
+    if ulysses == 1 or cfg.n_heads % tp or cfg.kv_heads % tp:
+        return []  # nothing to split, or already reported by the tp checks
+    where = f"model.n_heads/tp={cfg.n_heads}/{tp}" if tp > 1 else f"model.n_heads={cfg.n_heads}"
+    problems = head_problems(cfg.n_heads // tp, cfg.kv_heads // tp, ulysses, where="per-tp-rank")
+    return [p.replace("per-tp-rank query heads", where).replace(
+        "per-tp-rank kv heads", f"model.n_kv_heads/tp={cfg.kv_heads}/{tp}" if tp > 1 else
+        f"model.n_kv_heads={cfg.kv_heads}") for p in problems]
+
+
 def _seq_problems(seq_len: int, *, tp: int, cp: int, sequence_parallel: bool, layout: str) -> list[str]:
     if (problem := length_problem(seq_len, cp, layout)) is not None:
         return [problem]
@@ -156,16 +168,21 @@ def validate_model_config(
     seq_len: int | None = None,
     sequence_parallel: bool = False,
     layout: str = "zigzag",
+    ulysses: int = 1,
 ) -> list[str]:
-    """Every problem of ``cfg`` under this layout (empty when valid). ``seq_len`` is the global one."""
+    """Every problem of ``cfg`` under this layout (empty when valid). ``seq_len`` is the global one;
+    ``ulysses``: the Ulysses group inside cp, which splits each tp rank's heads."""
     out = _shape_problems(cfg)
     if not out:
-        out += _tp_problems(cfg, tp)
+        out += _tp_problems(cfg, tp) + _ulysses_problems(cfg, tp, ulysses)
     out += _variant_problems(cfg)
     if seq_len is not None:
         out += _seq_problems(seq_len, tp=tp, cp=cp, sequence_parallel=sequence_parallel, layout=layout)
         if cfg.sliding_window is not None and cfg.sliding_window < 1:
             out.append(f"model.sliding_window={cfg.sliding_window} must be >= 1 (or null: no window)")
+    if ulysses > 1 and (layout == "balanced" or cfg.sliding_window is not None):
+        out.append(f"parallel.ulysses={ulysses} runs the ring on its gathered zigzag/contiguous shards: it does not "
+                   "combine with parallel.layout=balanced or model.sliding_window yet; use parallel.ulysses=1")
     return out
 
 

@@ -12,7 +12,10 @@ from megaring.ring.settings import RingSettings
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """The tp axis (weights split), the cp axis (sequence split, ring attention) and options.
+    """The tp axis (weights split), the cp axis (sequence split) with its factors, and options.
+
+    ``cp_ulysses`` / ``cp_ring``: cp = Ulysses group (head all-to-all) x ring
+    (:func:`megaring.context_attention`); by default cp is all ring.
 
     ``sequence_parallel``: Megatron sequence parallelism inside the tp group (norms and residuals
     on ``S / tp`` tokens). ``layout``: how the cp ranks hold the sequence (``megaring.layout``).
@@ -31,9 +34,18 @@ class ParallelContext:
     ring_backward: str = "whole"
     ring_settings: RingSettings = RingSettings()
     traffic: KVTraffic | None = None
+    cp_ulysses: Axis | None = None
+    cp_ring: Axis | None = None
 
     def __post_init__(self):
         check_layout(self.layout)
+        if self.cp_ulysses is None:
+            object.__setattr__(self, "cp_ulysses", Axis.single("cp_ulysses"))
+        if self.cp_ring is None:
+            object.__setattr__(self, "cp_ring", self.cp)
+        if self.cp_ulysses.size * self.cp_ring.size != self.cp.size:
+            raise ValueError(f"cp_ulysses ({self.cp_ulysses.size}) x cp_ring ({self.cp_ring.size}) "
+                             f"must be cp ({self.cp.size})")
 
     @classmethod
     def single(cls, **options) -> ParallelContext:
@@ -42,7 +54,7 @@ class ParallelContext:
 
     @classmethod
     def from_mesh(cls, mesh: ParallelMesh, **options) -> ParallelContext:
-        return cls(mesh.tp, mesh.cp, **options)
+        return cls(mesh.tp, mesh.cp, cp_ulysses=mesh.cp_ulysses, cp_ring=mesh.cp_ring, **options)
 
     @property
     def sequence_parallel_active(self) -> bool:

@@ -109,8 +109,8 @@ def _call(block: nn.Module, *args):
 def build_model(cfg: ModelConfig, ctx: ParallelContext, *, seed: int = 0,
                 compile_backend: str | Callable = "inductor") -> Transformer:
     """The model's shards for this rank, initialised as slices of the (1, 1) model of ``seed``."""
-    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, sequence_parallel=ctx.sequence_parallel,
-                       layout=ctx.layout)
+    check_model_config(cfg, tp=ctx.tp.size, cp=ctx.cp.size, ulysses=ctx.cp_ulysses.size,
+                       sequence_parallel=ctx.sequence_parallel, layout=ctx.layout)
     model = Transformer(cfg, ctx, compile_backend=compile_backend)
     init_weights(model, cfg, ctx, seed=seed)
     return model

@@ -94,6 +94,14 @@ def heads_major(x: torch.Tensor) -> torch.Tensor:
 def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole", positions=None,
                  window: int | None = None) -> None:
     """Raise one ValueError naming every problem with the inputs (before any communication)."""
+    problems = input_problems(q, k, v, segment_ids, layout, backward, positions, window)
+    if problems:
+        raise ValueError("ring_attention: " + "; ".join(problems))
+
+
+def input_problems(q, k, v, segment_ids, layout: str, backward: str = "whole", positions=None,
+                   window: int | None = None) -> list[str]:
+    """Every problem with the inputs of :func:`ring_attention` (empty when they are fine)."""
     if layout not in LAYOUTS:
         raise ValueError(f"ring_attention: layout must be one of {LAYOUTS}, got {layout!r}")
     problems = []
@@ -131,8 +139,7 @@ def check_inputs(q, k, v, segment_ids, layout: str, backward: str = "whole", pos
                             f"got {tuple(segment_ids.shape)}")
         if segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
             problems.append(f"segment_ids must be integers; got {segment_ids.dtype}")
-    if problems:
-        raise ValueError("ring_attention: " + "; ".join(problems))
+    return problems
 
 
 def cp_axis(group) -> Axis:

@@ -59,7 +59,8 @@ class RingComm:
 
     def __init__(self, axis: Axis, tag: int = 0, traffic: KVTraffic | None = None):
         self.group = axis.group
-        self.traffic = traffic
+        self.traffic = traffic  # the caller's K/V counter (trainer metrics), when given
+        self.axis_traffic = axis.traffic  # the axis's own counter, by kind (benchmarks, cost model)
         self.tag = tag
         self.next = axis.ranks[(axis.rank + 1) % axis.size]  # global ranks, as P2POp wants them
         self.prev = axis.ranks[(axis.rank - 1) % axis.size]
@@ -78,6 +79,7 @@ class RingComm:
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
         with torch.profiler.record_function("ring.comm.send_recv"):  # a named region in profiles
             self._works = dist.batch_isend_irecv(ops)
+        self.axis_traffic.add("ring_p2p", sum(t.numel() * t.element_size() for t in tensors))
         self._sending = tensors  # alive until sent, even where dense() made a copy
         return buffers
 

@@ -39,11 +39,13 @@ RingSettingsConfig.__module__ = __name__  # picklable: spawned workers receive t
 
 @dataclass
 class ParallelConfig:
-    """The mesh ``dp x cp x tp`` (tp innermost) and how the processes are started."""
+    """The mesh ``dp x cp x tp`` (tp innermost; cp = ring x ulysses, ulysses innermost) and how the
+    processes are started."""
 
     dp: int = 1
     cp: int = 1
     tp: int = 1
+    ulysses: int = 1  # Ulysses (head all-to-all) group inside cp: cp = ulysses * ring; 1: pure ring, cp: pure Ulysses
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 over dp x cp
     sequence_parallel: bool = False  # Megatron sequence parallelism inside the tp group
     layout: str = "zigzag"  # how cp ranks hold the sequence: "zigzag" | "contiguous" | "balanced" (by documents)
@@ -59,7 +61,7 @@ class ParallelConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def dims(self) -> ParallelDims:
-        return ParallelDims(self.dp, self.cp, self.tp)
+        return ParallelDims(self.dp, self.cp, self.tp, self.ulysses)
 
     def ring(self) -> RingSettings:
         return RingSettings(**asdict(self.ring_settings))

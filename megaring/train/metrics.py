@@ -71,10 +71,12 @@ class MetricsFile:
 
     Resuming after step ``k`` keeps the lines of steps ``<= k`` and drops later ones (written
     after the checkpoint by the interrupted run), so the file reads like one uninterrupted run.
+    ``mesh`` (``{"dp", "cp", "ulysses", "tp"}``, :func:`megaring.train.tracking.mesh_record`) goes
+    into every line, so runs of a sweep over layouts can be told apart from their files alone.
     """
 
-    def __init__(self, path: Path, resume_step: int = 0):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int = 0, mesh: dict | None = None):
+        self.path, self.mesh = path, mesh
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step > 0 and path.is_file():
@@ -84,7 +86,7 @@ class MetricsFile:
         self.file = open(path, "a")
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
+        self.file.write(json.dumps(metrics | ({"mesh": self.mesh} if self.mesh else {})) + "\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -15,9 +15,16 @@ from pathlib import Path
 from megaring.train.config import TrainConfig, config_dict, experiment_id
 
 
+def mesh_record(cfg: TrainConfig) -> dict[str, int]:
+    """The mesh sizes as wandb's config and ``metrics.jsonl`` record them."""
+    p = cfg.parallel
+    return {"dp": p.dp, "cp": p.cp, "ulysses": p.ulysses, "tp": p.tp}
+
+
 def layout_tags(cfg: TrainConfig) -> list[str]:
     p = cfg.parallel
-    tags = [f"dp{p.dp}", f"cp{p.cp}", f"tp{p.tp}", f"zero{p.zero_stage}", f"model-{cfg.model.name}"]
+    tags = [f"dp{p.dp}", f"cp{p.cp}", f"ulysses{p.ulysses}", f"tp{p.tp}", f"zero{p.zero_stage}",
+            f"model-{cfg.model.name}"]
     if p.sequence_parallel:
         tags.append("sp")
     return tags + list(cfg.logging.wandb.tags)
@@ -40,8 +47,7 @@ class Tracker:
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        p = cfg.parallel
-        config = config_dict(cfg) | {"mesh": {"dp": p.dp, "cp": p.cp, "tp": p.tp}, "world_size": world_size}
+        config = config_dict(cfg) | {"mesh": mesh_record(cfg), "world_size": world_size}
         self.run = wandb.init(
             project=w.project, entity=w.entity, group=w.group or f"exp-{experiment_id(cfg)}",
             name=w.name or run_dir.name, tags=layout_tags(cfg), config=config, dir=str(wandb_dir),

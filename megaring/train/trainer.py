@@ -36,7 +36,7 @@ from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops,
 from megaring.train.profile import StepProfiler
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
-from megaring.train.tracking import Tracker
+from megaring.train.tracking import Tracker, mesh_record
 from megaring.train.universal import UniversalState, load_optimizer, load_weights
 from megaring.train.validate import validate
 
@@ -144,7 +144,7 @@ def run_steps(run: Run) -> list[dict]:
     cfg, t, rank = run.cfg, run.cfg.trainer, run.mesh.rank
     is_logger = rank == 0
     start, note = resume_state(run)
-    metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start) if is_logger else None
+    metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start, mesh_record(cfg)) if is_logger else None
     tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
     if note:

@@ -86,9 +86,9 @@ def optim_problems(cfg: TrainConfig) -> list[str]:
 
 def model_problems(cfg: TrainConfig) -> list[str]:
     p = cfg.parallel
-    if min(p.tp, p.cp) < 1 or p.layout not in LAYOUTS:
+    if min(p.tp, p.cp, p.ulysses) < 1 or p.layout not in LAYOUTS:
         return []  # reported by parallel_problems; the model checks would divide by them
-    return validate_model_config(cfg.model, tp=p.tp, cp=p.cp, seq_len=cfg.trainer.seq_len,
+    return validate_model_config(cfg.model, tp=p.tp, cp=p.cp, ulysses=p.ulysses, seq_len=cfg.trainer.seq_len,
                                  sequence_parallel=p.sequence_parallel, layout=p.layout)
 
 

@@ -67,3 +67,41 @@ def test_dims_problems(dims, world, fragments):
         dims.validate(world)
     for fragment in fragments:
         assert fragment in str(err.value)
+
+
+def test_ulysses_inside_cp_on_8(pools):
+    """cp=4 as ring 2 x ulysses 2: Ulysses innermost (neighbouring cp ranks), the ring across."""
+    results = pools(8).run(_ulysses_mesh_task, 2, 4, 1, 2)
+    dims = ParallelDims(2, 4, 1, ulysses=2)
+    for rank, axes in enumerate(results):
+        c = dims.coords(rank)
+        assert c["cp"] == c["cp_ring"] * 2 + c["cp_ulysses"]
+        assert axes["cp"][2] == tuple(range(4 * c["dp"], 4 * c["dp"] + 4))
+        first = 4 * c["dp"] + 2 * c["cp_ring"]
+        assert axes["cp_ulysses"][2] == (first, first + 1)
+        assert axes["cp_ring"][2] == (4 * c["dp"] + c["cp_ulysses"], 4 * c["dp"] + c["cp_ulysses"] + 2)
+        assert axes["dp_cp"][2] == tuple(range(8))
+        for name, (axis_rank, size, ranks, seen) in axes.items():
+            assert seen == ranks, f"rank {rank} axis {name}: torch group {seen} != {ranks}"
+
+
+def _ulysses_mesh_task(rank, world, dp, cp, tp, ulysses):
+    mesh = build_mesh(ParallelDims(dp=dp, cp=cp, tp=tp, ulysses=ulysses), timeout_s=30)
+    out = {}
+    for name in ("cp", "dp_cp", "cp_ring", "cp_ulysses"):
+        axis = mesh.axis(name)
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(axis.size)]
+        dist.all_gather(gathered, torch.tensor([rank]), group=axis.group)
+        out[name] = (axis.rank, axis.size, axis.ranks, tuple(int(t) for t in gathered))
+    return out
+
+
+@pytest.mark.parametrize("dims,fragments", [
+    (ParallelDims(1, 4, 1, ulysses=3), ["parallel.ulysses=3 must divide parallel.cp=4"]),
+    (ParallelDims(1, 4, 1, ulysses=0), ["parallel.ulysses=0 must be an integer >= 1"]),
+])
+def test_ulysses_dims_problems(dims, fragments):
+    with pytest.raises(ValueError) as err:
+        dims.validate(4)
+    for fragment in fragments:
+        assert fragment in str(err.value)

@@ -99,8 +99,9 @@ def _replicated_grad_spread(model, ctx) -> float:
     return spread
 
 
-def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring_backward="whole", ring_settings=None):
-    mesh = build_mesh(ParallelDims(dp=world // (cp * tp), cp=cp, tp=tp))
+def _run_case(rank, world, cfg, cp, tp, sp, packed, batch, ref, state=None, ring_backward="whole", ring_settings=None,
+              ulysses=1):
+    mesh = build_mesh(ParallelDims(dp=world // (cp * tp), cp=cp, tp=tp, ulysses=ulysses))
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel=sp, ring_backward=ring_backward,
                                     **({"ring_settings": ring_settings} if ring_settings else {}))
     model = _build(cfg, ctx, state)

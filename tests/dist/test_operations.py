@@ -79,12 +79,14 @@ def test_multirun_over_two_layouts_gives_one_comparable_set(sweep):
 
 
 def test_deepspeed_launcher_on_cpu(sweep, tmp_path):
-    """``launch/deepspeed.sh`` = ``deepspeed --num_accelerators 2 --module megaring.train ...``."""
+    """``launch/deepspeed.sh`` = ``deepspeed --num_accelerators 2 --module megaring.train ...``, with cp=2
+    as a Ulysses pair (head all-to-all) against the sweep's ring pair."""
     env = clean_env(NUM_ACCELERATORS="2", MASTER_PORT=str(free_port()),
                     DEEPSPEED=shutil.which("deepspeed", path=str(BIN)) or "deepspeed")
-    ok(run(["bash", "launch/deepspeed.sh", *CP2, f"hydra.run.dir={tmp_path}"], env))
-    assert run_config(tmp_path)["parallel"]["cp"] == 2
-    assert_same_losses(tmp_path, sweep[2], rel=1e-6)  # 1e-6: the launcher may pick other thread counts
+    ok(run(["bash", "launch/deepspeed.sh", *CP2, "parallel.ulysses=2", f"hydra.run.dir={tmp_path}"], env))
+    assert run_config(tmp_path)["parallel"]["cp"] == 2 and run_config(tmp_path)["parallel"]["ulysses"] == 2
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["mesh"] == {"dp": 1, "cp": 2, "ulysses": 2, "tp": 1}
+    assert_same_losses(tmp_path, sweep[2], rel=1e-5)  # another attention order than the ring's
 
 
 def test_launch_scripts_parse():

@@ -57,10 +57,12 @@ def test_self_spawn_writes_metrics_and_offline_wandb(reference):
         assert KEYS <= m.keys() and m["mfu"] is None  # no MFU on CPU
         assert m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0 and m["tflops"] > 0
         assert m["tokens_seen"] == m["step"] * 4 * 64
+        assert m["mesh"] == {"dp": 2, "cp": 1, "ulysses": 1, "tp": 1}
     (wandb_file,) = (reference / "wandb").glob("offline-run-*/run-*.wandb")
     raw = wandb_file.read_bytes()
     cfg = compose_cfg(*RUN)
-    for needle in (b'"mesh"', b'{"dp":2,"cp":1,"tp":1}', b"world_size", f"exp-{experiment_id(cfg)}".encode(),
+    for needle in (b'"mesh"', b'{"dp":2,"cp":1,"ulysses":1,"tp":1}', b"ulysses1", b"world_size",
+                   f"exp-{experiment_id(cfg)}".encode(),
                    b"dp2", b"cp1", b"tp1", b"zero2", b"grad_norm", b"tokens_per_s"):
         assert needle in raw or needle.replace(b'"', b"") in raw, needle
     assert (reference / "checkpoints" / "latest").read_text() == "step_00000003"
