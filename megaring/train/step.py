@@ -25,6 +25,7 @@ class StepResult:
     grad_norm: float | None  # global norm before clipping
     lr: float  # the learning rate this update used
     valid_tokens: int  # over the global batch
+    applied: bool = True  # False: the update was skipped on every rank (non-finite gradients)
 
 
 def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], mesh: ParallelMesh,
@@ -34,13 +35,14 @@ def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]]
     labels = torch.stack([mb["labels"] for mb in batches])  # (micro_batches, B, S_local)
     count = count_valid_tokens(labels, mesh.dp_cp).to(torch.float64)  # all-reduced over dp_cp
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    norm = None
+    outcome = None
     for mb in batches:
         logits = engine.forward(mb["tokens"], mb["positions"], mb["segment_ids"])  # (B, S_local, V / tp)
         token_losses = vocab_parallel_cross_entropy(logits, mb["labels"], mesh.tp).float()  # (B, S_local)
         engine.backward(local_loss(token_losses, count))
-        norm = engine.step()  # the update and its norm come on the last micro-batch
+        outcome = engine.step()  # the update and its norm come on the last micro-batch
         loss_sum += token_losses.detach().sum().to(torch.float64)
     if mesh.dp_cp.size > 1:
         dist.all_reduce(loss_sum, group=mesh.dp_cp.group)
-    return StepResult((loss_sum / count.clamp(min=1.0)).item(), norm, lr, int(count.item()))
+    return StepResult((loss_sum / count.clamp(min=1.0)).item(), outcome.grad_norm, lr, int(count.item()),
+                      outcome.applied)

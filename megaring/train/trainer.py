@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
-from megaring.train.checkpoint import TrainerState, load_latest, read_trainer_state, save_checkpoint
+from megaring.train.checkpoint import TrainerState, load_latest, read_trainer_state, save_checkpoint, tag_for
 from megaring.train.config import TrainConfig
 from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
+from megaring.train.guards import NumericGuard
 from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
+from megaring.train.preempt import Preempted, PreemptWatch
+from megaring.train.rundir import RunLock, lr_horizon, result_config
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
 from megaring.train.tracking import Tracker
@@ -63,6 +67,8 @@ class Run:
     reader: BatchReader
     eval_reader: EvalReader | None  # None: eval.every = 0
     resume: Resume | None
+    lr_horizon: int  # the schedule's decay horizon (the checkpoint's unless changed explicitly)
+    lr_note: str | None  # said when the horizon is not the checkpoint's
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -70,17 +76,27 @@ def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
-    """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics."""
+    """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics.
+
+    Raises :class:`~megaring.train.preempt.Preempted` after a signal and a checkpoint, and
+    :class:`~megaring.train.guards.Diverged` after too many non-finite steps.
+    """
     run_dir = Path(run_dir)
     owns_group = not dist.is_initialized()
-    world_size = dist.get_world_size() if dist.is_initialized() else read_launch_env().world_size
-    validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
-    p = cfg.parallel
-    device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
+    env = read_launch_env()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if not owns_group else (env.world_size, env.rank)
+    lock = RunLock(run_dir).acquire() if rank == 0 else None  # before reading the run's checkpoints
+    watch = PreemptWatch(cfg.trainer.preempt_grace_s, rank).install()
     try:
+        validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
+        p = cfg.parallel
+        device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
         run = build_run(cfg, run_dir, device)
-        return run_steps(run)
+        return run_steps(run, watch)
     finally:
+        watch.uninstall()
+        if lock is not None:
+            lock.release()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -119,7 +135,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     shard = rank_shard(mesh, p.layout)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
-    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume)
+    horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
+               horizon, lr_note)
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -133,52 +151,68 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_steps(run: Run) -> list[dict]:
+def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     cfg, t, rank = run.cfg, run.cfg.trainer, run.mesh.rank
+    watch = watch or PreemptWatch(t.preempt_grace_s, rank)  # installed by train(); here: never signalled
     is_logger = rank == 0
     start, note = resume_state(run)
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start) if is_logger else None
     tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
-    if note:
-        progress.note(note)
+    for line in (note, run.lr_note, finished_note(start, t.max_steps)):
+        if line:
+            progress.note(line)
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = model_flops_per_token(cfg.model, t.seq_len)
     peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
+    guard = NumericGuard(t.max_bad_steps, t.loss_spike_factor)
     history, exit_code = [], 1
 
-    def log_eval(step: int) -> None:
-        record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
+    def log_record(record: dict) -> None:
         history.append(record)
-        progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
-                      f"({record['eval_tokens']:,} tokens)")
         if is_logger:
             metrics_file.write(record)
             tracker.log(record)
+
+    def log_eval(step: int) -> None:
+        record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
+        progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
+                      f"({record['eval_tokens']:,} tokens)")
+        log_record(record)
 
     try:
         if run.eval_reader is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
             log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
-            maybe_inject(rank, step)
+            maybe_inject(rank, step, run.engine.module)
             began = time.perf_counter()
-            lr = learning_rate(step - 1, cfg.optim, t.max_steps)
+            lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
             result = train_step(run.engine, run.reader.micro_batches(step - 1), run.mesh, run.device, lr)
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
+            guarded, guard_note = guard.check(step, result)  # the same on every rank; raises Diverged
             metrics = step_metrics(step, result, step_time_s=time.perf_counter() - began,
                                    tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
                                    world_size=run.mesh.dims.world_size, peak_tflops=peak,
-                                   tokens_seen=step * tokens_per_step, device=run.device)
-            history.append(metrics)
+                                   tokens_seen=step * tokens_per_step, device=run.device) | guarded
             progress.update(metrics)
-            if is_logger and (step % t.log_every == 0 or step == t.max_steps):
-                metrics_file.write(metrics)
-                tracker.log(metrics)
+            if guard_note:
+                progress.note(guard_note)
+            if step % t.log_every == 0 or step == t.max_steps or guarded:
+                log_record(metrics)
+            else:
+                history.append(metrics)
             if run.eval_reader is not None and (step % cfg.eval.every == 0 or step == t.max_steps):
                 log_eval(step)
-            if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            saved = step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+            if saved:
                 save(run, step)
+            signum = watch.agreed_stop(run.device)  # one tiny all-reduce: every rank stops after this step
+            if signum is not None:
+                exit_code = t.preempt_exit_code
+                stop_on_signal(run, step, signum, saved, progress)
+        if start < t.max_steps:
+            progress.note(f"done: step {t.max_steps}, checkpoint {run.ckpt_dir / tag_for(t.max_steps)}")
         exit_code = 0
     finally:
         progress.close()
@@ -187,6 +221,26 @@ def run_steps(run: Run) -> list[dict]:
             metrics_file.close()
         run.engine.destroy()
     return history
+
+
+def stop_on_signal(run: Run, step: int, signum: int, saved: bool, progress: ProgressBar) -> None:
+    """Save at the agreed ``step`` (unless just saved) and raise :class:`Preempted`."""
+    began = time.perf_counter()
+    if not saved:
+        save(run, step)
+    code = run.cfg.trainer.preempt_exit_code
+    message = (f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint {run.ckpt_dir / tag_for(step)} "
+               f"written in {time.perf_counter() - began:.1f} s; re-run the same command to resume "
+               f"(exit status {code}, trainer.preempt_exit_code)")
+    progress.note(message)
+    raise Preempted(message, code)
+
+
+def finished_note(start: int, max_steps: int) -> str | None:
+    if start >= max_steps:
+        return (f"nothing to train: the checkpoint is at step {start} and trainer.max_steps={max_steps}; "
+                "raise trainer.max_steps to continue the run")
+    return None
 
 
 def resume_state(run: Run) -> tuple[int, str | None]:
@@ -207,7 +261,8 @@ def resume_state(run: Run) -> tuple[int, str | None]:
 def save(run: Run, step: int) -> None:
     t = run.cfg.trainer
     state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
-                         tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key())
+                         tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key(),
+                         lr_horizon=run.lr_horizon, config=result_config(run.cfg))
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
                  "tokenizer_files": tokenizer_files(run.cfg)}
     save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
