@@ -27,6 +27,7 @@ from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
 from megaring.data.mock import MockSource
 from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
+from megaring.data.store import StoreError
 from megaring.errors import problem_list
 from megaring.layout import shard_ranges
 
@@ -144,7 +145,14 @@ class BatchReader:
     def read_sample(self, ordinal: int) -> dict[str, np.ndarray]:
         """This cp rank's shard of the ``ordinal``-th sample: fields (seq_len / cp,) int64."""
         start_doc, start_token = self.index.locate(ordinal)
-        return read_shard(self.source, start_doc, start_token, self.ranges, self.reset_positions)
+        sample = read_shard(self.source, start_doc, start_token, self.ranges, self.reset_positions)
+        top = max(int(sample["tokens"].max()), int(sample["labels"].max()))  # a cheap check of every sample
+        if top >= self.vocab_size:
+            where = getattr(self.source, "path", "the data source")
+            raise StoreError(f"{where}: sample {ordinal} (from token {start_token}) holds token id {top}, outside the "
+                             f"vocabulary of {self.vocab_size}: tokens.bin was changed after preprocessing; "
+                             f"megaring-preprocess verify={where} names the damaged bytes")
+        return sample
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``step``: dicts of (micro_batch_size, seq_len / cp) int64."""

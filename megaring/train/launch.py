@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from megaring.data.store import StoreError
 from megaring.distributed.launch_env import read_launch_env
 from megaring.train.checkpoint import CheckpointError
 from megaring.train.config import TrainConfig
@@ -136,8 +137,8 @@ def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int) -> int:
         return 0
     except Preempted as err:
         return err.exit_code  # rank 0 has said where it saved
-    except (ConfigError, CheckpointError) as err:
-        if rank == 0 or isinstance(err, CheckpointError):
+    except (ConfigError, CheckpointError, StoreError) as err:
+        if rank == 0 or not isinstance(err, ConfigError):  # (config errors are every rank's)
             print(f"megaring-train: {err}", file=sys.stderr, flush=True)
         return CONFIG_EXIT_CODE
     except Diverged as err:

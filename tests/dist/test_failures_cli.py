@@ -9,7 +9,9 @@ workers, ZeRO-2). The uninterrupted 4-step run is made once per module and is th
 - a NaN gradient on rank 1 in steps 2 and 3: step 2 is skipped on every rank (the weights of the
   step-2 checkpoint are the step-1 ones), ``metrics.jsonl`` stays standard JSON, and step 3 exceeds
   ``trainer.max_bad_steps=1``: exit 3 naming the step;
-- a second run in a run directory that a live run holds fails with exit 2 naming the holder.
+- a second run in a run directory that a live run holds fails with exit 2 naming the holder, and
+  SIGTERM without a step boundary within ``trainer.preempt_grace_s`` exits 143 without a checkpoint;
+- ``launch/slurm.sbatch`` with a stand-in srun / scontrol: slurm's USR1 warning saves and requeues.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from tests.helpers.cli import clean_env, losses, ok
+from tests.helpers.cli import ROOT, clean_env, losses, ok
+from tests.helpers.pool import free_port
 from tests.helpers.train_cfg import TINY_RUN
 
 pytestmark = pytest.mark.slow
@@ -129,3 +132,52 @@ def test_a_held_run_directory_is_refused_and_a_late_step_boundary_exits_without_
         if first.poll() is None:
             first.kill()
             first.communicate()
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# slurm's srun on one machine: $SLURM_NTASKS tasks; TERM is forwarded to every task, as srun does.
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for pid in "${pids[@]}"; do
+  while :; do wait "$pid" && r=0 || r=$?; kill -0 "$pid" 2>/dev/null || break; done
+  [[ $r -ne 0 ]] && rc=$r
+done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1" == show ]]; then echo localhost; else echo "$@" >> "$SCONTROL_LOG"; fi
+"""
+
+
+def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
+    """``launch/slurm.sbatch`` (task mode, two tasks) gets slurm's USR1 warning while rank 1 is inside
+    step 2: the job step saves at step 2, the script requeues the job, and the requeued run resumes."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    run_dir, log = tmp_path / "run", tmp_path / "scontrol.log"
+    env = clean_env(PATH=f"{fake_bin}:{clean_env()['PATH']}", MODE="task", PYTHON=sys.executable,
+                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+                    MASTER_PORT=str(free_port()), SCONTROL_LOG=str(log))
+    script = ["bash", str(ROOT / "launch" / "slurm.sbatch"), *RUN, f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "sleep:rank=1:step=2:seconds=8"}, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 1, job)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=240)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "USR1 received" in stdout and log.read_text().split() == ["requeue", "4242"], stdout
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+
+    requeued = subprocess.run(script, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ok(requeued)
+    assert losses(run_dir) == losses(reference)

@@ -227,3 +227,41 @@ def test_preempt_watch_notes_the_signal_and_restores_handlers():
     finally:
         watch.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+# ---------------------------------------------------------------- data integrity
+
+
+def overwritten_store(tmp_path: Path) -> Path:
+    """A store whose tokens.bin got out-of-vocabulary ids after preprocessing (every 50th uint16 = 60000)."""
+    store = tmp_path / "store"
+    write_tokenized(store, [np.arange(300) % 255, np.arange(400) % 255], vocab_size=256, eod_id=255)
+    tokens = np.fromfile(store / "tokens.bin", dtype="<u2")
+    tokens[49::50] = 60000
+    tokens.tofile(store / "tokens.bin")
+    return store
+
+
+def test_out_of_vocabulary_ids_fail_the_sample_read_naming_the_store(tmp_path):
+    from megaring.data import BatchShape, DataConfig, RankShard, build_batch_reader
+    from megaring.data.store import StoreError
+
+    store = overwritten_store(tmp_path)
+    reader = build_batch_reader(DataConfig(kind="files", path=str(store)), BatchShape(64, 4, 1),
+                                RankShard(0, 1, 0, 1, "zigzag"), seed=0)
+    with pytest.raises(StoreError, match=rf"{store}: sample \d+ .* holds token id 60000, outside the vocabulary"):
+        reader.micro_batches(0)
+
+
+def test_preprocess_verify_names_the_first_bad_byte_range(tmp_path, capsys):
+    from megaring.data.preprocess import verify_main
+
+    good = tmp_path / "good"
+    write_tokenized(good, [np.arange(300) % 255], vocab_size=256, eod_id=255)
+    assert verify_main(str(good)) == 0 and "ok (1 documents" in capsys.readouterr().out
+    store = overwritten_store(tmp_path)
+    assert verify_main(str(store)) == 1
+    err = capsys.readouterr().err
+    assert f"{store / 'tokens.bin'} is corrupted: bytes [0, 1048576) differ" in err, err
+    (store / "tokens.blocks.json").unlink()  # a store from before block checksums: the whole-file checksum
+    assert verify_main(str(store)) == 1 and "is corrupted: checksum" in capsys.readouterr().err
