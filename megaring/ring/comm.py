@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaring.distributed.flight import FLIGHT
 from megaring.distributed.mesh import Axis
 
 # One tag per kind of message, so that messages between a pair of ranks match one to one.
 KV_TAG, GRAD_TAG, SEG_TAG = 11, 12, 13
+TAG_NAMES = {KV_TAG: "K/V", GRAD_TAG: "dK/dV", SEG_TAG: "segment ids"}  # for hang reports
 
 
 def memory_order(t: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,7 @@ class RingComm:
         self.prev = axis.ranks[(axis.rank - 1) % axis.size]
         self._works: list = []
         self._sending: list[torch.Tensor] = []
+        self.ring_step = 0  # transfers completed: the ring step a hang report names
 
     def send_recv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
@@ -56,6 +59,10 @@ class RingComm:
         return buffers
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        what = (f"ring {TAG_NAMES.get(self.tag, self.tag)} recv from rank {self.prev}, send to rank {self.next}, "
+                f"at ring step {self.ring_step}")
+        with FLIGHT.waiting(what, peers=tuple(sorted({self.prev, self.next}))):
+            for work in self._works:
+                work.wait()
         self._works, self._sending = [], []
+        self.ring_step += 1

@@ -7,7 +7,9 @@ A test sets ``MEGARING_TEST_FAULT`` in the environment of a training command:
 - ``nan:rank=<r>:step=<s>[:until=<u>]``: that rank's gradient of the first parameter is NaN in
   steps ``s..u`` (the loss stays finite), as an overflow in one rank's backward would be;
 - ``sleep:rank=<r>:step=<s>:seconds=<t>``: that rank sleeps ``t`` seconds before that step (a
-  stalled rank, or a step boundary that comes too late for a preemption's grace period).
+  stalled rank, or a step boundary that comes too late for a preemption's grace period);
+- ``ringsleep:rank=<r>:step=<s>:seconds=<t>``: that rank sleeps ``t`` seconds inside its first ring
+  step of that step, before waiting on its transfers (a rank stalled in the ring, for hang reports).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import time
 import torch
 from torch import nn
 
+from megaring.distributed.flight import FLIGHT
+
 ENV = "MEGARING_TEST_FAULT"
-KINDS = ("kill", "nan", "sleep")
+KINDS = ("kill", "nan", "sleep", "ringsleep")
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +47,8 @@ def maybe_inject(rank: int, step: int, model: nn.Module | None = None) -> None:
         os._exit(17)
     if kind == "sleep":
         time.sleep(fault["seconds"])
+    if kind == "ringsleep":
+        FLIGHT.before_wait = sleep_once_in_ring(fault["seconds"])
     if kind == "nan" and model is not None:
         param = next(p for p in model.parameters() if p.requires_grad)
         fired = []
@@ -54,3 +60,11 @@ def maybe_inject(rank: int, step: int, model: nn.Module | None = None) -> None:
             return torch.full_like(grad, float("nan"))
 
         param.register_hook(poison)
+
+
+def sleep_once_in_ring(seconds: float):
+    def hook(what: str) -> None:
+        if what.startswith("ring") and FLIGHT.before_wait is hook:
+            FLIGHT.before_wait = None
+            time.sleep(seconds)
+    return hook

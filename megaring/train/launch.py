@@ -25,6 +25,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from megaring.data.store import StoreError
+from megaring.distributed.flight import REPORT_NAME, write_hang_line
 from megaring.distributed.launch_env import read_launch_env
 from megaring.train.checkpoint import CheckpointError
 from megaring.train.config import TrainConfig
@@ -35,6 +36,7 @@ from megaring.train.trainer import train
 from megaring.train.validate import ConfigError, validate
 
 CONFIG_EXIT_CODE = 2
+HANG_EXIT_CODE = 4  # a collective timed out (hang_report.json names the stalled rank)
 
 
 class WorkerFailed(RuntimeError):
@@ -67,7 +69,7 @@ def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> int:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    previous = {sig: signal.signal(sig, forward) for sig in (*SIGNALS, signal.SIGUSR2)}  # USR2: hang report
     try:
         failure = join_workers(context.processes, deliberate={CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE,
                                                               cfg.trainer.preempt_exit_code})
@@ -77,7 +79,7 @@ def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> int:
     if failure is None:
         return 0
     rank, code = failure
-    if code in (CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE, cfg.trainer.preempt_exit_code) or signalled:
+    if code in (CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE, HANG_EXIT_CODE, cfg.trainer.preempt_exit_code) or signalled:
         return code if code > 0 else 128 - code  # the worker said why; -N: killed by signal N
     raise WorkerFailed(f"training worker rank {rank} failed ({describe_exit(code)}) and the other workers were "
                        f"stopped{worker_traceback(context.error_files[rank])}")
@@ -147,6 +149,15 @@ def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int) -> int:
         return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
         return 128 + signal.SIGINT
+    except RuntimeError as err:  # torch.distributed's timeout errors derive from it
+        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+            raise
+        report = write_hang_line(run_dir, rank, read_launch_env().world_size, "a collective timed out")
+        stalled = report["stalled_ranks"] or "not identified"
+        print(f"megaring-train: rank {rank}: a collective timed out after parallel.timeout_s="
+              f"{cfg.parallel.timeout_s:g} s; stalled rank(s): {stalled} (see {run_dir / REPORT_NAME})",
+              file=sys.stderr, flush=True)
+        return HANG_EXIT_CODE
 
 
 def free_port() -> int:

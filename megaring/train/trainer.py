@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader
 from megaring.data.tokenizer import MODEL_FILES
 from megaring.data.tokenizer.conventions import SIDE_FILES
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
+from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
 from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.hf import load_hf_weights
@@ -87,18 +90,33 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if not owns_group else (env.world_size, env.rank)
     lock = RunLock(run_dir).acquire() if rank == 0 else None  # before reading the run's checkpoints
     watch = PreemptWatch(cfg.trainer.preempt_grace_s, rank).install()
+    hang = HangWatch(run_dir, rank, world_size, after_s=0.9 * cfg.parallel.timeout_s)
+    previous_usr2 = install_hang_signal(hang)
     try:
         validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
+        if rank == 0:
+            shutil.rmtree(run_dir / HANG_DIR, ignore_errors=True)  # an earlier hang's lines
         p = cfg.parallel
         device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
         run = build_run(cfg, run_dir, device)
+        hang.start()
         return run_steps(run, watch)
     finally:
+        hang.close()
+        if previous_usr2 is not None:
+            signal.signal(signal.SIGUSR2, previous_usr2)
         watch.uninstall()
         if lock is not None:
             lock.release()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def install_hang_signal(hang: HangWatch):
+    """SIGUSR2 writes this rank's hang line; returns the previous handler (None: not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGUSR2, hang.on_signal)
 
 
 def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
@@ -184,6 +202,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
         if run.eval_reader is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
             log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
+            FLIGHT.at(step=step, phase="data")
             maybe_inject(rank, step, run.engine.module)
             began = time.perf_counter()
             lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
@@ -206,8 +225,10 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
                 log_eval(step)
             saved = step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
             if saved:
+                FLIGHT.at(phase="checkpoint save")
                 save(run, step)
-            signum = watch.agreed_stop(run.device)  # one tiny all-reduce: every rank stops after this step
+            with FLIGHT.waiting("all-reduce of the preemption flag over the world", everyone_else(run.mesh)):
+                signum = watch.agreed_stop(run.device)  # one tiny all-reduce: every rank stops after this step
             if signum is not None:
                 exit_code = t.preempt_exit_code
                 stop_on_signal(run, step, signum, saved, progress)
@@ -234,6 +255,10 @@ def stop_on_signal(run: Run, step: int, signum: int, saved: bool, progress: Prog
                f"(exit status {code}, trainer.preempt_exit_code)")
     progress.note(message)
     raise Preempted(message, code)
+
+
+def everyone_else(mesh: ParallelMesh) -> tuple[int, ...]:
+    return tuple(r for r in range(mesh.dims.world_size) if r != mesh.rank)
 
 
 def finished_note(start: int, max_steps: int) -> str | None:

@@ -181,3 +181,20 @@ def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
     requeued = subprocess.run(script, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     ok(requeued)
     assert losses(run_dir) == losses(reference)
+
+
+def test_a_rank_stalled_in_the_ring_is_named_in_the_hang_report(tmp_path):
+    """Rank 1 sleeps inside its first ring step of step 2; rank 0 waits on it. Within one
+    ``parallel.timeout_s`` the job ends (status 4) and hang_report.json names rank 1 and the ring wait."""
+    began = time.monotonic()
+    proc = megaring_train(tmp_path, "parallel.timeout_s=10",
+                          env={"MEGARING_TEST_FAULT": "ringsleep:rank=1:step=2:seconds=900"})
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert time.monotonic() - began < 600  # the job does not wait for the sleeper
+    assert "stalled rank(s): [1]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "hang_report.json").read_text())
+    assert report["stalled_ranks"] == [1] and report["silent_ranks"] == [1]
+    (line,) = report["ranks"]
+    assert line["rank"] == 0 and line["step"] == 2 and line["phase"] == "forward" and line["peers"] == [1]
+    assert line["waiting_on"].startswith("ring K/V recv from rank 1, send to rank 1, at ring step 0"), line
+    assert line["waited_s"] >= 9
