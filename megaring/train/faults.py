@@ -6,6 +6,8 @@ A test sets ``MEGARING_TEST_FAULT`` in the environment of a training command:
   GPU process would;
 - ``nan:rank=<r>:step=<s>[:until=<u>]``: that rank's gradient of the first parameter is NaN in
   steps ``s..u`` (the loss stays finite), as an overflow in one rank's backward would be;
+- ``scalegrad:rank=<r>:step=<s>:factor=<f>``: that rank's gradient of the first parameter is
+  multiplied by ``f`` in that step (a wrong gradient that stays finite: ``megaring-verify`` must fail);
 - ``sleep:rank=<r>:step=<s>:seconds=<t>``: that rank sleeps ``t`` seconds before that step (a
   stalled rank, or a step boundary that comes too late for a preemption's grace period);
 - ``ringsleep:rank=<r>:step=<s>:seconds=<t>``: that rank sleeps ``t`` seconds inside its first ring
@@ -24,7 +26,7 @@ from torch import nn
 from megaring.distributed.flight import FLIGHT
 
 ENV = "MEGARING_TEST_FAULT"
-KINDS = ("kill", "nan", "sleep", "ringsleep")
+KINDS = ("kill", "nan", "scalegrad", "sleep", "ringsleep")
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ def maybe_inject(rank: int, step: int, model: nn.Module | None = None) -> None:
         time.sleep(fault["seconds"])
     if kind == "ringsleep":
         FLIGHT.before_wait = sleep_once_in_ring(fault["seconds"])
-    if kind == "nan" and model is not None:
+    if kind in ("nan", "scalegrad") and model is not None:
         param = next(p for p in model.parameters() if p.requires_grad)
         fired = []
 
@@ -57,7 +59,7 @@ def maybe_inject(rank: int, step: int, model: nn.Module | None = None) -> None:
             if fired:
                 return grad
             fired.append(True)
-            return torch.full_like(grad, float("nan"))
+            return torch.full_like(grad, float("nan")) if kind == "nan" else grad * fault["factor"]
 
         param.register_hook(poison)
 
