@@ -283,6 +283,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     deepspeed.utils.logger.setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # Warnings ZeRO triggers every step (reduce_scatter_tensor's deprecation, ...): once per process.
+    warnings.filterwarnings("once", category=FutureWarning)
+    warnings.filterwarnings("once", category=UserWarning, module=r"(deepspeed|torch\.distributed)")
     dtype = resolve_dtype(cfg.trainer.dtype, device)
     model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
     mark_tp_parameters(model)
