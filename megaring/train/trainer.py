@@ -7,6 +7,7 @@ self-spawning entry point, or a test's worker pool with the process group alread
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import shutil
@@ -29,7 +30,14 @@ from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
-from megaring.train.checkpoint import TrainerState, load_latest, read_trainer_state, save_checkpoint, tag_for
+from megaring.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_latest,
+    read_trainer_state,
+    save_checkpoint,
+    tag_for,
+)
 from megaring.train.config import TrainConfig
 from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
 from megaring.train.evaluate import evaluate
@@ -290,7 +298,15 @@ def save(run: Run, step: int) -> None:
                          lr_horizon=run.lr_horizon, config=result_config(run.cfg))
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
                  "tokenizer_files": tokenizer_files(run.cfg)}
-    save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
+    try:
+        save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(run.ckpt_dir if run.ckpt_dir.exists() else run.run_dir).free
+        if free < 2**30 or getattr(err, "errno", None) == errno.ENOSPC:  # torch's writer says "iostream error"
+            raise CheckpointError(f"saving the checkpoint of step {step} into {run.ckpt_dir} failed: no space left "
+                                  f"on device (ENOSPC, {free / 2**20:.0f} MiB free; {err}). The previous checkpoint "
+                                  "stays 'latest': free space, then re-run to resume") from None
+        raise
 
 
 def tokenizer_files(cfg: TrainConfig) -> list[str]:

@@ -140,6 +140,10 @@ def data_problems(cfg: TrainConfig) -> list[str]:
         info = describe_data(cfg.data)
     except (ValueError, OSError) as err:
         return [f"data: {err}"]
+    if info.num_tokens <= cfg.trainer.seq_len:
+        return [f"data.path={cfg.data.path} holds {info.num_tokens} tokens, not enough for one sample of "
+                f"trainer.seq_len={cfg.trainer.seq_len} (+1 for the labels): preprocess more text, or lower "
+                "trainer.seq_len"]
     if info.vocab_size > cfg.model.vocab_size and not cfg.model.init_from:
         where = f"data.path={cfg.data.path}" if cfg.data.kind == "files" else "data=mock"
         return [f"{where} has a vocabulary of {info.vocab_size} tokens, more than "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -106,11 +107,14 @@ def bad_store(tmp_path: Path, damage: str) -> Path:
             f.unlink()
     elif damage == "metadata":
         (store / "metadata.json").write_text("{not json")
+    elif damage == "too_small":
+        shutil.rmtree(store)
+        write_tokenized(store, [np.arange(30) % 255], vocab_size=256, eod_id=255)
     return store
 
 
 @pytest.mark.parametrize("damage,named", [("truncated", "tokens.bin"), ("empty_dir", "store"),
-                                          ("metadata", "metadata.json")])
+                                          ("metadata", "metadata.json"), ("too_small", "holds 30 tokens")])
 def test_bad_data_store_is_a_config_error_naming_the_file(tmp_path, damage, named):
     cfg = compose_cfg(*TINY_RUN, "data=files", f"data.path={bad_store(tmp_path, damage)}")
     with pytest.raises(ConfigError) as err:
