@@ -30,7 +30,8 @@ LOCK_FILE = "megaring.lock"
 # between layouts), eval.* and logging.* do not change the training.
 RESULT_SECTIONS = ("model", "data", "optim", "trainer")
 # Handled apart (the schedule horizon: lr_horizon), or where files go and how they are checked.
-NOT_COMPARED = ("optim.decay_steps", "trainer.ckpt_dir", "model.init_from", "data.index_dir", "data.verify_checksum")
+NOT_COMPARED = ("optim.decay_steps", "trainer.ckpt_dir", "model.init_from", "data.index_dir", "data.verify_checksum",
+                "trainer.micro_batch_size")  # the step's gradient is the exact global mean at any micro-batch size
 
 
 class RunDirBusy(ConfigError):
