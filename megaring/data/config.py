@@ -97,6 +97,7 @@ class PreprocessConfig:
     text_key: str = "text"  # JSONL field / Parquet column holding the document
     skip_bad_lines: bool = False  # count malformed records instead of failing
     overwrite: bool = False
+    verify: str | None = None  # verify=<dir>: check that store in full (checksums, token ids) and exit
     max_bytes: int = 0  # stop reading input after this many bytes (0: no limit)
     batch_bytes: int = 1 << 20  # input bytes per task sent to a worker
     seed: int = 0  # order in which inputs are sampled to train the tokenizer

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from megaring.data.store import StoreError, TokenStore, TokenStoreWriter, token_dtype
+from megaring.data.store import (
+    BIN_NAME,
+    BLOCKS_NAME,
+    StoreError,
+    TokenStore,
+    TokenStoreWriter,
+    first_id_outside,
+    token_dtype,
+)
 from megaring.data.tokenizer import KINDS, Tokenizer, TokenizerError
 
 METADATA_NAME = "metadata.json"
@@ -50,6 +58,21 @@ class Dataset:
         if counts != (self.metadata.get("documents"), self.metadata.get("tokens")):
             raise StoreError(f"{self.path}: the index holds {counts[0]} documents and {counts[1]} tokens, "
                              f"{METADATA_NAME} says {self.metadata.get('documents')} and {self.metadata.get('tokens')}")
+        self._check_ids(full=verify)
+
+    def _check_ids(self, full: bool) -> None:
+        """Ids below the vocabulary: the recorded max id (cheap, every open); ``full``: every token."""
+        blocks = self.path / BLOCKS_NAME
+        max_id = json.loads(blocks.read_text()).get("max_id", -1) if blocks.is_file() else -1
+        if max_id >= self.vocab_size:
+            raise StoreError(f"{blocks} records token id {max_id}, outside the vocabulary of {self.vocab_size} "
+                             f"({self.path / METADATA_NAME}): preprocess the data again with the right tokenizer")
+        where = first_id_outside(self.store, self.vocab_size) if full else None
+        if where is not None:
+            itemsize = self.store.dtype.itemsize
+            raise StoreError(f"{self.path / BIN_NAME} holds token id {int(self.store.read(where, where + 1)[0])} "
+                             f"at token {where} (bytes [{where * itemsize}, {(where + 1) * itemsize})), outside the "
+                             f"vocabulary of {self.vocab_size}: the file was changed after preprocessing")
 
     @property
     def num_documents(self) -> int:

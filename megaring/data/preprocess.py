@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from megaring.config_dir import CONFIG_DIR
 from megaring.data.config import PreprocessConfig
-from megaring.data.dataset import METADATA_NAME
+from megaring.data.dataset import METADATA_NAME, open_dataset
 from megaring.data.encode import EncodeSpec, batch_records, encode_stream
 from megaring.data.sources import InputError, Record, Source, decode_record, resolve_sources
-from megaring.data.store import TokenStoreWriter, token_dtype
+from megaring.data.store import StoreError, TokenStoreWriter, token_dtype
 from megaring.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 from megaring.data.tokenizer.spm import SPM_NAME
 from megaring.errors import problem_list
@@ -170,6 +170,8 @@ ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     """Console entry point (``megaring-preprocess``)."""
+    if cfg.get("verify"):
+        sys.exit(verify_main(cfg.verify))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         print(f"megaring-preprocess: error: missing {', '.join(missing)} "
@@ -182,6 +184,18 @@ def main(cfg: DictConfig) -> None:
         print(f"megaring-preprocess: error: {e}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(summary_lines(summary, conf.output)))
+
+
+def verify_main(path: str) -> int:
+    """``megaring-preprocess verify=<dir>``: the full check of a store (checksums, every token id)."""
+    try:
+        ds = open_dataset(path, verify=True)
+    except (StoreError, OSError) as e:
+        print(f"megaring-preprocess: {path} failed verification: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({ds.num_documents:,} documents, {ds.num_tokens:,} tokens; checksums and token ids "
+          f"below {ds.vocab_size} verified)")
+    return 0
 
 
 if __name__ == "__main__":

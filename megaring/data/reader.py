@@ -29,6 +29,7 @@ from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
 from megaring.data.mock import MockSource
 from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
+from megaring.data.store import StoreError
 from megaring.errors import problem_list
 from megaring.layout import balanced_ranges, shard_ranges
 
@@ -160,7 +161,14 @@ class BatchReader:
         if ranges is None:  # balanced: the plan of this sample's documents
             lengths = sample_doc_lengths(self.source.doc_starts, start_token, self.seq_len)
             ranges = balanced_ranges(lengths, self.shard.cp_size)[self.shard.cp_rank]
-        return read_shard(self.source, start_doc, start_token, ranges, self.reset_positions)
+        sample = read_shard(self.source, start_doc, start_token, ranges, self.reset_positions)
+        top = max(int(sample["tokens"].max()), int(sample["labels"].max()))  # a cheap check of every sample
+        if top >= self.vocab_size:
+            where = getattr(self.source, "path", "the data source")
+            raise StoreError(f"{where}: sample {ordinal} (from token {start_token}) holds token id {top}, outside the "
+                             f"vocabulary of {self.vocab_size}: tokens.bin was changed after preprocessing; "
+                             f"megaring-preprocess verify={where} names the damaged bytes")
+        return sample
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``step``: dicts of (micro_batch_size, seq_len / cp) int64."""

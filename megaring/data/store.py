@@ -11,13 +11,18 @@ concatenated, as little-endian uint16 (vocab <= 65536) or uint32.
     lengths  int64[n_docs]       tokens per document (= diff(offsets))
     footer   crc32 u32 of every byte above
 
+``tokens.blocks.json`` (stores written since it exists; optional): ``{"block_bytes": B, "crc32":
+[crc32 of bytes [i*B, (i+1)*B) of tokens.bin, ...], "max_id": the largest token id}``.
+
 Opening checks the index (size, magic, version, checksum, offsets against lengths) and the
-size of ``tokens.bin``; ``verify=True`` also checks the ``.bin`` checksum. Reads go through a
+size of ``tokens.bin``; ``verify=True`` also checks the ``.bin`` checksum, block by block when
+``tokens.blocks.json`` exists, so a mismatch names the first bad byte range. Reads go through a
 memory map, so a read of ``[start, stop)`` touches only those bytes.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -28,7 +33,8 @@ MAGIC = b"MRTOKIDX"
 VERSION = 1
 HEADER = struct.Struct("<8sIB3xQQII")  # magic, version, dtype code, n_docs, n_tokens, bin crc32, reserved
 DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
-BIN_NAME, IDX_NAME = "tokens.bin", "tokens.idx"
+BIN_NAME, IDX_NAME, BLOCKS_NAME = "tokens.bin", "tokens.idx", "tokens.blocks.json"
+BLOCK_BYTES = 1 << 20  # bytes per recorded block checksum
 _CRC_BLOCK = 16 << 20  # bytes checksummed per step when verifying
 
 
@@ -51,6 +57,9 @@ class TokenStoreWriter:
             raise ValueError(f"unsupported token dtype {dtype}")
         self._bin = open(self.directory / BIN_NAME, "wb")
         self._crc = 0
+        self._block_crcs: list[int] = []  # of complete BLOCK_BYTES blocks
+        self._block_crc, self._block_fill = 0, 0  # the block being written
+        self._max_id = -1
         self._lengths: list[np.ndarray] = []
         self.num_documents = 0
         self.num_tokens = 0
@@ -64,9 +73,21 @@ class TokenStoreWriter:
         data = tokens.tobytes()
         self._bin.write(data)
         self._crc = zlib.crc32(data, self._crc)
+        self._add_to_blocks(memoryview(data))
+        self._max_id = max(self._max_id, int(tokens.max()) if tokens.size else -1)
         self._lengths.append(lengths)
         self.num_documents += lengths.size
         self.num_tokens += tokens.size
+
+    def _add_to_blocks(self, data: memoryview) -> None:
+        while len(data):
+            take = min(BLOCK_BYTES - self._block_fill, len(data))
+            self._block_crc = zlib.crc32(data[:take], self._block_crc)
+            self._block_fill += take
+            data = data[take:]
+            if self._block_fill == BLOCK_BYTES:
+                self._block_crcs.append(self._block_crc)
+                self._block_crc, self._block_fill = 0, 0
 
     def __enter__(self) -> TokenStoreWriter:
         return self
@@ -89,6 +110,9 @@ class TokenStoreWriter:
         body += offsets.astype("<i8").tobytes() + lengths.astype("<i8").tobytes()
         with open(self.directory / IDX_NAME, "wb") as f:
             f.write(body + struct.pack("<I", zlib.crc32(body)))
+        crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
+        (self.directory / BLOCKS_NAME).write_text(json.dumps({"block_bytes": BLOCK_BYTES, "crc32": crcs,
+                                                               "max_id": self._max_id}))
 
 
 class TokenStore:
@@ -137,12 +161,32 @@ class TokenStore:
         return self.read(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def verify(self) -> None:
-        """Check ``tokens.bin`` against its checksum (reads the whole file)."""
+        """Check ``tokens.bin`` against its checksum (reads the whole file); with ``tokens.blocks.json``
+        block by block, naming the first byte range that differs from what was written."""
         bin_path = self.directory / BIN_NAME
+        blocks = self.directory / BLOCKS_NAME
+        if blocks.is_file():
+            recorded = json.loads(blocks.read_text())
+            size = recorded["block_bytes"]
+            with open(bin_path, "rb") as f:
+                for i, want in enumerate(recorded["crc32"]):
+                    got = zlib.crc32(f.read(size))
+                    if got != want:
+                        raise StoreError(f"{bin_path} is corrupted: bytes [{i * size}, {(i + 1) * size}) differ "
+                                         f"from what megaring-preprocess wrote (crc32 {got:08x}, recorded {want:08x})")
         crc = _crc32(bin_path, bin_path.stat().st_size)
         if crc != self.bin_crc32:
             raise StoreError(f"{self.directory / BIN_NAME} is corrupted: checksum {crc:08x}, "
                              f"index says {self.bin_crc32:08x}")
+
+
+def first_id_outside(store: TokenStore, vocab_size: int, chunk_tokens: int = 1 << 24) -> int | None:
+    """The position of the first token id >= ``vocab_size`` (reads the whole store), or None."""
+    for start in range(0, store.num_tokens, chunk_tokens):
+        bad = np.flatnonzero(store.read(start, min(start + chunk_tokens, store.num_tokens)) >= vocab_size)
+        if bad.size:
+            return start + int(bad[0])
+    return None
 
 
 def _read_header(idx_path: Path) -> tuple[np.dtype, int, int, int]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaring.distributed.flight import FLIGHT
 from megaring.distributed.mesh import Axis
 
 # One tag per kind of message, so that messages between a pair of ranks match one to one.
 KV_TAG, GRAD_TAG, SEG_TAG, HOME_TAG = 11, 12, 13, 14
+TAG_NAMES = {KV_TAG: "K/V", GRAD_TAG: "dK/dV", SEG_TAG: "segment ids", HOME_TAG: "dK/dV home"}  # for hang reports
 
 
 class KVTraffic:
@@ -66,6 +68,7 @@ class RingComm:
         self.prev = axis.ranks[(axis.rank - 1) % axis.size]
         self._works: list = []
         self._sending: list[torch.Tensor] = []
+        self.ring_step = 0  # transfers completed: the ring step a hang report names
 
     def send_recv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Post sends of ``tensors`` to the next rank; return buffers being filled from the previous one."""
@@ -84,10 +87,14 @@ class RingComm:
         return buffers
 
     def wait(self) -> None:
-        with torch.profiler.record_function("ring.comm.wait"):
+        what = (f"ring {TAG_NAMES.get(self.tag, self.tag)} recv from rank {self.prev}, send to rank {self.next}, "
+                f"at ring step {self.ring_step}")
+        peers = tuple(sorted({self.prev, self.next}))
+        with torch.profiler.record_function("ring.comm.wait"), FLIGHT.waiting(what, peers=peers):
             for work in self._works:
                 work.wait()
         self._works, self._sending = [], []
+        self.ring_step += 1
 
 
 class PeerExchange:
@@ -103,6 +110,7 @@ class PeerExchange:
         self.axis, self.tag, self.traffic = axis, tag, traffic
         self._works: list = []
         self._sending: list[torch.Tensor] = []
+        self.peers: list[int] = []  # axis ranks of the batch in flight (for hang reports)
 
     def post(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
         if self._works:
@@ -117,8 +125,11 @@ class PeerExchange:
         if ops:
             self._works = dist.batch_isend_irecv(ops)
         self._sending = [t for _, t in sends]
+        self.peers = sorted({peer for peer, _ in sends} | {peer for peer, _ in recvs})
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        peers = tuple(sorted({self.axis.ranks[p] for p in self.peers}))
+        with FLIGHT.waiting(f"ring {TAG_NAMES.get(self.tag, self.tag)} exchange with ranks {list(peers)}", peers=peers):
+            for work in self._works:
+                work.wait()
         self._works, self._sending = [], []

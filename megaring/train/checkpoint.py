@@ -41,6 +41,8 @@ class TrainerState:
     consumed_samples: int
     tokens_seen: int
     layout: dict  # dp, cp, tp, zero_stage (ParallelConfig.layout_key)
+    lr_horizon: int | None = None  # the schedule's decay horizon (kept on resume); None: older checkpoints
+    config: dict | None = None  # megaring.train.rundir.result_config at the save; None: older checkpoints
 
 
 class CheckpointError(ValueError):

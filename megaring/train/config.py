@@ -109,6 +109,12 @@ class TrainerConfig:
     log_every: int = 1
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     profile_steps: list[int] | None = None  # [first, last]: torch.profiler trace into <run dir>/profile
+    # Operations under failure (docs/training.md, "When things go wrong").
+    preempt_exit_code: int = 0  # exit status after a signal (SIGTERM/SIGUSR1/SIGINT) and a clean save
+    preempt_grace_s: float = 120.0  # no step boundary this long after the signal: exit without a checkpoint
+    max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run stops (exit 3)
+    loss_spike_factor: float = 3.0  # loss above this times the running median: a loss_spike record; 0: off
+    resume_allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's
 
     def batch_shape(self) -> BatchShape:
         return BatchShape(self.seq_len, self.global_batch_size, self.micro_batch_size)
@@ -169,7 +175,8 @@ def register_configs() -> None:
 # resumes the same run directory, and runs that differ only in them share a wandb group.
 RUN_NEUTRAL_KEYS = (
     "trainer.max_steps", "trainer.resume", "trainer.profile_steps", "trainer.log_every", "trainer.checkpoint_every",
-    "trainer.keep_last",
+    "trainer.keep_last", "trainer.preempt_exit_code", "trainer.preempt_grace_s", "trainer.max_bad_steps",
+    "trainer.loss_spike_factor", "trainer.resume_allow_changes",
     "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
     "logging.wandb.mode", "logging.wandb.tags", "logging.progress_bar", "hydra/launcher",
 )

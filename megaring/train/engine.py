@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,14 @@ from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
 from megaring.distributed.mesh import Axis, ParallelMesh
 from megaring.model.init import tp_partitions
 from megaring.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What an optimizer step did at the accumulation boundary."""
+
+    grad_norm: float | None  # global norm before clipping (inf / nan when non-finite)
+    applied: bool  # False: skipped on every rank (non-finite gradients)
 
 
 class TrainEngine:
@@ -61,16 +71,28 @@ class TrainEngine:
         """
         self.ds.backward(loss * self.grad_divisor, scale_wrt_gas=False)
 
-    def step(self) -> float | None:
-        """Update at the accumulation boundary and return the global gradient norm (before
-        clipping); between micro-batches only count the micro-batch and return None."""
+    def step(self) -> StepOutcome | None:
+        """Update at the accumulation boundary and return the global gradient norm (before clipping)
+        and whether the update was applied; between micro-batches only count the micro-batch and
+        return None.
+
+        A non-finite gradient norm skips the update on every rank (the optimizer is not stepped and
+        the gradients are dropped): DeepSpeed's own check under ZeRO and bf16 (all-reduced over the
+        mesh; :func:`build_engine` turns it on for ZeRO 1-2 in bf16), ours for fp32 without ZeRO,
+        where the norm is already global.
+        """
         boundary = self.ds.is_gradient_accumulation_boundary()
         own_norm = own_grad_norm(self.module, self.tp) if boundary and not self.reports_grad_norm else None
+        if own_norm is not None and not math.isfinite(own_norm):
+            for p in self.module.parameters():  # torch's AdamW leaves parameters without a gradient alone
+                p.grad = None
         self.ds.step()
         if not boundary:
             return None
         norm = self.ds.get_global_grad_norm() if self.reports_grad_norm else own_norm
-        return None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
+        norm = None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
+        applied = self.ds.was_step_applied() and (own_norm is None or math.isfinite(own_norm))
+        return StepOutcome(norm, applied)
 
     def save(self, directory: Path, tag: str) -> None:
         """This rank's model, optimizer and ZeRO shards under ``directory/tag`` (collective)."""
@@ -262,6 +284,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     deepspeed.utils.logger.setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # Warnings ZeRO triggers every step (reduce_scatter_tensor's deprecation, ...): once per process.
+    warnings.filterwarnings("once", category=FutureWarning)
+    warnings.filterwarnings("once", category=UserWarning, module=r"(deepspeed|torch\.distributed)")
     dtype = resolve_dtype(cfg.trainer.dtype, device)
     model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
     mark_tp_parameters(model)
@@ -275,6 +300,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                   config=ds_config, dist_init_required=False)
     use_safe_loading(ds)
+    if dtype == torch.bfloat16 and hasattr(ds.optimizer, "check_grad_overflow"):  # ZeRO 1-2: off in bf16 unless asked
+        ds.optimizer.check_grad_overflow = True
     stage = cfg.parallel.zero_stage
     return TrainEngine(ds, zero_stage=stage, grad_divisor=grad_divisor(stage, mesh), tp=mesh.tp,
                        reports_grad_norm=stage > 0 or dtype != torch.float32)

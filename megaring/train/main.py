@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from megaring.config_dir import CONFIG_DIR
 from megaring.train.config import register_configs, to_train_config
-from megaring.train.launch import launch
+from megaring.train.launch import WorkerFailed, launch
 from megaring.train.validate import ConfigError
 
 register_configs()
@@ -45,12 +45,22 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
     try:
-        hydra_cfg = HydraConfig.get()
-        launch(to_train_config(cfg, hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+        train_cfg = to_train_config(cfg, hydra_cfg.overrides.task)
     except ConfigError as err:  # the user's to fix: the message, not a traceback
         print(f"megaring-train: {err}", file=sys.stderr)
         sys.exit(2)
+    try:
+        status = launch(train_cfg, Path(hydra_cfg.runtime.output_dir))
+    except ConfigError as err:
+        print(f"megaring-train: {err}", file=sys.stderr)
+        sys.exit(2)
+    except WorkerFailed as err:
+        print(f"megaring-train: {err}", file=sys.stderr)
+        sys.exit(1)
+    if status:
+        sys.exit(status)
 
 
 def main() -> None:

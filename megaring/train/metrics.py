@@ -86,11 +86,26 @@ class MetricsFile:
         self.file = open(path, "a")
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics | ({"mesh": self.mesh} if self.mesh else {})) + "\n")
+        record = metrics | ({"mesh": self.mesh} if self.mesh else {})
+        self.file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def finite_json(record: dict) -> dict:
+    """``record`` as standard JSON: a non-finite number becomes ``null`` and ``<key>_nonfinite``
+    says which (``"nan"``, ``"inf"``, ``"-inf"``)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = finite_json(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            out[f"{key}_nonfinite"] = str(value)
+            value = None
+        out[key] = value
+    return out
 
 
 def read_metrics(path: Path) -> list[dict]:

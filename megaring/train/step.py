@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megaring.distributed.mesh import ParallelMesh
+from megaring.distributed.flight import FLIGHT
+from megaring.distributed.mesh import Axis, ParallelMesh
 from megaring.model import count_valid_tokens, local_loss
 from megaring.train.engine import TrainEngine
 
@@ -25,6 +26,12 @@ class StepResult:
     grad_norm: float | None  # global norm before clipping
     lr: float  # the learning rate this update used
     valid_tokens: int  # over the global batch
+    applied: bool = True  # False: the update was skipped on every rank (non-finite gradients)
+
+
+def others(axis: Axis) -> tuple[int, ...]:
+    """The other global ranks of ``axis`` (whom a collective over it waits on)."""
+    return tuple(r for r in axis.ranks if r != axis.ranks[axis.rank])
 
 
 def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], mesh: ParallelMesh,
@@ -32,14 +39,23 @@ def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]]
     engine.set_lr(lr)
     batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
     labels = torch.stack([mb["labels"] for mb in batches])  # (micro_batches, B, S_local)
-    count = count_valid_tokens(labels, mesh.dp_cp).to(torch.float64)  # all-reduced over dp_cp
+    peers = others(mesh.dp_cp)
+    with FLIGHT.waiting("all-reduce of the valid-token count over dp_cp", peers):
+        count = count_valid_tokens(labels, mesh.dp_cp).to(torch.float64)  # all-reduced over dp_cp
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    norm = None
-    for mb in batches:
+    outcome = None
+    for i, mb in enumerate(batches):
+        FLIGHT.at(micro_batch=i, phase="forward")
         token_losses = engine.forward(mb["tokens"], mb["positions"], mb["segment_ids"], mb["labels"])  # (B, S_local)
+        FLIGHT.at(phase="backward (ZeRO gradient reduction inside)")
         engine.backward(local_loss(token_losses, count))
-        norm = engine.step()  # the update and its norm come on the last micro-batch
+        FLIGHT.at(phase="optimizer step")
+        with FLIGHT.waiting("the engine's step (ZeRO: gradient norm, overflow check, parameter gather over dp_cp)",
+                            peers):
+            outcome = engine.step()  # the update and its norm come on the last micro-batch
         loss_sum += token_losses.detach().sum().to(torch.float64)
     if mesh.dp_cp.size > 1:
-        dist.all_reduce(loss_sum, group=mesh.dp_cp.group)
-    return StepResult((loss_sum / count.clamp(min=1.0)).item(), norm, lr, int(count.item()))
+        with FLIGHT.waiting("all-reduce of the loss over dp_cp", peers):
+            dist.all_reduce(loss_sum, group=mesh.dp_cp.group)
+    return StepResult((loss_sum / count.clamp(min=1.0)).item(), outcome.grad_norm, lr, int(count.item()),
+                      outcome.applied)

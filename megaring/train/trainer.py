@@ -7,8 +7,12 @@ self-spawning entry point, or a test's worker pool with the process group alread
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +25,30 @@ from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader
 from megaring.data.tokenizer import MODEL_FILES
 from megaring.data.tokenizer.conventions import SIDE_FILES
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
+from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
 from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
 from megaring.ring.comm import KVTraffic
 from megaring.train.attention_work import attention_work, visible_pairs
-from megaring.train.checkpoint import TrainerState, load_latest, read_trainer_state, save_checkpoint
+from megaring.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_latest,
+    read_trainer_state,
+    save_checkpoint,
+    tag_for,
+)
 from megaring.train.config import TrainConfig
 from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
+from megaring.train.guards import NumericGuard
 from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
+from megaring.train.preempt import Preempted, PreemptWatch
 from megaring.train.profile import StepProfiler
+from megaring.train.rundir import RunLock, lr_horizon, result_config
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
 from megaring.train.tracking import Tracker, mesh_record
@@ -67,6 +82,8 @@ class Run:
     eval_reader: EvalReader | None  # None: eval.every = 0
     resume: Resume | None
     traffic: KVTraffic  # ring attention's K/V bytes sent by this rank, read and reset every step
+    lr_horizon: int  # the schedule's decay horizon (the checkpoint's unless changed explicitly)
+    lr_note: str | None  # said when the horizon is not the checkpoint's
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -74,19 +91,44 @@ def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
-    """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics."""
+    """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics.
+
+    Raises :class:`~megaring.train.preempt.Preempted` after a signal and a checkpoint, and
+    :class:`~megaring.train.guards.Diverged` after too many non-finite steps.
+    """
     run_dir = Path(run_dir)
     owns_group = not dist.is_initialized()
-    world_size = dist.get_world_size() if dist.is_initialized() else read_launch_env().world_size
-    validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
-    p = cfg.parallel
-    device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
+    env = read_launch_env()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if not owns_group else (env.world_size, env.rank)
+    lock = RunLock(run_dir).acquire() if rank == 0 else None  # before reading the run's checkpoints
+    watch = PreemptWatch(cfg.trainer.preempt_grace_s, rank).install()
+    hang = HangWatch(run_dir, rank, world_size, after_s=0.9 * cfg.parallel.timeout_s)
+    previous_usr2 = install_hang_signal(hang)
     try:
+        validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
+        if rank == 0:
+            shutil.rmtree(run_dir / HANG_DIR, ignore_errors=True)  # an earlier hang's lines
+        p = cfg.parallel
+        device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
         run = build_run(cfg, run_dir, device)
-        return run_steps(run)
+        hang.start()
+        return run_steps(run, watch)
     finally:
+        hang.close()
+        if previous_usr2 is not None:
+            signal.signal(signal.SIGUSR2, previous_usr2)
+        watch.uninstall()
+        if lock is not None:
+            lock.release()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def install_hang_signal(hang: HangWatch):
+    """SIGUSR2 writes this rank's hang line; returns the previous handler (None: not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGUSR2, hang.on_signal)
 
 
 def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
@@ -125,8 +167,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     shard = rank_shard(mesh, p.layout)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
+    horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
     return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
-               traffic)
+               traffic, horizon, lr_note)
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -140,58 +183,77 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_steps(run: Run) -> list[dict]:
+def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     cfg, t, rank = run.cfg, run.cfg.trainer, run.mesh.rank
+    watch = watch or PreemptWatch(t.preempt_grace_s, rank)  # installed by train(); here: never signalled
     is_logger = rank == 0
     start, note = resume_state(run)
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start, mesh_record(cfg)) if is_logger else None
     tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
-    if note:
-        progress.note(note)
+    for line in (note, run.lr_note, finished_note(start, t.max_steps)):
+        if line:
+            progress.note(line)
     tokens_per_step = t.global_batch_size * t.seq_len
     peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
+    guard = NumericGuard(t.max_bad_steps, t.loss_spike_factor)
     history, exit_code = [], 1
     profiler = StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device)
 
-    def log_eval(step: int) -> None:
-        record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
+    def log_record(record: dict) -> None:
         history.append(record)
-        progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
-                      f"({record['eval_tokens']:,} tokens)")
         if is_logger:
             metrics_file.write(record)
             tracker.log(record)
+
+    def log_eval(step: int) -> None:
+        record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
+        progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
+                      f"({record['eval_tokens']:,} tokens)")
+        log_record(record)
 
     try:
         if run.eval_reader is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
             log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
-            maybe_inject(rank, step)
+            FLIGHT.at(step=step, phase="data")
+            maybe_inject(rank, step, run.engine.module)
             began = time.perf_counter()
-            lr = learning_rate(step - 1, cfg.optim, t.max_steps)
+            lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
             batches = run.reader.micro_batches(step - 1)
             with profiler.around(step):
                 result = train_step(run.engine, batches, run.mesh, run.device, lr)
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             step_time_s = time.perf_counter() - began
+            guarded, guard_note = guard.check(step, result)  # the same on every rank; raises Diverged
             work = attention_work(visible_pairs(batches, cfg.model.sliding_window), run.traffic.take(),
                                   run.mesh, run.device)
             flops_per_token = model_flops_per_token(cfg.model, t.seq_len, work.pairs_total / tokens_per_step)
             metrics = step_metrics(step, result, step_time_s=step_time_s,
                                    tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
                                    world_size=run.mesh.dims.world_size, peak_tflops=peak,
-                                   tokens_seen=step * tokens_per_step, device=run.device) | work.metrics()
-            history.append(metrics)
+                                   tokens_seen=step * tokens_per_step, device=run.device) | work.metrics() | guarded
             progress.update(metrics)
-            if is_logger and (step % t.log_every == 0 or step == t.max_steps):
-                metrics_file.write(metrics)
-                tracker.log(metrics)
+            if guard_note:
+                progress.note(guard_note)
+            if step % t.log_every == 0 or step == t.max_steps or guarded:
+                log_record(metrics)
+            else:
+                history.append(metrics)
             if run.eval_reader is not None and (step % cfg.eval.every == 0 or step == t.max_steps):
                 log_eval(step)
-            if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            saved = step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+            if saved:
+                FLIGHT.at(phase="checkpoint save")
                 save(run, step)
+            with FLIGHT.waiting("all-reduce of the preemption flag over the world", everyone_else(run.mesh)):
+                signum = watch.agreed_stop(run.device)  # one tiny all-reduce: every rank stops after this step
+            if signum is not None:
+                exit_code = t.preempt_exit_code
+                stop_on_signal(run, step, signum, saved, progress)
+        if start < t.max_steps:
+            progress.note(f"done: step {t.max_steps}, checkpoint {run.ckpt_dir / tag_for(t.max_steps)}")
         exit_code = 0
     finally:
         progress.close()
@@ -200,6 +262,30 @@ def run_steps(run: Run) -> list[dict]:
             metrics_file.close()
         run.engine.destroy()
     return history
+
+
+def stop_on_signal(run: Run, step: int, signum: int, saved: bool, progress: ProgressBar) -> None:
+    """Save at the agreed ``step`` (unless just saved) and raise :class:`Preempted`."""
+    began = time.perf_counter()
+    if not saved:
+        save(run, step)
+    code = run.cfg.trainer.preempt_exit_code
+    message = (f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint {run.ckpt_dir / tag_for(step)} "
+               f"written in {time.perf_counter() - began:.1f} s; re-run the same command to resume "
+               f"(exit status {code}, trainer.preempt_exit_code)")
+    progress.note(message)
+    raise Preempted(message, code)
+
+
+def everyone_else(mesh: ParallelMesh) -> tuple[int, ...]:
+    return tuple(r for r in range(mesh.dims.world_size) if r != mesh.rank)
+
+
+def finished_note(start: int, max_steps: int) -> str | None:
+    if start >= max_steps:
+        return (f"nothing to train: the checkpoint is at step {start} and trainer.max_steps={max_steps}; "
+                "raise trainer.max_steps to continue the run")
+    return None
 
 
 def resume_state(run: Run) -> tuple[int, str | None]:
@@ -220,10 +306,19 @@ def resume_state(run: Run) -> tuple[int, str | None]:
 def save(run: Run, step: int) -> None:
     t = run.cfg.trainer
     state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
-                         tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key())
+                         tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key(),
+                         lr_horizon=run.lr_horizon, config=result_config(run.cfg))
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
                  "tokenizer_files": tokenizer_files(run.cfg)}
-    save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
+    try:
+        save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(run.ckpt_dir if run.ckpt_dir.exists() else run.run_dir).free
+        if free < 2**30 or getattr(err, "errno", None) == errno.ENOSPC:  # torch's writer says "iostream error"
+            raise CheckpointError(f"saving the checkpoint of step {step} into {run.ckpt_dir} failed: no space left "
+                                  f"on device (ENOSPC, {free / 2**20:.0f} MiB free; {err}). The previous checkpoint "
+                                  "stays 'latest': free space, then re-run to resume") from None
+        raise
 
 
 def tokenizer_files(cfg: TrainConfig) -> list[str]:

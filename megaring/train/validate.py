@@ -6,6 +6,8 @@ all of them, so a user fixes a broken command in one go instead of one failed la
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from pathlib import Path
 
 from megaring.data import describe_data, eval_data_problems, tokenizer_vocab_problems
@@ -18,6 +20,7 @@ from megaring.ring.backward import BACKWARDS
 from megaring.train.checkpoint import CheckpointError, read_trainer_state
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 from megaring.train.profile import profile_steps_problems
+from megaring.train.rundir import config_change_problems, history_problems, result_config
 from megaring.train.universal import UniversalError, UniversalState
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
@@ -67,6 +70,42 @@ def batch_problems(cfg: TrainConfig) -> list[str]:
     return out + profile_steps_problems(t.profile_steps)
 
 
+def operations_problems(cfg: TrainConfig) -> list[str]:
+    """The failure-handling keys (preemption, numerical guards, resume)."""
+    t, out = cfg.trainer, []
+    if not 0 <= t.preempt_exit_code <= 255:
+        out.append(f"trainer.preempt_exit_code={t.preempt_exit_code} must be an exit status in 0..255")
+    if not t.preempt_grace_s > 0:
+        out.append(f"trainer.preempt_grace_s={t.preempt_grace_s} must be > 0 seconds")
+    if t.max_bad_steps < 0:
+        out.append(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: stop at the first non-finite step)")
+    if not t.loss_spike_factor >= 0:
+        out.append(f"trainer.loss_spike_factor={t.loss_spike_factor} must be >= 0 (0 turns loss spikes off)")
+    known = set(result_config(cfg))
+    unknown = [k for k in t.resume_allow_changes if k not in known]
+    if unknown:
+        out.append(f"trainer.resume_allow_changes names {unknown}, which are not keys a resume compares: "
+                   "give model.*, data.*, optim.* or trainer.* keys as section.key")
+    return out
+
+
+def finite_problems(cfg: TrainConfig) -> list[str]:
+    """Every float in the config is a finite number (NaN would pass most range checks)."""
+    out = []
+
+    def walk(obj, prefix: str) -> None:
+        for key, value in obj.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, float) and not math.isfinite(value):
+                out.append(f"{prefix}{key}={value} must be a finite number")
+            elif isinstance(value, list) and any(isinstance(x, float) and not math.isfinite(x) for x in value):
+                out.append(f"{prefix}{key}={value} must hold finite numbers")
+
+    walk(asdict(cfg), "")
+    return out
+
+
 def optim_problems(cfg: TrainConfig) -> list[str]:
     o, out = cfg.optim, []
     if not o.lr >= 0:  # 0 is allowed: a run that must not change the weights (tests, exports)
@@ -102,6 +141,10 @@ def data_problems(cfg: TrainConfig) -> list[str]:
         info = describe_data(cfg.data)
     except (ValueError, OSError) as err:
         return [f"data: {err}"]
+    if info.num_tokens <= cfg.trainer.seq_len:
+        return [f"data.path={cfg.data.path} holds {info.num_tokens} tokens, not enough for one sample of "
+                f"trainer.seq_len={cfg.trainer.seq_len} (+1 for the labels): preprocess more text, or lower "
+                "trainer.seq_len"]
     if info.vocab_size > cfg.model.vocab_size and not cfg.model.init_from:
         where = f"data.path={cfg.data.path}" if cfg.data.kind == "files" else "data=mock"
         return [f"{where} has a vocabulary of {info.vocab_size} tokens, more than "
@@ -130,31 +173,32 @@ def logging_problems(cfg: TrainConfig) -> list[str]:
 def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
     """A checkpoint to resume from: readable, and of this model; on another layout, with the
     layout-independent state that conversion reads (the new layout's own checks are the model's)."""
-    if not cfg.trainer.resume:
-        return []
     try:
         found = read_trainer_state(ckpt_dir)
     except CheckpointError as err:
         return [str(err)]
-    if found is None:
-        return []
+    if found is None or not cfg.trainer.resume:
+        return history_problems(cfg, found and found[1], ckpt_dir)
     tag, state = found
     try:
         saved_model = UniversalState(ckpt_dir / tag).model_config
     except UniversalError as err:
         if state.layout == cfg.parallel.layout_key():
-            return []  # the engine's own files suffice on the same layout
+            return config_change_problems(cfg, state.config, ckpt_dir / tag)  # the engine's files suffice
         return [f"the checkpoint {ckpt_dir / tag} was written with {state.layout}, this run is "
                 f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same layout, "
                 "or set trainer.resume=false / another trainer.ckpt_dir"]
     theirs, ours = checkpoint_signature(saved_model), checkpoint_signature(cfg.model)
-    return [f"model.{k}={ours[k]!r} differs from the checkpoint {ckpt_dir / tag} ({theirs[k]!r}): resume with "
-            "the model it was written with, or set trainer.resume=false / another trainer.ckpt_dir"
-            for k in theirs if theirs[k] != ours[k]]
+    shape_keys = {f"model.{k}" for k in theirs if theirs[k] != ours[k]}  # said below, with the checkpoint's shapes
+    changed = config_change_problems(cfg, state.config, ckpt_dir / tag, skip=shape_keys)
+    return changed + [f"model.{k}={ours[k]!r} differs from the checkpoint {ckpt_dir / tag} ({theirs[k]!r}): "
+                      "resume with the model it was written with, or set trainer.resume=false / another "
+                      "trainer.ckpt_dir" for k in theirs if theirs[k] != ours[k]]
 
 
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:
-    out = parallel_problems(cfg, world_size) + batch_problems(cfg) + optim_problems(cfg)
+    out = finite_problems(cfg) + parallel_problems(cfg, world_size) + batch_problems(cfg) + optim_problems(cfg)
+    out += operations_problems(cfg)
     out += model_problems(cfg) + data_problems(cfg) + eval_problems(cfg) + logging_problems(cfg)
     if ckpt_dir is not None:
         out += resume_problems(cfg, ckpt_dir)

@@ -1,0 +1,129 @@
+"""``megaring-verify``: does this layout compute what one process computes? A few steps of both.
+
+Takes the same config and overrides as ``megaring-train`` and shrinks the model and batch while
+keeping what decides the numerics: the mesh (dp, cp, tp, ZeRO stage, sequence parallelism, shard
+layout), the attention kernel, the ring backward schedule and the precision. It trains
+:data:`STEPS` steps at that layout (self-spawned workers, like ``parallel.nproc_per_node``) and at
+(1, 1, 1) from the same seed, on the same mock data, and compares every step's loss and gradient
+norm within a tolerance for the dtype. Ring attention's forward and backward are exercised in
+every layer of the run at the configured cp. Prints one row per step; exit 0 when all pass, 1
+naming the first failing step, 2 on a config error.
+
+Run it after changing the layout, the attention kernel or the backward schedule, and after
+upgrading torch or DeepSpeed::
+
+    megaring-verify parallel.dp=2 parallel.cp=2 parallel.zero_stage=2 model=7b trainer.seq_len=131072
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from megaring.config_dir import CONFIG_DIR
+from megaring.errors import ConfigError
+from megaring.train.config import TrainConfig, register_configs, to_train_config
+from megaring.train.launch import launch
+from megaring.train.metrics import read_metrics
+
+register_configs()
+
+STEPS = 3
+# Relative tolerance on the loss and gradient norm: fp32 reorders sums only; bf16 rounds each layout differently.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def shrink(cfg: TrainConfig) -> TrainConfig:
+    """The same mesh, kernels, schedule and precision on a small model and batch, mock data, no logging."""
+    p, t, m = cfg.parallel, cfg.trainer, cfg.model
+    head_dim = 16
+    model = dataclasses.replace(m, dim=m.n_heads * head_dim, n_layers=2, ffn_dim=4 * m.n_heads * head_dim,
+                                vocab_size=256 * p.tp, init_from=None, max_position_embeddings=1 << 20)
+    seq_len = 32 * p.cp * p.tp  # zigzag halves per cp rank, divisible by tp for sequence parallelism
+    trainer = dataclasses.replace(t, seq_len=seq_len, global_batch_size=2 * p.dp, micro_batch_size=1,
+                                  max_steps=STEPS, checkpoint_every=0, log_every=1, ckpt_dir=None, resume=False)
+    data = dataclasses.replace(cfg.data, kind="mock", path=None, valid_path=None, valid_fraction=0.0,
+                               vocab_size=model.vocab_size)
+    logging_cfg = dataclasses.replace(cfg.logging, progress_bar=False,
+                                      wandb=dataclasses.replace(cfg.logging.wandb, mode="disabled"))
+    parallel = dataclasses.replace(p, nproc_per_node="auto")
+    return dataclasses.replace(cfg, model=model, trainer=trainer, data=data, logging=logging_cfg, parallel=parallel,
+                               eval=dataclasses.replace(cfg.eval, every=0))
+
+
+def single_process(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=1, cp=1, tp=1, nproc_per_node=0,
+                                                                 sequence_parallel=False))
+
+
+def compare(layout: list[dict], reference: list[dict], rel: float) -> tuple[list[str], int | None]:
+    """One row per step and the first failing step (None: all pass)."""
+    rows, first_bad = [], None
+    for got, ref in zip(layout, reference, strict=True):
+        diffs = {k: relative(got[k], ref[k]) for k in ("loss", "grad_norm")}
+        ok = all(d <= rel for d in diffs.values())
+        if not ok and first_bad is None:
+            first_bad = got["step"]
+        rows.append(f"  step {got['step']}: loss {got['loss']!s:>22} vs {ref['loss']!s:>22} (rel {diffs['loss']:.1e}), "
+                    f"grad_norm rel {diffs['grad_norm']:.1e}  {'pass' if ok else 'FAIL'}")
+    return rows, first_bad
+
+
+def relative(a, b) -> float:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def verify(cfg: TrainConfig, out_dir: Path) -> int:
+    small = shrink(cfg)
+    p = small.parallel
+    dtype = small.trainer.dtype if small.trainer.dtype != "auto" else (
+        "bfloat16" if torch.cuda.is_available() else "float32")
+    rel = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    print(f"megaring-verify: dp={p.dp} cp={p.cp} tp={p.tp} zero_stage={p.zero_stage} layout={p.layout} "
+          f"kernel={p.attn_kernel or 'auto'} ring_backward={p.ring_backward} dtype={small.trainer.dtype} vs (1, 1, 1); "
+          f"{STEPS} steps, seq_len {small.trainer.seq_len}, tolerance {rel:g} (relative)", flush=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier verify's runs
+    runs = {}
+    for name, run_cfg in (("reference", single_process(small)), ("layout", small)):
+        status = launch(run_cfg, out_dir / name)
+        if status:
+            print(f"megaring-verify: the {name} run failed (exit status {status})", file=sys.stderr)
+            return 1
+        runs[name] = [m for m in read_metrics(out_dir / name / "metrics.jsonl") if "loss" in m]
+    rows, first_bad = compare(runs["layout"], runs["reference"], rel)
+    print("\n".join(rows))
+    if first_bad is not None:
+        print(f"megaring-verify: FAIL: step {first_bad} differs from the single-process run by more than {rel:g}",
+              file=sys.stderr)
+        return 1
+    print("megaring-verify: pass")
+    return 0
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        status = verify(to_train_config(cfg, hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir) / "verify")
+    except ConfigError as err:
+        print(f"megaring-verify: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``megaring-train`` under failure, as an operator meets it: preemption, non-finite steps, a busy run dir.
+
+Real commands in subprocesses (tiny model, mock data, seq_len 64, cp=2 self-spawned on two gloo
+workers, ZeRO-2). The uninterrupted 4-step run is made once per module and is the reference:
+
+- SIGTERM to the spawner while a rank is inside step 2 (a test-only sleep holds it there): every
+  rank stops after step 2, the checkpoint is step 2, exit status 0; re-running the same command
+  resumes and logs losses and gradient norms bit-identical to the reference;
+- a NaN gradient on rank 1 in steps 2 and 3: step 2 is skipped on every rank (the weights of the
+  step-2 checkpoint are the step-1 ones), ``metrics.jsonl`` stays standard JSON, and step 3 exceeds
+  ``trainer.max_bad_steps=1``: exit 3 naming the step;
+- a second run in a run directory that a live run holds fails with exit 2 naming the holder, and
+  SIGTERM without a step boundary within ``trainer.preempt_grace_s`` exits 143 without a checkpoint;
+- ``launch/slurm.sbatch`` with a stand-in srun / scontrol: slurm's USR1 warning saves and requeues.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from tests.helpers.cli import ROOT, clean_env, losses, ok
+from tests.helpers.pool import free_port
+from tests.helpers.train_cfg import TINY_RUN
+
+pytestmark = pytest.mark.slow
+
+RUN = [o for o in TINY_RUN if not o.startswith(("parallel.timeout_s", "trainer.max_steps"))] + [
+    "parallel.timeout_s=30", "parallel.cp=2", "parallel.nproc_per_node=2", "parallel.zero_stage=2",
+    "trainer.max_steps=4",
+]
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megaring.train", *RUN, *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def megaring_train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300):
+    return subprocess.run(command(run_dir, *overrides), env=clean_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file() and any(json.loads(line)["step"] == step for line in metrics.read_text().splitlines()):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never logged")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    ok(megaring_train(run_dir))
+    return run_dir
+
+
+def test_sigterm_saves_at_the_agreed_step_and_the_rerun_is_bit_identical(reference, tmp_path):
+    env = clean_env(MEGARING_TEST_FAULT="sleep:rank=1:step=2:seconds=8")  # rank 1 is late for step 2
+    proc = subprocess.Popen(command(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path, 1, proc)
+    time.sleep(1.0)  # the workers are inside step 2 (rank 1 asleep, rank 0 waiting for it)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "stopped after step 2" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2]
+
+    ok(megaring_train(tmp_path))  # the same command again (a requeued job)
+    assert losses(tmp_path) == losses(reference)  # bit-identical on CPU
+
+
+def test_nan_gradient_on_one_rank_skips_the_step_then_stops_past_max_bad_steps(tmp_path):
+    proc = megaring_train(tmp_path, "trainer.max_bad_steps=1", "trainer.checkpoint_every=1", "trainer.keep_last=4",
+                          env={"MEGARING_TEST_FAULT": "nan:rank=1:step=2:until=3"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 3: non-finite gradient norm" in proc.stderr and "trainer.max_bad_steps=1" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # standard JSON: no NaN / Infinity tokens
+    assert "NaN" not in "".join(lines) and "Infinity" not in "".join(lines)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[1]["skipped"] is True and records[1]["grad_norm"] is None
+    assert records[1]["grad_norm_nonfinite"] in ("nan", "inf")
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000002"  # no checkpoint of the stopped step
+
+    def weights(tag: str) -> dict:
+        out = {}
+        for f in sorted((ckpt / tag / "universal").glob("*.safetensors")):
+            out |= {k: v for k, v in load_file(f).items() if k.startswith("param.")}
+        return out
+
+    before, after = weights("step_00000001"), weights("step_00000002")
+    assert before and before.keys() == after.keys()
+    assert all((before[k] == after[k]).all() for k in before)  # the skipped step changed nothing
+
+
+def test_a_held_run_directory_is_refused_and_a_late_step_boundary_exits_without_a_checkpoint(tmp_path):
+    """The first run holds its directory while rank 0 sleeps in step 1; a second run there fails naming
+    it. SIGTERM then finds no step boundary within trainer.preempt_grace_s: exit 128 + 15, no checkpoint."""
+    env = clean_env(MEGARING_TEST_FAULT="sleep:rank=0:step=1:seconds=60")
+    first = subprocess.Popen(command(tmp_path, "trainer.preempt_grace_s=2"), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "megaring.lock"
+        deadline = time.monotonic() + 240
+        while not (lock.is_file() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        second = megaring_train(tmp_path)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"run directory {tmp_path} is in use by another run (pid " in second.stderr, second.stderr[-2000:]
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+        assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert "no step boundary within 2 s: exiting without a new checkpoint" in stderr, stderr[-3000:]
+        assert not (tmp_path / "checkpoints" / "latest").exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# slurm's srun on one machine: $SLURM_NTASKS tasks; TERM is forwarded to every task, as srun does.
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for pid in "${pids[@]}"; do
+  while :; do wait "$pid" && r=0 || r=$?; kill -0 "$pid" 2>/dev/null || break; done
+  [[ $r -ne 0 ]] && rc=$r
+done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1" == show ]]; then echo localhost; else echo "$@" >> "$SCONTROL_LOG"; fi
+"""
+
+
+def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
+    """``launch/slurm.sbatch`` (task mode, two tasks) gets slurm's USR1 warning while rank 1 is inside
+    step 2: the job step saves at step 2, the script requeues the job, and the requeued run resumes."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    run_dir, log = tmp_path / "run", tmp_path / "scontrol.log"
+    env = clean_env(PATH=f"{fake_bin}:{clean_env()['PATH']}", MODE="task", PYTHON=sys.executable,
+                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+                    MASTER_PORT=str(free_port()), SCONTROL_LOG=str(log))
+    script = ["bash", str(ROOT / "launch" / "slurm.sbatch"), *RUN, f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "sleep:rank=1:step=2:seconds=8"}, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 1, job)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=240)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "USR1 received" in stdout and log.read_text().split() == ["requeue", "4242"], stdout
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+
+    requeued = subprocess.run(script, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ok(requeued)
+    assert losses(run_dir) == losses(reference)
+
+
+def test_a_rank_stalled_in_the_ring_is_named_in_the_hang_report(tmp_path):
+    """Rank 1 sleeps inside its first ring step of step 2; rank 0 waits on it. Within one
+    ``parallel.timeout_s`` the job ends (status 4) and hang_report.json names rank 1 and the ring wait."""
+    began = time.monotonic()
+    proc = megaring_train(tmp_path, "parallel.timeout_s=10",
+                          env={"MEGARING_TEST_FAULT": "ringsleep:rank=1:step=2:seconds=900"})
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert time.monotonic() - began < 600  # the job does not wait for the sleeper
+    assert "stalled rank(s): [1]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "hang_report.json").read_text())
+    assert report["stalled_ranks"] == [1] and report["silent_ranks"] == [1]
+    (line,) = report["ranks"]
+    assert line["rank"] == 0 and line["step"] == 2 and line["phase"] == "forward" and line["peers"] == [1]
+    assert line["waiting_on"].startswith("ring K/V recv from rank 1, send to rank 1, at ring step 0"), line
+    assert line["waited_s"] >= 9
