@@ -117,8 +117,9 @@ class TrainEngine:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
-        if value is None:  # no ZeRO in float32: torch's optimizer works on the module's own parameters
-            value = param.detach() if key == "param" else self._torch_optimizer().state[param][key]
+        if value is None:  # no ZeRO: torch's optimizer works on the parameter or its fp32 twin
+            master = self._fp32_master(param)
+            value = master if key == "param" else self._torch_optimizer().state[master][key]
         return value.detach().float()
 
     def set_master_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
@@ -135,9 +136,19 @@ class TrainEngine:
         elif hasattr(param, "_hp_mapping"):
             return  # ZeRO 1-2: this rank's partition holds no piece of this parameter
         elif key == "param":
-            param.data.copy_(value)
+            self._fp32_master(param).data.copy_(value)
         else:
-            self._torch_optimizer().state[param][key].copy_(value)
+            self._torch_optimizer().state[self._fp32_master(param)][key].copy_(value)
+
+    def _fp32_master(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor torch's optimizer updates for ``param`` without ZeRO: the parameter itself in
+        float32, its fp32 copy with half-precision weights (DeepSpeed's ``fp16_groups`` -> ``fp32_groups``)."""
+        wrapper = self.ds.optimizer
+        for lows, highs in zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()), strict=False):
+            for low, high in zip(lows, highs, strict=True):
+                if low is param:
+                    return high
+        return param
 
     def optimizer_step(self) -> int:
         """Updates the optimizer has made (Adam's bias-correction step)."""
