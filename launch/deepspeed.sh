@@ -8,6 +8,13 @@
 # The launcher passes --local_rank to every process; megaring-train accepts and ignores it
 # (the rank comes from the environment the launcher also sets).
 set -euo pipefail
+# The project's .venv (made by make install) first on PATH, unless DEEPSPEED names a launcher.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -x "$ROOT/.venv/bin/deepspeed" ]]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
+if ! command -v "${DEEPSPEED:-deepspeed}" >/dev/null; then
+  echo "launch/deepspeed.sh: no deepspeed launcher: run 'make install' (it creates .venv/) or set DEEPSPEED=<path>" >&2
+  exit 2
+fi
 ARGS=(--master_port "${MASTER_PORT:-29500}")
 [[ -n "${NUM_ACCELERATORS:-}" ]] && ARGS+=(--num_accelerators "$NUM_ACCELERATORS")
 [[ -n "${HOSTFILE:-}" ]] && ARGS+=(--hostfile "$HOSTFILE")

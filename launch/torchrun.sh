@@ -11,7 +11,11 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-python}
+# The project's interpreter (its .venv, made by make install) unless PYTHON says otherwise; its tools
+# first on PATH, so that DeepSpeed builds its op with one ninja.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -x "$ROOT/.venv/bin/python" ]]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK" \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,14 @@ class Run:
     dp: int
     cp: int
     tp: int
-    metrics: list[dict]
+    metrics: list[dict]  # the training steps' records (eval and loss-spike records left out)
+    zero_stage: int = 1
+    ulysses: int = 1
 
     @property
     def label(self) -> str:
-        return f"dp{self.dp} cp{self.cp} tp{self.tp}"
+        return f"dp{self.dp} cp{self.cp} tp{self.tp} zero{self.zero_stage}" + (
+            f" ulysses{self.ulysses}" if self.ulysses > 1 else "")
 
     @property
     def world_size(self) -> int:
@@ -62,12 +66,14 @@ def find_runs(paths: list[str]) -> list[Run]:
 
 def load_run(path: Path) -> Run:
     with open(path / "metrics.jsonl") as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    metrics = [m for m in records if m.get("loss") is not None]
     parallel = {}
     config_file = path / ".hydra" / "config.yaml"
     if config_file.exists():
         parallel = (yaml.safe_load(config_file.read_text()) or {}).get("parallel", {})
-    return Run(path, int(parallel.get("dp", 1)), int(parallel.get("cp", 1)), int(parallel.get("tp", 1)), metrics)
+    return Run(path, int(parallel.get("dp", 1)), int(parallel.get("cp", 1)), int(parallel.get("tp", 1)), metrics,
+               int(parallel.get("zero_stage", 1)), int(parallel.get("ulysses", 1)))
 
 
 def plot_loss(runs: list[Run], out: Path) -> Path:
@@ -113,7 +119,8 @@ def plot_scaling(runs: list[Run], out: Path, x: str) -> Path:
 def summarize(run: Run) -> dict:
     """One row of the table: layout, steps, final loss, median tokens/s and peak memory per rank."""
     return {"path": str(run.path), "layout": run.label, "dp": run.dp, "cp": run.cp, "tp": run.tp,
-            "world_size": run.world_size, "steps": len(run.metrics), "final_loss": run.metrics[-1]["loss"],
+            "zero_stage": run.zero_stage, "ulysses": run.ulysses, "world_size": run.world_size,
+            "steps": len(run.metrics), "final_loss": run.metrics[-1]["loss"] if run.metrics else None,
             "tokens_per_s": run.median("tokens_per_s"), "peak_mem_gib": run.median("peak_mem_gib")}
 
 
@@ -121,15 +128,19 @@ def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories or sweep directories above them")
     p.add_argument("--out", default="plots", help="directory for loss.png and scaling.png")
-    p.add_argument("--x", default="cp", choices=("cp", "world_size"), help="x axis of the scaling chart")
+    p.add_argument("--x", default="cp", choices=("cp", "world_size", "dp", "tp", "zero_stage", "ulysses"),
+                   help="x axis of the scaling chart")
     args = p.parse_args(argv)
     runs = find_runs(args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = [summarize(run) for run in runs]
-    print(f"{'run':<40} {'layout':<16} {'steps':>5} {'final loss':>10} {'tokens/s':>10} {'peak GiB':>9}")
-    for row in table:
-        print(f"{row['path'][-40:]:<40} {row['layout']:<16} {row['steps']:>5} {row['final_loss']:>10.4f} "
+    root = Path(os.path.commonpath([str(run.path) for run in runs])) if len(runs) > 1 else runs[0].path.parent
+    names = [str(run.path.relative_to(root)) or run.path.name for run in runs]  # whole names, not truncated
+    width = max(len(n) for n in names + ["run"])
+    print(f"{'run':<{width}} {'layout':<28} {'steps':>5} {'final loss':>10} {'tokens/s':>10} {'peak GiB':>9}")
+    for name, row in zip(names, table):
+        print(f"{name:<{width}} {row['layout']:<28} {row['steps']:>5} {row['final_loss'] or float('nan'):>10.4f} "
               f"{row['tokens_per_s'] or float('nan'):>10.1f} {row['peak_mem_gib'] or float('nan'):>9.3f}")
     (out / "runs.json").write_text(json.dumps(table, indent=1) + "\n")
     written = [plot_loss(runs, out), plot_scaling(runs, out, args.x)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +291,18 @@ def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, me
          config_dict_or_path=ds_config, mpu=mpu)
 
 
+def use_this_environments_tools() -> None:
+    """Put this interpreter's ``bin`` first on PATH. DeepSpeed JIT-builds its shared-memory op with
+    the first ``ninja`` there, and two ninja versions (the venv's and the system's) rebuild it, about
+    35 s, at every switch between an activated and a plain shell."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(bindir) / "ninja").exists() and not path.startswith(bindir + os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> TrainEngine:
+    use_this_environments_tools()
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

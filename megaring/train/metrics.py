@@ -8,6 +8,7 @@ is no meaningful peak: MFU is left empty (``null``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -112,6 +113,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+RUN_LOG = logging.getLogger("megaring.run")  # rank 0's notes: <run dir>/train.log (see log_to_run_dir)
+
+
+def log_to_run_dir(run_dir: Path) -> None:
+    """Write rank 0's notes to ``<run dir>/train.log`` unless a handler (Hydra's, in a single process)
+    already writes that file."""
+    target = str((run_dir / "train.log").resolve())
+    for logger in (logging.getLogger(), RUN_LOG):
+        if any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+            return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+    RUN_LOG.addHandler(handler)
+    RUN_LOG.setLevel(logging.INFO)
+
+
 class ProgressBar:
     """tqdm on rank 0 (ETA from the step rate), and the run's notes; nothing elsewhere."""
 
@@ -130,11 +148,14 @@ class ProgressBar:
         self.bar.update(1)
 
     def note(self, text: str) -> None:
-        """A line for the user, above the bar (rank 0 only)."""
+        """A line for the user, above the bar, and in the run's log (rank 0 only)."""
+        if not self.speaks:
+            return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
-        elif self.speaks:
+        else:
             print(text, file=sys.stderr, flush=True)
+        RUN_LOG.info(text)
 
     def close(self) -> None:
         if self.bar is not None:

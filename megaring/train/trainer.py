@@ -45,7 +45,7 @@ from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
 from megaring.train.guards import NumericGuard
-from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, step_metrics
+from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, log_to_run_dir, step_metrics
 from megaring.train.preempt import Preempted, PreemptWatch
 from megaring.train.profile import StepProfiler
 from megaring.train.rundir import RunLock, lr_horizon, result_config
@@ -191,7 +191,12 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start, mesh_record(cfg)) if is_logger else None
     tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
-    for line in (note, run.lr_note, finished_note(start, t.max_steps)):
+    if is_logger:
+        log_to_run_dir(run.run_dir)
+    started = (f"run {run.run_dir}: model {cfg.model.name} ({cfg.model.init_from or 'seed ' + str(t.seed)}), "
+               f"{run.mesh.describe()}, ZeRO {cfg.parallel.zero_stage}, seq_len {t.seq_len}, "
+               f"global batch {t.global_batch_size}, steps {start + 1}-{t.max_steps}")
+    for line in (started, note, run.lr_note, finished_note(start, t.max_steps)):
         if line:
             progress.note(line)
     tokens_per_step = t.global_batch_size * t.seq_len

@@ -51,8 +51,8 @@ def test_eval_only_run_matches_the_single_process_model(pools, tmp_path, layout)
     (record,) = per_rank[0]
     assert record["step"] == 0 and record["eval_ppl"] == pytest.approx(math.exp(record["eval_loss"]))
     assert record["eval_loss"] == pytest.approx(reference_eval_loss(cfg), rel=1e-5)
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [record]
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert line.pop("mesh") == {"dp": dp, "cp": cp, "ulysses": 1, "tp": tp} and line == record
     assert not (tmp_path / "checkpoints").exists()  # an eval-only run writes no checkpoint
 
 
@@ -63,6 +63,7 @@ def test_training_evaluates_every_n_steps_and_at_the_end(pools, tmp_path):
     assert [m["step"] for m in evals] == [2, 3]
     assert all(m["eval_loss"] > 0 and m["eval_tokens"] == 2 * 4 * 64 for m in evals)
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["mesh"]["dp"] == 2 for m in logged)
     assert [m["step"] for m in logged] == [1, 2, 2, 3, 3]  # a training record, then its eval record
 
 

@@ -18,7 +18,10 @@ from tests.helpers.train_cfg import make_cfg
 
 RTOL = 1e-4
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (1, 2, 2), (2, 2, 2)]
-STAGES = [1, 2, 3]
+# Every layout with the stages that shard over its dp x cp (stage 3 everywhere), and every stage on
+# several layouts: 12 runs instead of 18, so that the whole suite stays near 15 minutes.
+CASES = [(layout, stage) for layout in LAYOUTS for stage in (1, 2, 3)
+         if stage == 3 or (stage == 1) == (LAYOUTS.index(layout) % 2 == 0)]
 
 
 def _train(rank: int, world_size: int, cfg, run_dir: str) -> list[tuple[float, float]]:
@@ -51,8 +54,8 @@ def check_against(reference, per_rank: list[list[tuple[float, float]]]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", STAGES)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "dp{}cp{}tp{}".format(*t))
+@pytest.mark.parametrize("layout,zero_stage", CASES, ids=lambda v: "dp{}cp{}tp{}".format(*v) if isinstance(v, tuple)
+                         else f"zero{v}")
 def test_layout_matches_single_process(pools, reference, tmp_path, layout, zero_stage):
     cfg = layout_cfg(*layout, zero_stage)
     world = layout[0] * layout[1] * layout[2]

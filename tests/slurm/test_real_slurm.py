@@ -36,11 +36,11 @@ def job_env(cluster, **extra: str) -> dict[str, str]:
                      PYTHON=sys.executable, **extra)
 
 
-def sbatch(cluster, mode: str, out_dir: Path, overrides: list[str]) -> str:
+def sbatch(cluster, mode: str, out_dir: Path, overrides: list[str], **env_extra: str) -> str:
     """Submit ``launch/slurm.sbatch`` at this mode on two ranks; the job id."""
     cmd = ["sbatch", "--parsable", "--nodes=1", *SBATCH_SIZES[mode], "--gpus-per-node=0",
            f"--output={out_dir}/slurm-%j.out", f"--chdir={ROOT}", "launch/slurm.sbatch", *overrides]
-    env = job_env(cluster, MODE=mode, **({"GPUS_PER_NODE": "2"} if mode == "torchrun" else {}))
+    env = job_env(cluster, MODE=mode, **({"GPUS_PER_NODE": "2"} if mode == "torchrun" else {}), **env_extra)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     ok(proc)
     return proc.stdout.strip().split(";")[0]
@@ -146,3 +146,34 @@ def test_a_lost_rank_ends_the_job_and_a_resubmission_resumes(slurm_cluster, tmp_
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in after] == list(range(1, 21))
     assert after[:killed_at] == before  # kept as written (timings too): steps after the checkpoint only were run
+
+
+def test_usr1_before_the_time_limit_saves_requeues_and_the_job_ends_like_an_uninterrupted_run(
+        slurm_cluster, tmp_path):
+    """Preemption the way slurm does it: the time-limit warning (USR1 to the batch script, as
+    ``--signal=B:USR1@600`` sends it) makes the step save at an agreed step; the script requeues the
+    job, and the requeued job resumes and ends bit-identical to an uninterrupted run."""
+    overrides = [*CP2, "trainer.max_steps=8"]
+    reference = tmp_path / "reference"
+    cmd = [sys.executable, "-m", "megaring.train", *overrides, "parallel.nproc_per_node=2",
+           f"hydra.run.dir={reference}"]
+    ok(subprocess.run(cmd, cwd=ROOT, env=clean_env(PATH=f"{BIN}:{clean_env()['PATH']}"), capture_output=True,
+                      text=True, timeout=240))
+    run_dir = tmp_path / "run"
+    # Rank 0 pauses before step 4, so the warning surely lands mid-run (the steps take milliseconds).
+    job_id = sbatch(slurm_cluster, "task", tmp_path, [*overrides, f"hydra.run.dir={run_dir}"],
+                    MEGARING_TEST_FAULT="sleep:rank=0:step=4:seconds=15")
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 180, "two steps")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id, timeout=30)
+    deadline, seen = time.monotonic() + 300, set()
+    while (state := slurm_cluster.job_state(job_id)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        if state == "PENDING" and "RUNNING" in seen and "PENDING" not in seen:  # requeued: start it now,
+            slurm_cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # not after slurm's delay
+        seen.add(state)
+        assert time.monotonic() < deadline, f"job {job_id} still {state} (seen {sorted(seen)})"
+        time.sleep(0.2)
+    assert state == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert len(saved) >= 2, saved  # the preemption save, then the final one of the requeued run
+    assert losses(run_dir) == losses(reference)  # (step, loss, grad_norm) of steps 1-8, exactly
