@@ -127,19 +127,21 @@ def input_problems(q, k, v, segment_ids, layout: str, backward: str = "whole", p
         problems.append("the balanced layout needs positions (each token's position in its document)")
     if window is not None and (not isinstance(window, int) or window < 1):
         problems.append(f"window={window!r} must be an integer >= 1 or None")
-    if positions is not None:
-        if tuple(positions.shape) != tuple(q.shape[:2]):
-            problems.append(f"positions must have shape (batch, local_seq) = {tuple(q.shape[:2])}; "
-                            f"got {tuple(positions.shape)}")
-        if positions.is_floating_point() or positions.dtype == torch.bool:
-            problems.append(f"positions must be integers; got {positions.dtype}")
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != tuple(q.shape[:2]):
-            problems.append(f"segment_ids must have shape (batch, local_seq) = {tuple(q.shape[:2])}; "
-                            f"got {tuple(segment_ids.shape)}")
-        if segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
-            problems.append(f"segment_ids must be integers; got {segment_ids.dtype}")
+    for name, ids in (("positions", positions), ("segment_ids", segment_ids)):
+        problems += _per_token_problems(name, ids, tuple(q.shape[:2]))
     return problems
+
+
+def _per_token_problems(name: str, ids, shape: tuple[int, ...]) -> list[str]:
+    """An optional ``(batch, local_seq)`` integer tensor of per-token ids: wrong shape or dtype."""
+    if ids is None:
+        return []
+    out = []
+    if tuple(ids.shape) != shape:
+        out.append(f"{name} must have shape (batch, local_seq) = {shape}; got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        out.append(f"{name} must be integers; got {ids.dtype}")
+    return out
 
 
 def cp_axis(group) -> Axis:
