@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megaring.model import ModelConfig
-from megaring.model.init import tp_partitions
+from megaring.model.init import ShardWriter, tp_partitions
 from megaring.model.state_dict import gather_full_tensor, shard_full_tensor
 
 UNIVERSAL = "universal"
@@ -147,16 +147,19 @@ class UniversalState:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, state: UniversalState, tp) -> None:
-    """Copy this rank's shards of the saved fp32 weights into ``model`` (before the engine exists)."""
+def load_weights(model: torch.nn.Module, state: UniversalState, tp, writer: ShardWriter | None = None) -> None:
+    """Copy this rank's shards of the saved fp32 weights into ``model`` (before the engine exists),
+    one parameter at a time, through ``writer`` (default: the whole shard into the parameter)."""
+    writer = writer or ShardWriter()
     partitions = tp_partitions(model)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state.names()))
     if missing:
         raise UniversalError(f"{state.directory} has no weights for {missing[:5]}: it was written for another model")
     for name, param in params.items():
-        full = state.tensor("param", name).to(param.device)
-        param.copy_(shard_full_tensor(full, partitions.get(name), tp).to(param.dtype))
+        shard = shard_full_tensor(state.tensor("param", name), partitions.get(name), tp)
+        start, stop = writer.owned_range(param)
+        writer.write(param, shard.reshape(-1)[start:stop].to(param.device))
 
 
 def load_optimizer(engine, state: UniversalState) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megaring.distributed.mesh import Axis
 from megaring.hf import (
     CheckpointError,
     build_model_from_hf,
@@ -34,6 +35,7 @@ from megaring.model import (
     IGNORE_INDEX,
     ModelConfig,
     ParallelContext,
+    Transformer,
     build_model,
     count_valid_tokens,
     gather_full_state_dict,
@@ -41,6 +43,7 @@ from megaring.model import (
     validate_model_config,
     vocab_parallel_cross_entropy,
 )
+from megaring.model.init import ShardWriter
 from megaring.model.rope import RopeSettings, rope_cos_sin
 from tests.helpers.hf_models import hf_loss_and_logits, llama_dir, mistral_dir, qwen2_dir
 
@@ -220,6 +223,37 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     model, _ = build_model_from_hf(directory, ParallelContext.single())
     assert_matches_hf(directory, model)
+
+
+class _Partition(ShardWriter):
+    """Keeps partition ``rank`` of ``n`` of each flattened shard, as ZeRO-3 splits it (last one short)."""
+
+    def __init__(self, rank: int, n: int):
+        self.rank, self.n, self.kept = rank, n, {}
+
+    def owned_range(self, param):
+        size = -(-param.numel() // self.n)
+        return min(self.rank * size, param.numel()), min((self.rank + 1) * size, param.numel())
+
+    def write(self, param, flat):
+        self.kept[param] = flat.clone()
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_partitioned_reads_give_the_shards_elements(tmp_path, tp_rank):
+    """A writer owning part of each shard gets exactly those elements of it, reading only the rows
+    that hold them: 3 partitions of tp rank ``tp_rank``'s shards at tp=2 (fused q/k/v and
+    gate/up rows, row-parallel columns, the padded vocabulary)."""
+    directory = llama_dir(tmp_path / "hf", max_shard_size="50KB")
+    ctx = ParallelContext(Axis("tp", None, tp_rank, 2, (0, 1)), Axis.single("cp"))
+    whole = Transformer(model_config_from_hf(directory), ctx)
+    full = load_hf_weights(whole, ctx, directory)
+    parts = [_Partition(r, 3) for r in range(3)]
+    reports = [load_hf_weights(whole, ctx, directory, writer) for writer in parts]
+    for p in whole.parameters():
+        assert torch.equal(torch.cat([w.kept[p] for w in parts]), p.detach().reshape(-1))
+    assert max(r.largest_held for r in reports) <= 0.5 * full.largest_held
+    assert full.bytes_read <= sum(r.bytes_read for r in reports) <= 1.2 * full.bytes_read
 
 
 def test_overrides_apply_and_conflicts_raise(tmp_path):
