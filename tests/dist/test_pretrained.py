@@ -110,6 +110,30 @@ def test_zero3_partitions_the_parameters_as_it_loads_them(pools, hf_dir):
     assert sum(r["bytes_read"] for r in results) >= whole.bytes_read
 
 
+def _bf16_masters(rank: int, world_size: int, cfg) -> list[str]:
+    from megaring.distributed import build_mesh
+    from megaring.model import ParallelContext, build_model
+    from megaring.train.engine import build_engine
+
+    mesh = build_mesh(cfg.parallel.dims())
+    engine = build_engine(build_model(cfg.model, ParallelContext.from_mesh(mesh), seed=0), cfg, mesh,
+                          torch.device("cpu"))
+    engine.prime_optimizer_states(3)
+    wrong = []
+    for i, (name, p) in enumerate(engine.module.named_parameters()):
+        master = engine.master_state(p, "param")
+        engine.set_master_state(p, "exp_avg", torch.full(p.shape, float(i)))  # Adam's state, keyed by the fp32 copy
+        if not (p.dtype == torch.bfloat16 and master.dtype == torch.float32 and torch.equal(master.bfloat16(), p)
+                and torch.equal(engine.master_state(p, "exp_avg"), torch.full(p.shape, float(i)))):
+            wrong.append(name)
+    return wrong
+
+
+def test_bf16_without_zero_reads_and_sets_each_weights_fp32_copy(pools):
+    cfg = make_cfg(zero_stage=0, micro_batch_size=4, extra=("trainer.dtype=bfloat16",))
+    assert pools(1).run(_bf16_masters, cfg) == [[]]
+
+
 EXPORT_LAYOUTS = [(1, 1, 1, 0), (1, 1, 2, 1), (2, 1, 1, 2), (2, 1, 2, 3)]  # ZeRO 0-3, tp 1-2
 
 
