@@ -287,10 +287,8 @@ def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, me
     Left to itself, ZeRO-3 partitions over ``mpu.get_data_parallel_group()`` (dp only), so cp
     ranks would neither share parameter shards nor reduce their gradients.
     """
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
-         config_dict_or_path=ds_config, mpu=mpu)
+    _deepspeed().zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+                           config_dict_or_path=ds_config, mpu=mpu)
 
 
 class ZeroPartitionWriter(ShardWriter):
