@@ -135,6 +135,14 @@ class UniversalState:
 
     def tensor(self, key: str, name: str) -> torch.Tensor:
         full_key = f"{key}.{name}"
+        return self._file(full_key).get_tensor(full_key)
+
+    def shape(self, key: str, name: str) -> tuple[int, ...]:
+        """The tensor's shape, read from its file's header only."""
+        full_key = f"{key}.{name}"
+        return tuple(self._file(full_key).get_slice(full_key).get_shape())
+
+    def _file(self, full_key: str):
         if full_key not in self.weight_map:
             raise UniversalError(f"{self.directory / META} lists no tensor {full_key!r}")
         file = self.directory / self.weight_map[full_key]
@@ -143,7 +151,24 @@ class UniversalState:
                 self._files[file] = safe_open(str(file), framework="pt")
             except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for bad files
                 raise UniversalError(f"cannot read {file}: {err}") from None
-        return self._files[file].get_tensor(full_key)
+        return self._files[file]
+
+
+class UniversalWeights:
+    """The fp32 weights of a :class:`UniversalState` as a ``megaring.hf.export.TensorSource``:
+    one tensor in memory at a time."""
+
+    def __init__(self, state: UniversalState):
+        self.state = state
+
+    def names(self) -> list[str]:
+        return self.state.names("param")
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self.state.shape("param", name), torch.float32
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.state.tensor("param", name)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,10 @@ from megaring.hf import (
     load_hf_weights,
     model_config_from_hf,
     override_problems,
+    to_hf_state_dict,
     write_hf_checkpoint,
 )
-from megaring.hf.export import parse_size
+from megaring.hf.export import InMemory, parse_size
 from megaring.hf.weights import INDEX_FILE
 from megaring.layout import shard_sequence
 from megaring.model import (
@@ -383,3 +385,33 @@ def test_export_casts_and_parses_shard_sizes(tmp_path):
     assert (parse_size("5GB"), parse_size("500MB"), parse_size("2GiB"), parse_size(7)) == (5e9, 5e8, 2**31, 7)
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+class _Watched(InMemory):
+    """Counts, at each read, the tensors it handed out earlier that are still alive."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.handed, self.alive_at_read, self.reads = [], [], []
+
+    def read(self, name):
+        self.alive_at_read.append(sum(ref() is not None for ref in self.handed))
+        self.reads.append(name)
+        tensor = self.tensors[name].clone()
+        self.handed.append(weakref.ref(tensor))
+        return tensor
+
+
+def test_export_streams_one_tensor_at_a_time(tmp_path):
+    """Each megaring tensor is read once and freed before the next is read (peak: one tensor), in
+    one file or several; the files are what safetensors' own writer would store."""
+    cfg = ModelConfig(vocab_size=100, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    ctx = ParallelContext.single()
+    state = gather_full_state_dict(build_model(cfg, ctx, seed=1), ctx)
+    for shard_size, dtype in (("5GB", None), ("20KB", torch.bfloat16)):
+        source = _Watched(state)
+        out = write_hf_checkpoint(source, cfg, tmp_path / f"out{shard_size}", dtype=dtype, max_shard_size=shard_size)
+        assert source.reads == list(state) and max(source.alive_at_read) == 0
+        want = {k: v.to(dtype or v.dtype).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
+        got = _all_tensors(out)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
