@@ -4,6 +4,7 @@
     python -m tools.bench_pretrained load --ckpt /tmp/llama1b --rounds 2    # megaring tp=1, tp=2 vs transformers
     python -m tools.bench_pretrained zero3 --ckpt /tmp/llama1b --rounds 2   # ZeRO-3 dp=2: partitioned as loaded
     python -m tools.bench_pretrained export --ckpt /tmp/llama1b --layers 4  # from a (1,1,2,ZeRO-3) checkpoint
+        [--baseline <another megaring tree> --rounds 2]                      # its export side by side
 
 ``load`` runs, in turn and in fresh processes, transformers' ``from_pretrained`` (one process) and
 megaring's sharded load at tp=1 and tp=2 (gloo processes, each reading only its slices), reads every
@@ -237,15 +238,28 @@ def export(args) -> None:
              "logging.progress_bar=false", f"hydra.run.dir={run}"]
     print("$", " ".join(train), flush=True)
     subprocess.run(train, cwd=ROOT, check=True)
-    out = work / "exported"
-    cmd = [sys.executable, "-c", "import resource, sys, time; from megaring.train.export import main; "
-           f"t = time.perf_counter(); main(['input={run}', 'output={out}']); print('wall_s', time.perf_counter() - t); "
-           "print('peak_rss_gib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    print(proc.stdout)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
-    print(f"exported {size:.2f} GiB of safetensors (float32, the training dtype on CPU)")
+    trees = {"this tree": ROOT, **({f"baseline {args.baseline}": Path(args.baseline)} if args.baseline else {})}
+    results = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():  # alternating, each in a fresh process
+            results[name].append(_export_once(tree, run, work / "exported"))
+    size = sum(p.stat().st_size for p in (work / "exported").glob("*.safetensors")) / 2**30
+    print(f"exported {size:.2f} GiB of safetensors (float32, the training dtype on CPU); "
+          f"median of {args.rounds} round(s)\n| code | wall (s) | peak RSS (GiB) |\n|---|---|---|")
+    for name, rows in results.items():
+        print(f"| {name} | {statistics.median(r['wall_s'] for r in rows):.1f} | "
+              f"{statistics.median(r['peak_rss_gib'] for r in rows):.2f} |")
     shutil.rmtree(work)
+
+
+def _export_once(tree: Path, run: Path, out: Path) -> dict:
+    """``megaring-export`` of ``run`` with the megaring code in ``tree``, in a fresh process."""
+    code = ("import json, resource, time; from megaring.train.export import main; t = time.perf_counter(); "
+            f"main(['input={run}', 'output={out}']); print(json.dumps({{'wall_s': time.perf_counter() - t, "
+            "'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
@@ -264,6 +278,8 @@ def main(argv=None) -> None:
     ex.add_argument("--ckpt", required=True)
     ex.add_argument("--layers", type=int, default=0, help="export a shallower model of the same shapes (memory)")
     ex.add_argument("--tmp", default=None)
+    ex.add_argument("--rounds", type=int, default=1)
+    ex.add_argument("--baseline", default=None, help="another megaring tree whose export to time side by side")
     args = p.parse_args(argv)
     {"make": make, "load": load, "zero3": zero3, "export": export}[args.cmd](args)
 
