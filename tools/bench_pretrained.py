@@ -225,19 +225,20 @@ def export(args) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-export-", dir=args.tmp))
     ckpt = Path(args.ckpt)
-    if args.layers:  # a shallower copy of the checkpoint's config, same per-layer shapes
+    if args.layers and not args.run:  # a shallower copy of the checkpoint's config, same per-layer shapes
         small = work / "hf"
         code = (f"import tools.bench_pretrained as b, argparse; "
                 f"b.make(argparse.Namespace(out={str(small)!r}, layers={args.layers}))")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
         ckpt = small
-    run = work / "run"
+    run = Path(args.run) if args.run else work / "run"
     train = [sys.executable, "-m", "megaring.train", f"model.init_from={ckpt}", "data=mock", "data.vocab_size=128256",
              "trainer.seq_len=64", "trainer.global_batch_size=1", "trainer.max_steps=1", "optim.lr=0",
              "parallel.tp=2", "parallel.zero_stage=3", "parallel.nproc_per_node=2", "logging.wandb.mode=disabled",
              "logging.progress_bar=false", f"hydra.run.dir={run}"]
-    print("$", " ".join(train), flush=True)
-    subprocess.run(train, cwd=ROOT, check=True)
+    if not args.run:
+        print("$", " ".join(train), flush=True)
+        subprocess.run(train, cwd=ROOT, check=True)
     trees = {"this tree": ROOT, **({f"baseline {args.baseline}": Path(args.baseline)} if args.baseline else {})}
     results = {name: [] for name in trees}
     for _ in range(args.rounds):
@@ -279,6 +280,7 @@ def main(argv=None) -> None:
     ex.add_argument("--layers", type=int, default=0, help="export a shallower model of the same shapes (memory)")
     ex.add_argument("--tmp", default=None)
     ex.add_argument("--rounds", type=int, default=1)
+    ex.add_argument("--run", default=None, help="export this run directory instead of training one")
     ex.add_argument("--baseline", default=None, help="another megaring tree whose export to time side by side")
     args = p.parse_args(argv)
     {"make": make, "load": load, "zero3": zero3, "export": export}[args.cmd](args)

@@ -8,9 +8,9 @@ the real vocabulary (full state dicts never carry tp padding) and ``lm_head.weig
 embeddings are untied. The directory is written under a temporary name and renamed into place.
 
 Weights stream: the source (:class:`TensorSource`, e.g. a checkpoint's layout-independent state)
-hands over one full megaring tensor at a time, and each output tensor is converted and appended
-to its safetensors file as soon as it is made, so peak memory is about one megaring tensor (the
-embedding), not the model. safetensors' own ``save_file`` wants every tensor of a file in memory
+hands over rows of one megaring tensor at a time (about ``chunk_bytes``), which are converted and
+appended to their safetensors file at once, so the weights' peak memory is one chunk, whatever
+the model's size. safetensors' own ``save_file`` wants every tensor of a file in memory
 at once (and serialises a copy), so the files are written here, in its format: an 8-byte
 little-endian header length, the JSON header (``dtype``, ``shape``, ``data_offsets`` per tensor,
 ``__metadata__``; padded with spaces to 8 bytes), then the tensors' bytes back to back.
@@ -59,7 +59,8 @@ class TensorSource(Protocol):
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype, without reading the tensor."""
 
-    def read(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (dim 0) of the tensor."""
 
 
 class InMemory:
@@ -74,8 +75,8 @@ class InMemory:
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return tuple(self.tensors[name].shape), self.tensors[name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.tensors[name].detach().cpu()
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name][start:stop].detach().cpu()
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class _Out:
     source: str
     rows: tuple[int, int] | None
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # written
+    source_dtype: torch.dtype  # read
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +104,8 @@ def _outputs(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | None) 
         start = 0
         for hf_name, rows in parts:
             span = (start, start + rows) if len(parts) > 1 else None
-            outs.append(_Out(hf_name, name, span, (rows, *shape[1:]) if span else shape, dtype or own_dtype))
+            out_shape = (rows, *shape[1:]) if span else shape
+            outs.append(_Out(hf_name, name, span, out_shape, dtype or own_dtype, own_dtype))
             start += rows
     return outs
 
@@ -122,24 +125,17 @@ def plan_shards(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-class _Reader:
-    """Reads each megaring tensor once, keeping only the last one (its split parts are consecutive)."""
-
-    def __init__(self, source: TensorSource):
-        self.source, self.name, self.tensor = source, None, None
-
-    def __call__(self, out: _Out) -> torch.Tensor:
-        if out.source != self.name:
-            self.name, self.tensor = None, None  # free the previous one first
-            self.tensor, self.name = self.source.read(out.source), out.source
-        part = self.tensor if out.rows is None else self.tensor[out.rows[0]:out.rows[1]]
-        if tuple(part.shape) != out.shape:
-            raise ValueError(f"{out.source}: shape {tuple(part.shape)}, expected {out.shape} for {out.hf_name}")
-        return part.to(out.dtype).contiguous()
+def _chunks(out: _Out, source: TensorSource, chunk_bytes: int):
+    """``out``'s rows, read, converted and made contiguous, about ``chunk_bytes`` at a time."""
+    first, stop = out.rows or (0, out.shape[0])
+    row_bytes = math.prod(out.shape[1:]) * max(out.dtype.itemsize, out.source_dtype.itemsize)
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(first, stop, step):
+        yield source.read(out.source, start, min(start + step, stop)).to(out.dtype).contiguous()
 
 
-def _write_safetensors(path: Path, outs: list[_Out], read: _Reader) -> None:
-    """One safetensors file of ``outs``, each tensor read, converted and written in turn."""
+def _write_safetensors(path: Path, outs: list[_Out], source: TensorSource, chunk_bytes: int) -> None:
+    """One safetensors file of ``outs``, each tensor read, converted and written a chunk of rows at a time."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for out in outs:
@@ -152,7 +148,12 @@ def _write_safetensors(path: Path, outs: list[_Out], read: _Reader) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for out in outs:
-            f.write(read(out).reshape(-1).view(torch.uint8).numpy())
+            begin = f.tell()
+            for chunk in _chunks(out, source, chunk_bytes):
+                f.write(chunk.reshape(-1).view(torch.uint8).numpy())
+                del chunk  # before the next chunk is read
+            if f.tell() - begin != out.nbytes:
+                raise ValueError(f"{out.source}: {f.tell() - begin} bytes for {out.hf_name}, expected {out.nbytes}")
 
 
 def _generation_config(cfg: ModelConfig) -> dict:
@@ -160,7 +161,7 @@ def _generation_config(cfg: ModelConfig) -> dict:
     return {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
 
 
-def _write_weights(outs: list[_Out], read: _Reader, directory: Path, max_bytes: int) -> None:
+def _write_weights(outs: list[_Out], source: TensorSource, directory: Path, max_bytes: int, chunk_bytes: int) -> None:
     by_name = {o.hf_name: o for o in outs}
     shards = plan_shards({o.hf_name: o.nbytes for o in outs}, max_bytes)
     if len(shards) == 1:
@@ -168,7 +169,7 @@ def _write_weights(outs: list[_Out], read: _Reader, directory: Path, max_bytes: 
     else:
         names = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
     for file, shard in names.items():
-        _write_safetensors(directory / file, [by_name[n] for n in shard], read)
+        _write_safetensors(directory / file, [by_name[n] for n in shard], source, chunk_bytes)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(o.nbytes for o in outs)},
                  "weight_map": {n: file for file, shard in names.items() for n in shard}}
@@ -195,11 +196,13 @@ def write_hf_checkpoint(
     max_shard_size: int | str = "5GB",
     tokenizer_files: Iterable[str | Path] = (),
     extra_config: dict | None = None,
+    chunk_bytes: int = 64 << 20,
 ) -> Path:
     """Write ``full_state`` (megaring names, see ``gather_full_state_dict``; or a :class:`TensorSource`
     that reads them one at a time) to ``out_dir``; return it.
 
     ``dtype``: cast the weights (default: keep theirs). ``extra_config``: keys added to config.json.
+    ``chunk_bytes``: the rows of a tensor read and written at once (the peak memory of the weights).
     """
     out = Path(out_dir)
     source = full_state if isinstance(full_state, TensorSource) else InMemory(full_state)
@@ -216,7 +219,7 @@ def write_hf_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private
     try:
-        _write_weights(outs, _Reader(source), tmp, parse_size(max_shard_size))
+        _write_weights(outs, source, tmp, parse_size(max_shard_size), chunk_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2) + "\n")
         for f in tokenizer_files:

@@ -137,6 +137,14 @@ class UniversalState:
         full_key = f"{key}.{name}"
         return self._file(full_key).get_tensor(full_key)
 
+    def rows(self, key: str, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the tensor (a copy), read through a mapping of its file opened for
+        them alone: pages read stay in the process's resident memory while a mapping holds them."""
+        full_key = f"{key}.{name}"
+        self._file(full_key)  # errors name the file
+        with safe_open(str(self.directory / self.weight_map[full_key]), framework="pt") as f:
+            return f.get_slice(full_key)[start:stop]
+
     def shape(self, key: str, name: str) -> tuple[int, ...]:
         """The tensor's shape, read from its file's header only."""
         full_key = f"{key}.{name}"
@@ -155,8 +163,8 @@ class UniversalState:
 
 
 class UniversalWeights:
-    """The fp32 weights of a :class:`UniversalState` as a ``megaring.hf.export.TensorSource``:
-    one tensor in memory at a time."""
+    """The fp32 weights of a :class:`UniversalState` as a ``megaring.hf.export.TensorSource``,
+    read by rows."""
 
     def __init__(self, state: UniversalState):
         self.state = state
@@ -167,8 +175,8 @@ class UniversalWeights:
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self.state.shape("param", name), torch.float32
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.state.tensor("param", name)
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.state.rows("param", name, start, stop)
 
 
 @torch.no_grad()

@@ -388,30 +388,32 @@ def test_export_casts_and_parses_shard_sizes(tmp_path):
 
 
 class _Watched(InMemory):
-    """Counts, at each read, the tensors it handed out earlier that are still alive."""
+    """Counts, at each read, the rows it handed out earlier that are still alive."""
 
     def __init__(self, tensors):
         super().__init__(tensors)
-        self.handed, self.alive_at_read, self.reads = [], [], []
+        self.handed, self.alive_at_read, self.read_bytes = [], [], []
 
-    def read(self, name):
+    def read(self, name, start, stop):
         self.alive_at_read.append(sum(ref() is not None for ref in self.handed))
-        self.reads.append(name)
-        tensor = self.tensors[name].clone()
-        self.handed.append(weakref.ref(tensor))
-        return tensor
+        rows = self.tensors[name][start:stop].clone()
+        self.read_bytes.append(rows.nbytes)
+        self.handed.append(weakref.ref(rows))
+        return rows
 
 
-def test_export_streams_one_tensor_at_a_time(tmp_path):
-    """Each megaring tensor is read once and freed before the next is read (peak: one tensor), in
-    one file or several; the files are what safetensors' own writer would store."""
+def test_export_streams_a_chunk_of_rows_at_a_time(tmp_path):
+    """Rows of one tensor at a time, each chunk freed before the next is read (peak: one chunk), in
+    one file or several; the files hold what safetensors' own writer would store."""
     cfg = ModelConfig(vocab_size=100, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64)
     ctx = ParallelContext.single()
     state = gather_full_state_dict(build_model(cfg, ctx, seed=1), ctx)
     for shard_size, dtype in (("5GB", None), ("20KB", torch.bfloat16)):
         source = _Watched(state)
-        out = write_hf_checkpoint(source, cfg, tmp_path / f"out{shard_size}", dtype=dtype, max_shard_size=shard_size)
-        assert source.reads == list(state) and max(source.alive_at_read) == 0
+        out = write_hf_checkpoint(source, cfg, tmp_path / f"out{shard_size}", dtype=dtype, max_shard_size=shard_size,
+                                  chunk_bytes=1000)
+        assert max(source.alive_at_read) == 0 and max(source.read_bytes) <= 1000
+        assert sum(source.read_bytes) == sum(t.nbytes for t in state.values())  # every row read once
         want = {k: v.to(dtype or v.dtype).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
         got = _all_tensors(out)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
