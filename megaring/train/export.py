@@ -7,8 +7,8 @@ Runs in one process without torch.distributed, whatever layout (dp, cp, tp, ZeRO
 checkpoint: it reads the checkpoint's layout-independent state (:mod:`megaring.train.universal`,
 full fp32 weights under (1, 1) names, safetensors only, no pickle) and writes ``config.json``,
 ``generation_config.json``, safetensors shards with their index, and the tokenizer files the run
-trained with. The weights stream, one tensor in memory at a time (peak: about the largest tensor,
-the embedding, in float32). Bad input exits with status 2 and one
+trained with. The weights stream, a chunk of rows (64 MiB) in memory at a time, whatever the
+model's size. Bad input exits with status 2 and one
 message naming the path.
 """
 
