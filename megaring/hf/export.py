@@ -6,23 +6,34 @@ Layout, as ``transformers.save_pretrained`` writes it: ``config.json``, ``genera
 and the given tokenizer files. Tensors get Hugging Face names (fused ``wqkv`` / ``w13`` split),
 the real vocabulary (full state dicts never carry tp padding) and ``lm_head.weight`` only when the
 embeddings are untied. The directory is written under a temporary name and renamed into place.
+
+Weights stream: the source (:class:`TensorSource`, e.g. a checkpoint's layout-independent state)
+hands over rows of one megaring tensor at a time (about ``chunk_bytes``), which are converted and
+appended to their safetensors file at once, so the weights' peak memory is one chunk, whatever
+the model's size. safetensors' own ``save_file`` wants every tensor of a file in memory
+at once (and serialises a copy), so the files are written here, in its format: an 8-byte
+little-endian header length, the JSON header (``dtype``, ``shape``, ``data_offsets`` per tensor,
+``__metadata__``; padded with spaces to 8 bytes), then the tensors' bytes back to back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import save_file
 
 from megaring.hf.config import hf_config_dict
-from megaring.hf.names import to_hf_state_dict
+from megaring.hf.names import hf_sources
 from megaring.hf.weights import INDEX_FILE, SINGLE_FILE
 from megaring.model.config import ModelConfig
 
@@ -39,11 +50,70 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+@runtime_checkable
+class TensorSource(Protocol):
+    """Full (1, 1) megaring tensors by name, read one at a time."""
+
+    def names(self) -> list[str]: ...
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype, without reading the tensor."""
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (dim 0) of the tensor."""
+
+
+class InMemory:
+    """A :class:`TensorSource` over a state dict already in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return tuple(self.tensors[name].shape), self.tensors[name].dtype
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name][start:stop].detach().cpu()
+
+
+@dataclass(frozen=True)
+class _Out:
+    """One Hugging Face tensor: rows ``[start, stop)`` of megaring tensor ``source`` (None: all)."""
+
+    hf_name: str
+    source: str
+    rows: tuple[int, int] | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # written
+    source_dtype: torch.dtype  # read
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _outputs(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | None) -> list[_Out]:
+    """The Hugging Face tensors, in order (fused ``wqkv`` / ``w13`` split by rows)."""
+    outs = []
+    for name in source.names():
+        shape, own_dtype = source.spec(name)
+        parts = hf_sources(name, cfg)
+        start = 0
+        for hf_name, rows in parts:
+            span = (start, start + rows) if len(parts) > 1 else None
+            out_shape = (rows, *shape[1:]) if span else shape
+            outs.append(_Out(hf_name, name, span, out_shape, dtype or own_dtype, own_dtype))
+            start += rows
+    return outs
+
+
+def plan_shards(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
     """Tensor names per shard, in order, each shard at most ``max_bytes`` (a bigger tensor alone)."""
     shards, current, size = [], [], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = [], 0
@@ -52,24 +122,56 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
     return shards + [current] if current else shards
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _chunks(out: _Out, source: TensorSource, chunk_bytes: int):
+    """``out``'s rows, read, converted and made contiguous, about ``chunk_bytes`` at a time."""
+    first, stop = out.rows or (0, out.shape[0])
+    row_bytes = math.prod(out.shape[1:]) * max(out.dtype.itemsize, out.source_dtype.itemsize)
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(first, stop, step):
+        yield source.read(out.source, start, min(start + step, stop)).to(out.dtype).contiguous()
+
+
+def _write_safetensors(path: Path, outs: list[_Out], source: TensorSource, chunk_bytes: int) -> None:
+    """One safetensors file of ``outs``, each tensor read, converted and written a chunk of rows at a time."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for out in outs:
+        header[out.hf_name] = {"dtype": _SAFETENSORS_DTYPES[out.dtype], "shape": list(out.shape),
+                               "data_offsets": [offset, offset + out.nbytes]}
+        offset += out.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for out in outs:
+            begin = f.tell()
+            for chunk in _chunks(out, source, chunk_bytes):
+                f.write(chunk.reshape(-1).view(torch.uint8).numpy())
+                del chunk  # before the next chunk is read
+            if f.tell() - begin != out.nbytes:
+                raise ValueError(f"{out.source}: {f.tell() - begin} bytes for {out.hf_name}, expected {out.nbytes}")
+
+
 def _generation_config(cfg: ModelConfig) -> dict:
     ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     return {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: int) -> None:
-    shards = plan_shards(tensors, max_bytes)
+def _write_weights(outs: list[_Out], source: TensorSource, directory: Path, max_bytes: int, chunk_bytes: int) -> None:
+    by_name = {o.hf_name: o for o in outs}
+    shards = plan_shards({o.hf_name: o.nbytes for o in outs}, max_bytes)
     if len(shards) == 1:
         names = {SINGLE_FILE: shards[0]}
     else:
         names = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
     for file, shard in names.items():
-        # clone: split views share storage, which save_file refuses
-        save_file({n: tensors[n].detach().cpu().contiguous().clone() for n in shard}, str(directory / file),
-                  metadata={"format": "pt"})
+        _write_safetensors(directory / file, [by_name[n] for n in shard], source, chunk_bytes)
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total},
+        index = {"metadata": {"total_size": sum(o.nbytes for o in outs)},
                  "weight_map": {n: file for file, shard in names.items() for n in shard}}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -86,7 +188,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def write_hf_checkpoint(
-    full_state: dict[str, torch.Tensor],
+    full_state: Mapping[str, torch.Tensor] | TensorSource,
     cfg: ModelConfig,
     out_dir: str | Path,
     *,
@@ -94,17 +196,21 @@ def write_hf_checkpoint(
     max_shard_size: int | str = "5GB",
     tokenizer_files: Iterable[str | Path] = (),
     extra_config: dict | None = None,
+    chunk_bytes: int = 64 << 20,
 ) -> Path:
-    """Write ``full_state`` (megaring names, see ``gather_full_state_dict``) to ``out_dir``; return it.
+    """Write ``full_state`` (megaring names, see ``gather_full_state_dict``; or a :class:`TensorSource`
+    that reads them one at a time) to ``out_dir``; return it.
 
     ``dtype``: cast the weights (default: keep theirs). ``extra_config``: keys added to config.json.
+    ``chunk_bytes``: the rows of a tensor read and written at once (the peak memory of the weights).
     """
     out = Path(out_dir)
-    tensors = to_hf_state_dict(full_state, cfg)
-    if dtype is not None:
-        tensors = {n: t.to(dtype) for n, t in tensors.items()}
-    written_dtype = dtype or next(iter(tensors.values())).dtype
-    config = {**hf_config_dict(cfg, dtype=written_dtype), **(extra_config or {})}
+    source = full_state if isinstance(full_state, TensorSource) else InMemory(full_state)
+    outs = _outputs(source, cfg, dtype)
+    unsupported = sorted({str(o.dtype) for o in outs if o.dtype not in _SAFETENSORS_DTYPES})
+    if unsupported:
+        raise ValueError(f"cannot write weights of dtype {unsupported}: use float32, bfloat16 or float16")
+    config = {**hf_config_dict(cfg, dtype=outs[0].dtype), **(extra_config or {})}
     tokenizer_files = [Path(f) for f in tokenizer_files]
     missing = [str(f) for f in tokenizer_files if not f.is_file()]
     if missing:
@@ -113,7 +219,7 @@ def write_hf_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private
     try:
-        _write_weights(tensors, tmp, parse_size(max_shard_size))
+        _write_weights(outs, source, tmp, parse_size(max_shard_size), chunk_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2) + "\n")
         for f in tokenizer_files:

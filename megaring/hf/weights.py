@@ -12,7 +12,10 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
   of tp; rows past the real vocabulary are zeros, not read;
 - norms and row-parallel biases: the whole (small) tensor.
 
-No rank holds more than its shard of a parameter. Every problem (missing config.json, file,
+No rank holds more than its shard of a parameter. With a ``writer`` that stores only part of
+each shard (ZeRO-3's partition: ``megaring.train.engine.ZeroPartitionWriter``) a rank reads only
+the rows of its shard that hold its flat elements, so it holds its partition plus one partition's
+worth of one tensor. Every problem (missing config.json, file,
 tensor, wrong shape, unreadable header, unsupported architecture, config mismatch) is checked
 before any weight is copied and raised at once as a :class:`CheckpointError` naming the files.
 """
@@ -20,6 +23,7 @@ before any weight is copied and raised at once as a :class:`CheckpointError` nam
 from __future__ import annotations
 
 import json
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ from megaring.hf.config import checkpoint_signature, model_config_from_hf
 from megaring.hf.names import hf_sources
 from megaring.model.config import ModelConfig
 from megaring.model.context import ParallelContext
-from megaring.model.init import full_shape, tp_partitions
+from megaring.model.init import ShardWriter, tp_partitions
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,10 +47,12 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What this rank read: bytes of tensor data and the weight files it opened."""
+    """What this rank read: bytes of tensor data, the weight files it opened, and the most bytes of
+    one parameter's rows it held at once (besides the parameters)."""
 
     bytes_read: int
     files: tuple[str, ...]
+    largest_held: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,11 @@ class _Piece:
     start: int = 0
     stop: int = 0
     pad: int = 0
+
+    @property
+    def local_rows(self) -> int:
+        """Rows this piece adds to the rank's shard (dim 0 of the shard)."""
+        return self.stop - self.start + self.pad if self.dim == 0 else self.full_shape[0]
 
 
 def read_weight_map(directory: Path) -> dict[str, str]:
@@ -84,10 +95,10 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read the safetensors file ({err})") from err
 
 
-def _pieces(name: str, param: torch.Tensor, partition, cfg: ModelConfig, ctx: ParallelContext) -> list[_Piece]:
-    """How this rank's shard of parameter ``name`` is read, in concatenation order."""
+def _pieces(name: str, shape: torch.Size, partition, cfg: ModelConfig, ctx: ParallelContext) -> list[_Piece]:
+    """How this rank's shard (of ``shape``) of parameter ``name`` is read, in concatenation order."""
     rank, size = ctx.tp.rank, ctx.tp.size
-    full = full_shape(param, partition, size)
+    full = tuple(shape) if partition is None else partition.full_shape(shape, size)
     sources = hf_sources(name, cfg)
     if partition is None:
         return [_Piece(hf, full, None) for hf, _ in sources]
@@ -101,9 +112,10 @@ def _pieces(name: str, param: torch.Tensor, partition, cfg: ModelConfig, ctx: Pa
     return pieces
 
 
-def _plan(model, ctx: ParallelContext) -> dict[str, list[_Piece]]:
+def _plan(model, ctx: ParallelContext, writer: ShardWriter) -> dict[str, list[_Piece]]:
     partitions = tp_partitions(model)
-    return {name: _pieces(name, p, partitions.get(name), model.cfg, ctx) for name, p in model.named_parameters()}
+    return {name: _pieces(name, writer.shard_shape(p), partitions.get(name), model.cfg, ctx)
+            for name, p in model.named_parameters()}
 
 
 def _check(plan, weight_map, directory: Path, stack: ExitStack) -> tuple[dict, list[str]]:
@@ -138,19 +150,50 @@ def _check(plan, weight_map, directory: Path, stack: ExitStack) -> tuple[dict, l
     return handles, problems
 
 
-def _read(piece: _Piece, handle) -> tuple[torch.Tensor, int]:
-    """The piece (zero padding rows appended) and the bytes read from the file for it."""
+def _read(piece: _Piece, handle, lo: int, hi: int) -> tuple[torch.Tensor, int]:
+    """Rows ``[lo, hi)`` of the piece's part of the shard (zero padding rows past the file's) and
+    the bytes read from the file for them."""
     tensor_slice = handle.get_slice(piece.hf_name)
-    if piece.dim is None:
-        out = tensor_slice[:]
-    elif piece.dim == 1:
-        out = tensor_slice[:, piece.start:piece.stop]
-    else:
-        out = tensor_slice[piece.start:piece.stop]
-    nbytes = out.numel() * out.element_size()
-    if piece.pad:
-        out = torch.cat([out, out.new_zeros((piece.pad, *out.shape[1:]))])
-    return out, nbytes
+    if piece.dim == 1:
+        out = tensor_slice[lo:hi, piece.start:piece.stop]
+        return out, out.nbytes
+    real = piece.stop - piece.start if piece.dim == 0 else piece.full_shape[0]
+    out = tensor_slice[piece.start + lo:piece.start + min(hi, real)] if lo < real else None
+    nbytes = 0 if out is None else out.nbytes
+    pad = hi - max(lo, real)
+    if pad <= 0:
+        return out, nbytes
+    zeros = torch.zeros((pad, *piece.full_shape[1:]), dtype=torch.float32 if out is None else out.dtype)
+    return (zeros if out is None else torch.cat([out, zeros])), nbytes
+
+
+def _read_rows(pieces: list[_Piece], handles: list, lo: int, hi: int) -> tuple[torch.Tensor, int]:
+    """Rows ``[lo, hi)`` of this rank's shard, the pieces' rows concatenated (a row-parallel weight
+    has one piece, its columns), and the bytes read."""
+    parts, nbytes, offset = [], 0, 0
+    for piece, handle in zip(pieces, handles):
+        a, b = max(lo, offset), min(hi, offset + piece.local_rows)
+        if a < b:
+            part, n = _read(piece, handle, a - offset, b - offset)
+            parts.append(part)
+            nbytes += n
+        offset += piece.local_rows
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), nbytes
+
+
+def _load_param(param, pieces: list[_Piece], handles: list, writer: ShardWriter) -> tuple[int, int]:
+    """Write the elements of ``param``'s shard this rank stores; returns the bytes read from the
+    files and the bytes of the rows held to do it."""
+    shape = writer.shard_shape(param)
+    row = math.prod(shape[1:])
+    start, stop = writer.owned_range(param)
+    if stop <= start:  # a ZeRO partition of padding only
+        writer.write(param, torch.empty(0))
+        return 0, 0
+    lo, hi = start // row, -(-stop // row)  # the rows holding the owned elements
+    rows, nbytes = _read_rows(pieces, handles, lo, hi)  # (hi - lo, *shape[1:])
+    writer.write(param, rows.reshape(-1)[start - lo * row:stop - lo * row])
+    return nbytes, rows.nbytes
 
 
 def _config_problems(model_cfg: ModelConfig, directory: Path) -> list[str]:
@@ -161,23 +204,22 @@ def _config_problems(model_cfg: ModelConfig, directory: Path) -> list[str]:
 
 
 @torch.no_grad()
-def load_hf_weights(model, ctx: ParallelContext, directory: str | Path) -> LoadReport:
-    """Copy this rank's shards of the checkpoint in ``directory`` into ``model`` (no communication)."""
+def load_hf_weights(model, ctx: ParallelContext, directory: str | Path,
+                    writer: ShardWriter | None = None) -> LoadReport:
+    """Copy this rank's shards of the checkpoint in ``directory`` into ``model`` (no communication),
+    one parameter at a time, through ``writer`` (default: the whole shard into the parameter)."""
     directory = Path(directory)
+    writer = writer or ShardWriter()
     problems = _config_problems(model.cfg, directory)
     weight_map = read_weight_map(directory)
-    plan = _plan(model, ctx)
+    plan = _plan(model, ctx, writer)
     params = dict(model.named_parameters())
     with ExitStack() as stack:
         handles, found = _check(plan, weight_map, directory, stack)
         problems += found
         if problems:
             raise CheckpointError("cannot load the Hugging Face checkpoint:\n  - " + "\n  - ".join(problems))
-        bytes_read = 0
-        for name, pieces in plan.items():
-            parts, sizes = zip(*(_read(p, handles[weight_map[p.hf_name]]) for p in pieces))
-            bytes_read += sum(sizes)
-            dim = pieces[0].dim or 0
-            params[name].copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim))
+        sizes = [_load_param(params[name], pieces, [handles[weight_map[p.hf_name]] for p in pieces], writer)
+                 for name, pieces in plan.items()]
         files = tuple(sorted(f for f, h in handles.items() if h is not None))
-    return LoadReport(bytes_read=bytes_read, files=files)
+    return LoadReport(bytes_read=sum(r for r, _ in sizes), files=files, largest_held=max(h for _, h in sizes))

@@ -36,6 +36,28 @@ def full_shape(param: torch.Tensor, partition: Partition | None, tp_size: int) -
     return tuple(param.shape) if partition is None else partition.full_shape(param.shape, tp_size)
 
 
+class ShardWriter:
+    """How a loader fills this rank's tp shard of a parameter, one parameter at a time.
+
+    The loader asks for :meth:`shard_shape` (this tp rank's whole shard) and :meth:`owned_range`
+    (the flat elements ``[start, stop)`` of the shard this rank stores), builds only those elements
+    and hands them to :meth:`write`. Here a rank stores its whole shard; under ZeRO-3 the engine's
+    ``ZeroPartitionWriter`` stores only this rank's partition of it, so a loader never holds more
+    than the partition of one shard.
+    """
+
+    def shard_shape(self, param: torch.Tensor) -> torch.Size:
+        return param.shape
+
+    def owned_range(self, param: torch.Tensor) -> tuple[int, int]:
+        return 0, param.numel()
+
+    def write(self, param: torch.Tensor, flat: torch.Tensor) -> None:
+        """``param``'s elements ``owned_range`` <- ``flat`` (cast to the parameter's dtype)."""
+        with torch.no_grad():
+            param.copy_(flat.view(param.shape))
+
+
 def param_seed(seed: int, name: str) -> int:
     """A 63-bit seed of ``(seed, name)``, stable across processes (unlike ``hash``)."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()

@@ -14,6 +14,8 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from torch import nn
 
 from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
 from megaring.distributed.mesh import Axis, ParallelMesh
-from megaring.model.init import tp_partitions
+from megaring.model.init import ShardWriter, tp_partitions
 from megaring.train.config import TrainConfig
 
 
@@ -51,6 +53,7 @@ class TrainEngine:
         self.grad_divisor = grad_divisor  # DeepSpeed's reduced gradient = sum over dp_cp / grad_divisor
         self.tp = tp
         self.reports_grad_norm = reports_grad_norm  # False: fp32 without ZeRO, where DeepSpeed keeps no norm
+        self._masters: dict[int, torch.Tensor] | None = None  # id(param) -> its fp32 master (no ZeRO)
 
     @property
     def module(self) -> nn.Module:
@@ -145,12 +148,11 @@ class TrainEngine:
     def _fp32_master(self, param: nn.Parameter) -> torch.Tensor:
         """The tensor torch's optimizer updates for ``param`` without ZeRO: the parameter itself in
         float32, its fp32 copy with half-precision weights (DeepSpeed's ``fp16_groups`` -> ``fp32_groups``)."""
-        wrapper = self.ds.optimizer
-        for lows, highs in zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()), strict=False):
-            for low, high in zip(lows, highs, strict=True):
-                if low is param:
-                    return high
-        return param
+        if self._masters is None:  # built once: the groups do not change after deepspeed.initialize
+            wrapper = self.ds.optimizer
+            pairs = zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()), strict=False)
+            self._masters = {id(low): high for lows, highs in pairs for low, high in zip(lows, highs, strict=True)}
+        return self._masters.get(id(param), param)
 
     def optimizer_step(self) -> int:
         """Updates the optimizer has made (Adam's bias-correction step)."""
@@ -285,10 +287,54 @@ def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, me
     Left to itself, ZeRO-3 partitions over ``mpu.get_data_parallel_group()`` (dp only), so cp
     ranks would neither share parameter shards nor reduce their gradients.
     """
-    from deepspeed.runtime.zero.partition_parameters import Init
+    _deepspeed().zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+                           config_dict_or_path=ds_config, mpu=mpu)
 
-    Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
-         config_dict_or_path=ds_config, mpu=mpu)
+
+class ZeroPartitionWriter(ShardWriter):
+    """Fills parameters that ZeRO-3 partitioned at construction (:func:`partitioned_construction`).
+
+    ZeRO-3 keeps of a parameter's (tp shard's) flattened ``ds_numel`` elements, padded to a multiple
+    of the partition group's size ``n``, the ``ds_tensor.ds_numel = ceil(ds_numel / n)`` elements
+    from ``rank * ds_tensor.ds_numel`` on; the padding is zeroed here.
+    """
+
+    def shard_shape(self, param: nn.Parameter) -> torch.Size:
+        return param.ds_shape
+
+    def owned_range(self, param: nn.Parameter) -> tuple[int, int]:
+        size = param.ds_tensor.ds_numel
+        start = param.ds_zero_partition_rank * size
+        return min(start, param.ds_numel), min(start + size, param.ds_numel)
+
+    def write(self, param: nn.Parameter, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.ds_tensor[:flat.numel()].copy_(flat)
+            param.ds_tensor[flat.numel():].zero_()
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether ZeRO-3 has partitioned the model's parameters already."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def partitioned_construction(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> Iterator[ShardWriter]:
+    """Build the model inside; yields the :class:`ShardWriter` that fills its parameters.
+
+    Under ZeRO-3 this is ``deepspeed.zero.Init`` over ``dp_cp`` (as :func:`partition_for_zero3`):
+    every module's parameters are partitioned, in the training dtype, as soon as the module is
+    built, so no rank ever holds more than its partition of the model plus one module's shard; the
+    writer is a :class:`ZeroPartitionWriter`. Without ZeRO-3 nothing changes (a plain writer).
+    """
+    if cfg.parallel.zero_stage != 3:
+        yield ShardWriter()
+        return
+    deepspeed = _deepspeed()
+    mpu = DeepSpeedMPU(mesh)
+    with deepspeed.zero.Init(data_parallel_group=mpu.get_sequence_data_parallel_group(), mpu=mpu,
+                             config_dict_or_path=deepspeed_config(cfg, resolve_dtype(cfg.trainer.dtype, device))):
+        yield ZeroPartitionWriter()
 
 
 def use_this_environments_tools() -> None:
@@ -301,7 +347,8 @@ def use_this_environments_tools() -> None:
         os.environ["PATH"] = bindir + os.pathsep + path
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> TrainEngine:
+def _deepspeed():
+    """DeepSpeed, imported quietly, with its communication set up on our process group."""
     use_this_environments_tools()
     import deepspeed
 
@@ -311,13 +358,21 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     # Warnings ZeRO triggers every step (reduce_scatter_tensor's deprecation, ...): once per process.
     warnings.filterwarnings("once", category=FutureWarning)
     warnings.filterwarnings("once", category=UserWarning, module=r"(deepspeed|torch\.distributed)")
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    return deepspeed
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> TrainEngine:
+    """The engine around ``model``: built plainly, or under :func:`partitioned_construction`."""
+    deepspeed = _deepspeed()
     dtype = resolve_dtype(cfg.trainer.dtype, device)
-    model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
+    partitioned = is_partitioned(model)
+    if not partitioned:
+        model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
     mark_tp_parameters(model)
     ds_config = deepspeed_config(cfg, dtype)
     mpu = DeepSpeedMPU(mesh)
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
-    if cfg.parallel.zero_stage == 3:
+    if cfg.parallel.zero_stage == 3 and not partitioned:
         model = model.to(dtype)  # partitioned as they are: stage 3 does not cast converted modules
         partition_for_zero3(model, ds_config, mpu, mesh)
     optimizer = build_optimizer(model, cfg, device)

@@ -7,7 +7,8 @@ Runs in one process without torch.distributed, whatever layout (dp, cp, tp, ZeRO
 checkpoint: it reads the checkpoint's layout-independent state (:mod:`megaring.train.universal`,
 full fp32 weights under (1, 1) names, safetensors only, no pickle) and writes ``config.json``,
 ``generation_config.json``, safetensors shards with their index, and the tokenizer files the run
-trained with. Peak memory is about one copy of the model. Bad input exits with status 2 and one
+trained with. The weights stream, a chunk of rows (64 MiB) in memory at a time, whatever the
+model's size. Bad input exits with status 2 and one
 message naming the path.
 """
 
@@ -23,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megaring.errors import problem_list
 from megaring.train.checkpoint import PARTIAL, read_latest, tag_for
-from megaring.train.universal import UniversalError, UniversalState
+from megaring.train.universal import UniversalError, UniversalState, UniversalWeights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -76,11 +77,9 @@ def export(cfg: ExportConfig) -> Path:
     if problems:
         raise ExportError(problem_list("cannot export", problems))
     state = UniversalState(find_checkpoint(source, cfg.step))
-    model_cfg = state.model_config
-    full = {name: state.tensor("param", name) for name in state.names("param")}
     dtype = DTYPES[cfg.dtype or state.meta["dtype"]]
-    return write_hf_checkpoint(full, model_cfg, output, dtype=dtype, max_shard_size=cfg.max_shard_size,
-                               tokenizer_files=state.tokenizer_files)
+    return write_hf_checkpoint(UniversalWeights(state), state.model_config, output, dtype=dtype,
+                               max_shard_size=cfg.max_shard_size, tokenizer_files=state.tokenizer_files)
 
 
 def main(argv: list[str] | None = None) -> None:

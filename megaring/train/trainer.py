@@ -41,7 +41,7 @@ from megaring.train.checkpoint import (
     tag_for,
 )
 from megaring.train.config import TrainConfig
-from megaring.train.engine import TrainEngine, build_engine, resolve_dtype
+from megaring.train.engine import TrainEngine, build_engine, partitioned_construction, resolve_dtype
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
 from megaring.train.guards import NumericGuard
@@ -139,16 +139,18 @@ def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
     return Resume(ckpt_dir / tag, state, state.layout == cfg.parallel.layout_key())
 
 
-def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None) -> Transformer:
+def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None, mesh: ParallelMesh,
+                  device: torch.device) -> Transformer:
     """This rank's model shards: from a checkpoint of another layout, a Hugging Face checkpoint
-    (``model.init_from``), or the seed (also when the engine's own files will overwrite them)."""
-    if resume is not None and not resume.same_layout:
-        model = Transformer(cfg.model, ctx)
-        load_weights(model, UniversalState(resume.path), ctx.tp)
-        return model
-    if cfg.model.init_from and resume is None:
-        model = Transformer(cfg.model, ctx)
-        load_hf_weights(model, ctx, cfg.model.init_from)
+    (``model.init_from``), or the seed (also when the engine's own files will overwrite them).
+    The first two load parameter by parameter into a model that ZeRO-3 partitions as it is built."""
+    if (resume is not None and not resume.same_layout) or (cfg.model.init_from and resume is None):
+        with partitioned_construction(cfg, mesh, device) as writer:
+            model = Transformer(cfg.model, ctx)
+        if resume is not None:
+            load_weights(model, UniversalState(resume.path), ctx.tp, writer)
+        else:
+            load_hf_weights(model, ctx, cfg.model.init_from, writer)
         return model
     return build_model(cfg.model, ctx, seed=cfg.trainer.seed)
 
@@ -162,7 +164,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
                                     attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring(),
                                     traffic=traffic)
     resume = find_resume(cfg, checkpoint_dir(cfg, run_dir))
-    model = build_weights(cfg, ctx, resume)
+    model = build_weights(cfg, ctx, resume, mesh, device)
     engine = build_engine(model, cfg, mesh, device)
     shard = rank_shard(mesh, p.layout)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megaring.model import ModelConfig
-from megaring.model.init import tp_partitions
+from megaring.model.init import ShardWriter, tp_partitions
 from megaring.model.state_dict import gather_full_tensor, shard_full_tensor
 
 UNIVERSAL = "universal"
@@ -135,6 +135,22 @@ class UniversalState:
 
     def tensor(self, key: str, name: str) -> torch.Tensor:
         full_key = f"{key}.{name}"
+        return self._file(full_key).get_tensor(full_key)
+
+    def rows(self, key: str, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the tensor (a copy), read through a mapping of its file opened for
+        them alone: pages read stay in the process's resident memory while a mapping holds them."""
+        full_key = f"{key}.{name}"
+        self._file(full_key)  # errors name the file
+        with safe_open(str(self.directory / self.weight_map[full_key]), framework="pt") as f:
+            return f.get_slice(full_key)[start:stop]
+
+    def shape(self, key: str, name: str) -> tuple[int, ...]:
+        """The tensor's shape, read from its file's header only."""
+        full_key = f"{key}.{name}"
+        return tuple(self._file(full_key).get_slice(full_key).get_shape())
+
+    def _file(self, full_key: str):
         if full_key not in self.weight_map:
             raise UniversalError(f"{self.directory / META} lists no tensor {full_key!r}")
         file = self.directory / self.weight_map[full_key]
@@ -143,20 +159,40 @@ class UniversalState:
                 self._files[file] = safe_open(str(file), framework="pt")
             except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for bad files
                 raise UniversalError(f"cannot read {file}: {err}") from None
-        return self._files[file].get_tensor(full_key)
+        return self._files[file]
+
+
+class UniversalWeights:
+    """The fp32 weights of a :class:`UniversalState` as a ``megaring.hf.export.TensorSource``,
+    read by rows."""
+
+    def __init__(self, state: UniversalState):
+        self.state = state
+
+    def names(self) -> list[str]:
+        return self.state.names("param")
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self.state.shape("param", name), torch.float32
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.state.rows("param", name, start, stop)
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, state: UniversalState, tp) -> None:
-    """Copy this rank's shards of the saved fp32 weights into ``model`` (before the engine exists)."""
+def load_weights(model: torch.nn.Module, state: UniversalState, tp, writer: ShardWriter | None = None) -> None:
+    """Copy this rank's shards of the saved fp32 weights into ``model`` (before the engine exists),
+    one parameter at a time, through ``writer`` (default: the whole shard into the parameter)."""
+    writer = writer or ShardWriter()
     partitions = tp_partitions(model)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state.names()))
     if missing:
         raise UniversalError(f"{state.directory} has no weights for {missing[:5]}: it was written for another model")
     for name, param in params.items():
-        full = state.tensor("param", name).to(param.device)
-        param.copy_(shard_full_tensor(full, partitions.get(name), tp).to(param.dtype))
+        shard = shard_full_tensor(state.tensor("param", name), partitions.get(name), tp)
+        start, stop = writer.owned_range(param)
+        writer.write(param, shard.reshape(-1)[start:stop].to(param.device))
 
 
 def load_optimizer(engine, state: UniversalState) -> None:

@@ -26,12 +26,12 @@ from megaring.model import (
     vocab_parallel_cross_entropy,
 )
 from megaring.layout import shard_sequence
-from tests.helpers.hf_models import hf_loss_and_logits, llama_dir
+from tests.helpers.hf_models import hf_loss_and_logits, llama_dir, qwen2_dir
 
 transformers = pytest.importorskip("transformers")
 WORLD, SEQ, RTOL = 4, 32, 1e-5
 CHECKED = ("tok_embeddings.weight", "output.weight", "norm.weight", "layers.0.attention.wqkv.weight",
-           "layers.1.attention.wo.weight", "layers.1.feed_forward.w13.weight", "layers.0.attention_norm.weight")
+           "layers.1.attention.wo.weight", "layers.1.feed_forward.w13.weight", "layers.0.attention_norm.weight", "layers.0.attention.wqkv.bias")
 LAYOUTS = [(2, 1, False), (1, 2, False), (1, 2, True), (2, 2, False), (2, 2, True)]
 
 
@@ -56,14 +56,19 @@ def run_layout(rank, world, directory, cp, tp, sp, batch):
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss, group=mesh.cp.group)
     grads = gather_full_grads(model, ctx)
-    for name in CHECKED:
+    checked = [n for n in CHECKED if n in grads]  # tied models have no output.weight
+    for name in checked:
         dist.all_reduce(grads[name], group=mesh.cp.group)
-    return dict(loss=global_loss.item(), grads={n: grads[n] for n in CHECKED}, bytes_read=report.bytes_read)
+    return dict(loss=global_loss.item(), grads={n: grads[n] for n in checked}, bytes_read=report.bytes_read)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    directory = llama_dir(tmp_path_factory.mktemp("hf") / "llama", max_shard_size="50KB")
+    return reference(llama_dir(tmp_path_factory.mktemp("hf") / "llama", max_shard_size="50KB"))
+
+
+def reference(directory) -> dict:
+    """transformers' loss, and the (1, 1) megaring model's gradients and bytes read, on a fixed batch."""
     batch = make_batch(hf_model_config(directory).vocab_size)
     hf_loss, _ = hf_loss_and_logits(directory, batch["tokens"])
     ctx = ParallelContext.single()
@@ -83,6 +88,15 @@ def rel_err(got, want) -> float:
 
 @pytest.mark.parametrize("cp,tp,sp", LAYOUTS, ids=[f"cp{c}_tp{t}{'_sp' if s else ''}" for c, t, s in LAYOUTS])
 def test_loaded_llama_matches_transformers_and_single_process(pools, checkpoint, cp, tp, sp):
+    check_layout(pools, checkpoint, cp, tp, sp)
+
+
+def test_loaded_qwen2_with_biases_matches_at_cp2_tp2(pools, tmp_path):
+    """Qwen2: q/k/v biases (column-parallel, sharded with their rows), tied embeddings."""
+    check_layout(pools, reference(qwen2_dir(tmp_path / "qwen2")), 2, 2, True)
+
+
+def check_layout(pools, checkpoint, cp, tp, sp):
     results = pools(WORLD).run(run_layout, checkpoint["directory"], cp, tp, sp, checkpoint["batch"])
     for rank, r in enumerate(results):
         where = f"cp={cp} tp={tp} sp={sp} rank {rank}"

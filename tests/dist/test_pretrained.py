@@ -68,6 +68,72 @@ def test_eval_of_a_pretrained_checkpoint_at_1_2_2_equals_transformers(pools, hf_
     assert record["eval_loss"] == pytest.approx(transformers_eval_loss(hf_dir, cfg), rel=1e-5)
 
 
+def _zero3_load(rank: int, world_size: int, cfg, hf: str) -> dict:
+    from megaring.distributed import build_mesh
+    from megaring.hf import load_hf_weights
+    from megaring.model import ParallelContext
+    from megaring.train.engine import ZeroPartitionWriter, build_engine
+    from megaring.train.trainer import build_weights
+
+    mesh, device = build_mesh(cfg.parallel.dims()), torch.device("cpu")
+    ctx = ParallelContext.from_mesh(mesh)
+    model = build_weights(cfg, ctx, None, mesh, device)
+    held = sum(p.numel() for p in model.parameters())  # ZeRO-3 freed every parameter's data
+    stored = sum(p.ds_tensor.numel() for p in model.parameters())
+    report = load_hf_weights(model, ctx, hf, ZeroPartitionWriter())  # again, for what it reads: same values
+    engine = build_engine(model, cfg, mesh, device)
+    weights = {name: engine.master_state(p, "param") for name, p in engine.module.named_parameters()}
+    return dict(held=held, stored=stored, weights=weights, bytes_read=report.bytes_read,
+                largest_held=report.largest_held)
+
+
+def test_zero3_partitions_the_parameters_as_it_loads_them(pools, hf_dir):
+    """ZeRO-3 at dp=2 (small parameters persisted, as by default): each rank reads about half of
+    the checkpoint, stores half of the model, never holds more than about half of one tensor, and
+    the weights the engine trains are exactly the checkpoint's."""
+    from megaring.hf import hf_model_config, load_hf_weights
+    from megaring.model import ParallelContext, Transformer
+
+    cfg = compose_cfg(*DATA, f"model.init_from={hf_dir}", "parallel.dp=2", "parallel.zero_stage=3",
+                      "trainer.seq_len=64", "trainer.global_batch_size=2", "logging.wandb.mode=disabled")
+    ref = Transformer(hf_model_config(hf_dir), ParallelContext.single())
+    whole = load_hf_weights(ref, ParallelContext.single(), hf_dir)
+    total = sum(p.numel() for p in ref.parameters())
+    results = pools(2).run(_zero3_load, cfg, str(hf_dir))
+    for rank, r in enumerate(results):
+        assert r["held"] == 0, f"rank {rank} holds whole parameters"
+        assert r["stored"] <= total / 2 + len(r["weights"]), f"rank {rank} stores {r['stored']} of {total}"
+        assert r["bytes_read"] <= 0.6 * whole.bytes_read, f"rank {rank} read {r['bytes_read']} of {whole.bytes_read}"
+        assert r["largest_held"] <= 0.6 * whole.largest_held, f"rank {rank} held {r['largest_held']} bytes at once"
+        for name, p in ref.named_parameters():
+            assert torch.equal(r["weights"][name], p.detach()), f"rank {rank}: {name}"
+    assert sum(r["bytes_read"] for r in results) >= whole.bytes_read
+
+
+def _bf16_masters(rank: int, world_size: int, cfg) -> list[str]:
+    from megaring.distributed import build_mesh
+    from megaring.model import ParallelContext, build_model
+    from megaring.train.engine import build_engine
+
+    mesh = build_mesh(cfg.parallel.dims())
+    engine = build_engine(build_model(cfg.model, ParallelContext.from_mesh(mesh), seed=0), cfg, mesh,
+                          torch.device("cpu"))
+    engine.prime_optimizer_states(3)
+    wrong = []
+    for i, (name, p) in enumerate(engine.module.named_parameters()):
+        master = engine.master_state(p, "param")
+        engine.set_master_state(p, "exp_avg", torch.full(p.shape, float(i)))  # Adam's state, keyed by the fp32 copy
+        if not (p.dtype == torch.bfloat16 and master.dtype == torch.float32 and torch.equal(master.bfloat16(), p)
+                and torch.equal(engine.master_state(p, "exp_avg"), torch.full(p.shape, float(i)))):
+            wrong.append(name)
+    return wrong
+
+
+def test_bf16_without_zero_reads_and_sets_each_weights_fp32_copy(pools):
+    cfg = make_cfg(zero_stage=0, micro_batch_size=4, extra=("trainer.dtype=bfloat16",))
+    assert pools(1).run(_bf16_masters, cfg) == [[]]
+
+
 EXPORT_LAYOUTS = [(1, 1, 1, 0), (1, 1, 2, 1), (2, 1, 1, 2), (2, 1, 2, 3)]  # ZeRO 0-3, tp 1-2
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megaring.distributed.mesh import Axis
 from megaring.hf import (
     CheckpointError,
     build_model_from_hf,
@@ -25,15 +27,17 @@ from megaring.hf import (
     load_hf_weights,
     model_config_from_hf,
     override_problems,
+    to_hf_state_dict,
     write_hf_checkpoint,
 )
-from megaring.hf.export import parse_size
+from megaring.hf.export import InMemory, parse_size
 from megaring.hf.weights import INDEX_FILE
 from megaring.layout import shard_sequence
 from megaring.model import (
     IGNORE_INDEX,
     ModelConfig,
     ParallelContext,
+    Transformer,
     build_model,
     count_valid_tokens,
     gather_full_state_dict,
@@ -41,6 +45,7 @@ from megaring.model import (
     validate_model_config,
     vocab_parallel_cross_entropy,
 )
+from megaring.model.init import ShardWriter
 from megaring.model.rope import RopeSettings, rope_cos_sin
 from tests.helpers.hf_models import hf_loss_and_logits, llama_dir, mistral_dir, qwen2_dir
 
@@ -222,6 +227,37 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert_matches_hf(directory, model)
 
 
+class _Partition(ShardWriter):
+    """Keeps partition ``rank`` of ``n`` of each flattened shard, as ZeRO-3 splits it (last one short)."""
+
+    def __init__(self, rank: int, n: int):
+        self.rank, self.n, self.kept = rank, n, {}
+
+    def owned_range(self, param):
+        size = -(-param.numel() // self.n)
+        return min(self.rank * size, param.numel()), min((self.rank + 1) * size, param.numel())
+
+    def write(self, param, flat):
+        self.kept[param] = flat.clone()
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_partitioned_reads_give_the_shards_elements(tmp_path, tp_rank):
+    """A writer owning part of each shard gets exactly those elements of it, reading only the rows
+    that hold them: 3 partitions of tp rank ``tp_rank``'s shards at tp=2 (fused q/k/v and
+    gate/up rows, row-parallel columns, the padded vocabulary)."""
+    directory = llama_dir(tmp_path / "hf", max_shard_size="50KB")
+    ctx = ParallelContext(Axis("tp", None, tp_rank, 2, (0, 1)), Axis.single("cp"))
+    whole = Transformer(model_config_from_hf(directory), ctx)
+    full = load_hf_weights(whole, ctx, directory)
+    parts = [_Partition(r, 3) for r in range(3)]
+    reports = [load_hf_weights(whole, ctx, directory, writer) for writer in parts]
+    for p in whole.parameters():
+        assert torch.equal(torch.cat([w.kept[p] for w in parts]), p.detach().reshape(-1))
+    assert max(r.largest_held for r in reports) <= 0.5 * full.largest_held
+    assert full.bytes_read <= sum(r.bytes_read for r in reports) <= 1.2 * full.bytes_read
+
+
 def test_overrides_apply_and_conflicts_raise(tmp_path):
     directory = llama_dir(tmp_path / "hf")
     model, cfg = build_model_from_hf(directory, ParallelContext.single(),
@@ -349,3 +385,35 @@ def test_export_casts_and_parses_shard_sizes(tmp_path):
     assert (parse_size("5GB"), parse_size("500MB"), parse_size("2GiB"), parse_size(7)) == (5e9, 5e8, 2**31, 7)
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+class _Watched(InMemory):
+    """Counts, at each read, the rows it handed out earlier that are still alive."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.handed, self.alive_at_read, self.read_bytes = [], [], []
+
+    def read(self, name, start, stop):
+        self.alive_at_read.append(sum(ref() is not None for ref in self.handed))
+        rows = self.tensors[name][start:stop].clone()
+        self.read_bytes.append(rows.nbytes)
+        self.handed.append(weakref.ref(rows))
+        return rows
+
+
+def test_export_streams_a_chunk_of_rows_at_a_time(tmp_path):
+    """Rows of one tensor at a time, each chunk freed before the next is read (peak: one chunk), in
+    one file or several; the files hold what safetensors' own writer would store."""
+    cfg = ModelConfig(vocab_size=100, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    ctx = ParallelContext.single()
+    state = gather_full_state_dict(build_model(cfg, ctx, seed=1), ctx)
+    for shard_size, dtype in (("5GB", None), ("20KB", torch.bfloat16)):
+        source = _Watched(state)
+        out = write_hf_checkpoint(source, cfg, tmp_path / f"out{shard_size}", dtype=dtype, max_shard_size=shard_size,
+                                  chunk_bytes=1000)
+        assert max(source.alive_at_read) == 0 and max(source.read_bytes) <= 1000
+        assert sum(source.read_bytes) == sum(t.nbytes for t in state.values())  # every row read once
+        want = {k: v.to(dtype or v.dtype).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
+        got = _all_tensors(out)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
