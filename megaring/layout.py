@@ -20,6 +20,8 @@ Everything here is pure indexing: no communication.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -123,13 +125,19 @@ def balanced_ranges(doc_lengths: Sequence[int], world_size: int) -> list[Ranges]
 
     The thresholds are measured choices (docs/benchmarks.md: max/mean pairs <= 1.05 on the
     benchmark mixes); changing them changes every balanced plan, so they are not settings.
+    Plans are cached (the reader, the attention side and the metrics ask for the same samples').
     """
-    lengths = [int(n) for n in doc_lengths]
-    total, w = sum(lengths), world_size
+    return [list(ranges) for ranges in _balanced_plan(tuple(int(n) for n in doc_lengths), world_size)]
+
+
+@functools.lru_cache(maxsize=32)
+def _balanced_plan(lengths: tuple[int, ...], world_size: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    lengths, w = list(lengths), world_size
+    total = sum(lengths)
     if total % w:
         raise ValueError(f"documents of {total} tokens do not split into {w} equal shards")
     cap = total // w
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    starts = [0, *itertools.accumulate(lengths)][:-1]  # each document's first token
     target = sum(pair_work(0, n) for n in lengths) / w
     room, work = [cap] * w, [0] * w
     pieces: list[list[tuple[int, int]]] = [[] for _ in range(w)]  # global ranges per rank
@@ -156,7 +164,7 @@ def balanced_ranges(doc_lengths: Sequence[int], world_size: int) -> list[Ranges]
             left.append(i)
     for i in sorted(left, key=lambda i: starts[i]):
         _fill(pieces, room, work, starts[i], lengths[i])
-    return [_merge(sorted(p)) for p in pieces]
+    return tuple(tuple(_merge(sorted(p))) for p in pieces)
 
 
 def _zigzag_pieces(n: int, w: int) -> list[Ranges]:

@@ -116,10 +116,25 @@ def _sample_boxes(q_runs: list[Run], k_runs: list[Run], batch: slice, causal: bo
         if group:  # the group's box must not cover the rows of this run
             boxes.append(_group_box(group, batch))
             group = []
-        boxes += [Box(batch, q_rows, kv, kind == CAUSAL, kind == MASK) for q_rows, kv, kind in pairs]
+        for q_rows, kv, kind in pairs:
+            _append(boxes, Box(batch, q_rows, kv, kind == CAUSAL, kind == MASK))
     if group:
         boxes.append(_group_box(group, batch))
     return boxes
+
+
+def _append(boxes: list[Box], box: Box) -> None:
+    """Add ``box``, joined to the previous one when both are plain and share their query rows
+    with adjacent keys, or their keys with adjacent query rows (fewer, larger kernel calls)."""
+    last = boxes[-1] if boxes else None
+    if last is None or last.causal or last.masked or box.causal or box.masked or last.batch != box.batch:
+        boxes.append(box)
+    elif last.q == box.q and last.kv.stop == box.kv.start:
+        boxes[-1] = Box(box.batch, box.q, slice(last.kv.start, box.kv.stop), False, False)
+    elif last.kv == box.kv and last.q.stop == box.q.start:
+        boxes[-1] = Box(box.batch, slice(last.q.start, box.q.stop), box.kv, False, False)
+    else:
+        boxes.append(box)
 
 
 def _too_wide(group: list[tuple[slice, slice]], span: tuple[int, int, int, int], tile: int) -> bool:

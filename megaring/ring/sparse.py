@@ -40,12 +40,13 @@ class SparseRing:
     """One rank's mask-aware ring for one attention call: route, token metadata, options."""
 
     def __init__(self, axis: Axis, route: Route, seg: torch.Tensor, pos: torch.Tensor, *, causal: bool,
-                 window: int | None, settings: RingSettings, traffic: KVTraffic | None):
+                 window: int | None, settings: RingSettings, traffic: KVTraffic | None, memo: dict | None = None):
         self.axis, self.route, self.causal, self.window = axis, route, causal, window
         self.settings, self.traffic = settings, traffic
         self.q_meta = (seg, pos)  # (B, S_local) int64 each, on the device
-        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (seg, pos) of block j
-        self._boxes: dict[int, list[Box]] = {}  # per step
+        # ("boxes", step) -> list[Box] and ("keys", j) -> (seg, pos) of block j: derived from the
+        # route alone, so shared by every call with the same route (RouteCache)
+        self._memo = {} if memo is None else memo
 
     def calls(self, step: int) -> Iterator[BlockCall]:
         """Kernel calls at ``step`` against the held block (none when nothing is visible): the
@@ -55,20 +56,20 @@ class SparseRing:
         if not r.holds(step) or r.visible[j] is None:
             return iter(())
         held = r.carry[j][step]
-        if step not in self._boxes:
-            self._boxes[step] = block_boxes(r.runs[r.rank], r.runs[j], held, self.q_meta[0].shape[0],
-                                            self.causal, self.window, self.settings)
+        if ("boxes", step) not in self._memo:
+            self._memo["boxes", step] = block_boxes(r.runs[r.rank], r.runs[j], held, self.q_meta[0].shape[0],
+                                                    self.causal, self.window, self.settings)
         return (BlockCall(box.q, box.kv, box.causal, self._mask(j, held, box) if box.masked else None, box.batch)
-                for box in self._boxes[step])
+                for box in self._memo["boxes", step])
 
     def _mask(self, j: int, held: tuple[int, int], box: Box) -> torch.Tensor:
         """``(B or 1, rows of q, rows of kv)`` bool: who sees whom in a masked box."""
-        if j not in self._keys:
+        if ("keys", j) not in self._memo:
             seg, pos = self.route.key_meta(j, (0, self.route.local_len), self.q_meta[0].shape[0])
-            self._keys[j] = (seg.to(self.q_meta[0].device), pos.to(self.q_meta[0].device))
+            self._memo["keys", j] = (seg.to(self.q_meta[0].device), pos.to(self.q_meta[0].device))
         kv = slice(held[0] + box.kv.start, held[0] + box.kv.stop)
         sq, pq = (t[box.batch, box.q, None] for t in self.q_meta)  # (B, tq, 1)
-        sk, pk = (t[box.batch, None, kv] for t in self._keys[j])  # (B, 1, nk)
+        sk, pk = (t[box.batch, None, kv] for t in self._memo["keys", j])  # (B, 1, nk)
         mask = sq == sk  # (B, tq, nk)
         if self.causal:
             mask &= pk <= pq

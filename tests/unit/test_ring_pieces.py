@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -66,3 +68,22 @@ def test_calls_cover_every_visible_pair_once(world, causal, window):
         plain += _coverage(world, ("one", "one"), "zigzag", causal, window, settings, same_samples=True)
         if settings.piece_rows == 2:  # document pieces run as calls without masks
             assert plain > 0
+
+
+def test_route_cache_reuses_the_route_of_the_same_id_tensors():
+    from megaring.distributed.mesh import Axis
+    from megaring.ring.attention import sparse_ring
+    from megaring.ring.route import RouteCache
+
+    seg = document_mix("awkward", SEQ, 1)[None]
+    pos = document_positions(seg)
+    q = torch.zeros(1, SEQ, 2, 4)
+    routes, axis = RouteCache(), Axis.single("cp")
+    ring = functools.partial(sparse_ring, axis, q, causal=True, window=None, layout="balanced",
+                             settings=RingSettings(), traffic=None, routes=routes)
+    first = ring(seg, pos)
+    assert ring(seg, pos).route is first.route  # the next layer: the same tensors
+    assert ring(seg.clone(), pos).route is not first.route  # another batch
+    again = ring(seg, pos)
+    pos.add_(0)  # changed in place: its version moves on
+    assert ring(seg, pos).route is not again.route
