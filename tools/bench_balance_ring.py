@@ -3,11 +3,16 @@
 Spawns ``cp`` gloo processes (one torch thread each). Each case runs ring attention forward and
 backward on the rank's shard of one packed sample (documents from a mix of
 :mod:`tools.bench_balance`), ``--iters`` times; reported: the median over iterations of the
-slowest rank's time, and the bytes each rank sent (:class:`megaring.ring.comm.KVTraffic`, K/V
+slowest rank's time, and the bytes each rank sent (:class:`megaring.distributed.mesh.Traffic`, K/V
 and dK/dV, forward and backward).
 
     python -m tools.bench_balance_ring --seq-len 16384 --cp 4
-    python -m tools.bench_balance_ring --seq-len 16384 --cp 4 --window 1024
+    python -m tools.bench_balance_ring --seq-len 65536 --cp 4 --window 4096
+
+With ``--window`` it compares, on one document, the full ring (zigzag, no window), the windowed
+ring (zigzag and contiguous), and one process (``--cp`` torch threads) running the same window:
+torch SDPA on query chunks of ``W`` rows against their ``2W - 1`` keys with an explicit banded
+mask, and the mask-aware path itself (:func:`megaring.ring_attention` on one process).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megaring import ring_attention, shard_sequence
-from megaring.ring.comm import KVTraffic
+from megaring.distributed.mesh import Axis, Traffic
 from tools.bench_balance import samples, stream
 
 
@@ -52,9 +57,9 @@ def _worker(rank, world, port, args, cases, queue):
         shard = dict(dim=1, rank=rank, world_size=world, layout=layout, segment_ids=seg)
         ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
         sl, pl = shard_sequence(seg, **shard), shard_sequence(pos, **shard)
-        times, traffic = [], KVTraffic()
+        times, traffic = [], Traffic()
         for it in range(args.iters + 1):
-            traffic.take()
+            traffic.reset()
             dist.barrier()
             t0 = time.perf_counter()
             out = ring_attention(ql, kl, vl, group=dist.group.WORLD, segment_ids=sl,
@@ -64,7 +69,7 @@ def _worker(rank, world, port, args, cases, queue):
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if it:  # the first is a warm-up
                 times.append(float(elapsed))
-        results[name] = (statistics.median(times), traffic.bytes_sent)
+        results[name] = (statistics.median(times), traffic.total())
     queue.put((rank, results))
     dist.destroy_process_group()
 
@@ -78,10 +83,11 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--window", type=int, default=None)
+    p.add_argument("--skip-full", action="store_true", help="with --window: leave out the full ring")
     args = p.parse_args()
     if args.window:
-        cases = [("zigzag, full ring (one document)", "one", "zigzag", None, False),
-                 (f"zigzag, window {args.window}", "one", "zigzag", args.window, False),
+        cases = [] if args.skip_full else [("zigzag, full ring (one document)", "one", "zigzag", None, False)]
+        cases += [(f"zigzag, window {args.window}", "one", "zigzag", args.window, False),
                  (f"contiguous, window {args.window}", "one", "contiguous", args.window, False)]
     else:
         cases = [(f"{mix}, {layout}", mix, layout, None, layout == "balanced")
@@ -104,6 +110,48 @@ def main() -> None:
         t = per_rank[0][name][0]
         sent = [per_rank[r][name][1] / 2**20 for r in range(args.cp)]
         print(f"| {name} | {t:.3f} | {max(sent):.1f} / {statistics.mean(sent):.1f} |")
+    if args.window:
+        for name, t in _single_process(args).items():
+            print(f"| {name} | {t:.3f} | 0 |")
+
+
+def _single_process(args) -> dict[str, float]:
+    """fwd+bwd seconds (median) of one process running the window on the whole sequence."""
+    torch.set_num_threads(args.cp)
+    g = torch.Generator().manual_seed(0)
+    s, w = args.seq_len, args.window
+    q, k, v = (torch.randn(1, s, n, args.head_dim, generator=g).requires_grad_()
+               for n in (args.heads, args.kv_heads, args.kv_heads))
+    pos = torch.arange(s)[None]
+    runs = {f"SDPA, window {w}, banded chunks (1 process)": lambda: _sdpa_window(q, k, v, w),
+            f"mask-aware path, window {w} (1 process)": lambda: ring_attention(
+                q, k, v, group=Axis.single("cp"), positions=pos, window=w)}
+    out = {}
+    for name, fn in runs.items():
+        times = []
+        for it in range(args.iters + 1):
+            t0 = time.perf_counter()
+            fn().sum().backward()
+            if it:
+                times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def _sdpa_window(q, k, v, w: int) -> torch.Tensor:
+    """Causal sliding-window attention with torch SDPA: query chunks of ``w`` rows, each against
+    its ``2w - 1`` keys with an explicit band mask ``0 <= i - j < w``. (B, S, H, D) in and out."""
+    s, rep = q.shape[1], q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)  # (B, H, S, D)
+    kh, vh = (t.transpose(1, 2).repeat_interleave(rep, dim=1) for t in (k, v))
+    outs = []
+    for a in range(0, s, w):
+        b, lo = min(s, a + w), max(0, a - w + 1)
+        d = torch.arange(a, b)[:, None] - torch.arange(lo, b)[None, :]  # (rows, keys) query - key
+        band = (d >= 0) & (d < w)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qh[:, :, a:b], kh[:, :, lo:b], vh[:, :, lo:b], attn_mask=band))
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 if __name__ == "__main__":

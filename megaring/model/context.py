@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megaring.distributed.mesh import Axis, ParallelMesh
+from megaring.distributed.mesh import Axis, ParallelMesh, Traffic
 from megaring.layout import check_layout
-from megaring.ring.comm import KVTraffic
 from megaring.ring.route import RouteCache
 from megaring.ring.settings import RingSettings
 
@@ -35,7 +34,7 @@ class ParallelContext:
     attn_kernel: str | None = None
     ring_backward: str = "whole"
     ring_settings: RingSettings = RingSettings()
-    traffic: KVTraffic | None = None
+    traffic: Traffic | None = None
     cp_ulysses: Axis | None = None
     cp_ring: Axis | None = None
     routes: RouteCache = field(default_factory=RouteCache, compare=False, repr=False)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megaring.distributed.mesh import Axis
+from megaring.distributed.mesh import Axis, Traffic
 from megaring.kernels import BlockKernel, select_kernel
 from megaring.layout import LAYOUTS, chunks_per_rank, shard_positions
 from megaring.ring.backward import BACKWARDS, Saved
-from megaring.ring.comm import KV_TAG, KVTraffic, RingComm, dense
+from megaring.ring.comm import KV_TAG, RingComm, dense
 from megaring.ring.merge import merge_into
 from megaring.ring.plan import Ring
 from megaring.ring.route import RouteCache, build_route, gather_runs, local_runs
@@ -164,7 +164,7 @@ def cp_axis(group) -> Axis:
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
                    segment_ids=None, positions=None, window: int | None = None, layout: str = "zigzag",
                    kernel: str | BlockKernel | None = None, backward: str = "whole",
-                   settings: RingSettings | None = None, traffic: KVTraffic | None = None,
+                   settings: RingSettings | None = None, traffic: Traffic | None = None,
                    routes: RouteCache | None = None):
     """Exact attention over a sequence sharded across ``group`` in ``layout``.
 
@@ -176,7 +176,7 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
     ``p - p' < W`` (``|p - p'| < W`` without ``causal``). Positions make any layout exact and are
     required by ``layout="balanced"``; with them, or a window, the mask-aware ring runs
     (:mod:`megaring.ring.sparse`: K/V travel only as far as a query sees them, steps with nothing
-    visible are skipped). ``traffic``: a :class:`~megaring.ring.comm.KVTraffic` that counts the
+    visible are skipped). ``traffic``: a :class:`~megaring.distributed.mesh.Traffic` that counts the
     bytes this rank sends. ``group``: the cp process group or its
     :class:`~megaring.distributed.Axis`; ``None`` only without torch.distributed (or with one
     process): plain attention. ``kernel``: a name from ``megaring.kernels``, a kernel instance, or
@@ -205,7 +205,7 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
 
 
 def sparse_ring(axis: Axis, q, segment_ids, positions, *, causal: bool, window: int | None, layout: str,
-                settings: RingSettings, traffic: KVTraffic | None, routes: RouteCache | None = None) -> SparseRing:
+                settings: RingSettings, traffic: Traffic | None, routes: RouteCache | None = None) -> SparseRing:
     """The mask-aware ring of this call: token metadata, one all-gather of runs, the route
     (``routes``: reused from the last call with the same id tensors)."""
     def build():

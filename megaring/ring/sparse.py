@@ -26,9 +26,9 @@ from collections.abc import Iterator
 
 import torch
 
-from megaring.distributed.mesh import Axis
+from megaring.distributed.mesh import Axis, Traffic
 from megaring.kernels import BlockKernel
-from megaring.ring.comm import GRAD_TAG, HOME_TAG, KV_TAG, KVTraffic, PeerExchange
+from megaring.ring.comm import GRAD_TAG, HOME_TAG, KV_TAG, PeerExchange
 from megaring.ring.masks import BlockCall
 from megaring.ring.merge import merge_into
 from megaring.ring.pieces import Box, block_boxes
@@ -40,7 +40,7 @@ class SparseRing:
     """One rank's mask-aware ring for one attention call: route, token metadata, options."""
 
     def __init__(self, axis: Axis, route: Route, seg: torch.Tensor, pos: torch.Tensor, *, causal: bool,
-                 window: int | None, settings: RingSettings, traffic: KVTraffic | None, memo: dict | None = None):
+                 window: int | None, settings: RingSettings, traffic: Traffic | None, memo: dict | None = None):
         self.axis, self.route, self.causal, self.window = axis, route, causal, window
         self.settings, self.traffic = settings, traffic
         self.q_meta = (seg, pos)  # (B, S_local) int64 each, on the device

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from megaring import ring_attention, shard_sequence, unshard_sequence
-from megaring.ring.comm import KVTraffic
+from megaring.distributed.mesh import Traffic
 from megaring.ring.settings import RingSettings
 from tests.helpers.attention_ref import document_mix, document_positions, make_inputs, masked_reference
 
@@ -33,12 +33,12 @@ def _case(rank, world, mix, layout, window, heads, kv_heads, backward, with_seg=
         seg, pos = torch.zeros_like(seg), torch.arange(SEQ).expand(2, -1)
     shard = dict(dim=1, rank=rank, world_size=world, layout=layout, segment_ids=seg)
     ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
-    traffic = KVTraffic()
+    traffic = Traffic()
     out = ring_attention(ql, kl, vl, group=dist.group.WORLD, segment_ids=shard_sequence(seg, **shard),
                          positions=shard_sequence(pos, **shard), window=window, layout=layout,
                          backward=backward, settings=settings, traffic=traffic)
     out.backward(shard_sequence(dout, **shard))
-    return [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)], traffic.bytes_sent
+    return [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)], traffic.total()
 
 
 def _cases_task(rank, world, cases):
