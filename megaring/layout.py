@@ -20,6 +20,7 @@ Everything here is pure indexing: no communication.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 from collections.abc import Sequence
@@ -100,6 +101,29 @@ def document_lengths(segment_ids: torch.Tensor) -> tuple[int, ...]:
     edges = torch.nonzero(ids[1:] != ids[:-1]).reshape(-1) + 1  # first token of each later document
     bounds = [0, *edges.tolist(), ids.numel()]
     return tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document, (..., S) from segment ids (..., S)."""
+    s = segment_ids.shape[-1]
+    idx = torch.arange(s, device=segment_ids.device).expand_as(segment_ids)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - first
+
+
+def ranges_work(doc_lengths: Sequence[int], ranges: Ranges) -> int:
+    """Causal query-key pairs of the queries in global ``ranges`` of a sample of ``doc_lengths``."""
+    starts = [0, *itertools.accumulate(doc_lengths)]
+    total, i = 0, 0
+    for a, b in ranges:
+        i = bisect.bisect_right(starts, a) - 1
+        while a < b:
+            e = min(b, starts[i + 1])
+            total += pair_work(a - starts[i], e - starts[i])
+            a, i = e, i + 1
+    return total
 
 
 def pair_work(a: int, b: int) -> int:

@@ -2,7 +2,7 @@
 
 Spawns ``cp`` gloo processes (one torch thread each). Each case runs ring attention forward and
 backward on the rank's shard of one packed sample (documents from a mix of
-:mod:`tools.bench_balance`), ``--iters`` times; reported: the median over iterations of the
+:mod:`megaring.data.doc_mixes`), ``--iters`` times; reported: the median over iterations of the
 slowest rank's time, and the bytes each rank sent (:class:`megaring.distributed.mesh.Traffic`, K/V
 and dK/dV, forward and backward).
 
@@ -27,20 +27,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megaring import ring_attention, shard_sequence
+from megaring.data.doc_mixes import pack_samples, segment_ids, stream
 from megaring.distributed.mesh import Axis, Traffic
-from tools.bench_balance import samples, stream
+from megaring.layout import document_positions
 
 
 def _segments(mix: str, seq: int) -> torch.Tensor:
-    lengths = samples(stream(mix, seq * 2, seed=1), seq, 2)[-1] if mix != "one" else [seq]
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-
-
-def _positions(seg: torch.Tensor) -> torch.Tensor:
-    idx = torch.arange(seg.numel())
-    start = torch.ones_like(seg, dtype=torch.bool)
-    start[1:] = seg[1:] != seg[:-1]
-    return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(0).values
+    """The second sample of ``seq`` tokens of the mix (the first of ``stdlib`` is one document)."""
+    return segment_ids(pack_samples(stream(mix, seq * 2, seed=1), seq, 2)[-1] if mix != "one" else [seq])
 
 
 def _worker(rank, world, port, args, cases, queue):
@@ -53,7 +47,7 @@ def _worker(rank, world, port, args, cases, queue):
     results = {}
     for name, mix, layout, window, use_pos in cases:
         seg = _segments(mix, s)[None]
-        pos = _positions(seg[0])[None]
+        pos = document_positions(seg)
         shard = dict(dim=1, rank=rank, world_size=world, layout=layout, segment_ids=seg)
         ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
         sl, pl = shard_sequence(seg, **shard), shard_sequence(pos, **shard)
