@@ -2,9 +2,11 @@
 
 Spawns ``cp`` gloo processes (one torch thread each). Each case runs ring attention forward and
 backward on the rank's shard of one packed sample (documents from a mix of
-:mod:`megaring.data.doc_mixes`), ``--iters`` times; reported: the median over iterations of the
-slowest rank's time, and the bytes each rank sent (:class:`megaring.distributed.mesh.Traffic`, K/V
-and dK/dV, forward and backward).
+:mod:`megaring.data.doc_mixes`), in ``--iters`` rounds after a warm-up round, every case once per
+round in turn (the machines are shared). Reported: medians over rounds of the slowest rank's wall
+time and of the busiest rank's CPU time (what the work costs, whatever else runs), the median
+per-round ratio balanced / zigzag, and the bytes each rank sent
+(:class:`megaring.distributed.mesh.Traffic`, K/V and dK/dV, forward and backward).
 
     python -m tools.bench_balance_ring --seq-len 16384 --cp 4
     python -m tools.bench_balance_ring --seq-len 65536 --cp 4 --window 4096
@@ -30,6 +32,7 @@ from megaring import ring_attention, shard_sequence
 from megaring.data.doc_mixes import pack_samples, segment_ids, stream
 from megaring.distributed.mesh import Axis, Traffic
 from megaring.layout import document_positions
+from tools.rounds import median_ratio
 
 
 def _segments(mix: str, seq: int) -> torch.Tensor:
@@ -44,26 +47,27 @@ def _worker(rank, world, port, args, cases, queue):
     g = torch.Generator().manual_seed(0)
     s, h, hk, d = args.seq_len, args.heads, args.kv_heads, args.head_dim
     q, k, v = (torch.randn(1, s, n, d, generator=g) for n in (h, hk, hk))
-    results = {}
-    for name, mix, layout, window, use_pos in cases:
+    inputs = {}
+    for name, mix, layout, _, _ in cases:
         seg = _segments(mix, s)[None]
-        pos = document_positions(seg)
         shard = dict(dim=1, rank=rank, world_size=world, layout=layout, segment_ids=seg)
-        ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
-        sl, pl = shard_sequence(seg, **shard), shard_sequence(pos, **shard)
-        times, traffic = [], Traffic()
-        for it in range(args.iters + 1):
-            traffic.reset()
+        inputs[name] = [shard_sequence(t, **shard) for t in (q, k, v, seg, document_positions(seg))]
+    results = {name: ([], [], 0) for name, *_ in cases}
+    for it in range(args.iters + 1):  # rounds: every case once per round, in turn (shared machines)
+        for name, _, layout, window, use_pos in cases:
+            ql, kl, vl, sl, pl = inputs[name]
+            ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))
+            traffic = Traffic()
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = ring_attention(ql, kl, vl, group=dist.group.WORLD, segment_ids=sl,
                                  positions=pl if use_pos else None, window=window, layout=layout, traffic=traffic)
             out.sum().backward()
-            elapsed = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if it:  # the first is a warm-up
-                times.append(float(elapsed))
-        results[name] = (statistics.median(times), traffic.total())
+            spent = torch.tensor([time.perf_counter() - t0, time.process_time() - c0])
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+            if it:  # round 0 is a warm-up
+                walls, cpus, _ = results[name]
+                results[name] = (walls + [float(spent[0])], cpus + [float(spent[1])], traffic.total())
     queue.put((rank, results))
     dist.destroy_process_group()
 
@@ -98,19 +102,26 @@ def main() -> None:
     for proc in procs:
         proc.join()
     print(f"seq {args.seq_len}, cp {args.cp}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, float32")
-    print("| case | fwd+bwd s (slowest rank, median) | MiB sent per rank (max / mean) |")
-    print("|---|---|---|")
+    print("| case | fwd+bwd wall s (slowest rank) | CPU s (busiest rank) | MiB sent per rank (max / mean) |")
+    print("|---|---|---|---|")
     for name, *_ in cases:
-        t = per_rank[0][name][0]
-        sent = [per_rank[r][name][1] / 2**20 for r in range(args.cp)]
-        print(f"| {name} | {t:.3f} | {max(sent):.1f} / {statistics.mean(sent):.1f} |")
+        walls, cpus, _ = per_rank[0][name]
+        sent = [per_rank[r][name][2] / 2**20 for r in range(args.cp)]
+        print(f"| {name} | {statistics.median(walls):.3f} | {statistics.median(cpus):.3f} | "
+              f"{max(sent):.1f} / {statistics.mean(sent):.1f} |")
     if args.window:
-        for name, t in _single_process(args).items():
-            print(f"| {name} | {t:.3f} | 0 |")
+        for name, (wall, cpu) in _single_process(args).items():
+            print(f"| {name} | {wall:.3f} | {cpu:.3f} | 0 |")
+    else:
+        for mix in ("stdlib", "lognormal"):
+            z, b = per_rank[0][f"{mix}, zigzag"], per_rank[0][f"{mix}, balanced"]
+            print(f"{mix}: balanced / zigzag, median over rounds: wall {median_ratio(zip(b[0], z[0])):.2f}x, "
+                  f"CPU {median_ratio(zip(b[1], z[1])):.2f}x")
 
 
-def _single_process(args) -> dict[str, float]:
-    """fwd+bwd seconds (median) of one process running the window on the whole sequence."""
+def _single_process(args) -> dict[str, tuple[float, float]]:
+    """fwd+bwd wall and CPU seconds (medians) of one process running the window on the whole
+    sequence (CPU seconds count all its threads)."""
     torch.set_num_threads(args.cp)
     g = torch.Generator().manual_seed(0)
     s, w = args.seq_len, args.window
@@ -122,13 +133,14 @@ def _single_process(args) -> dict[str, float]:
                 q, k, v, group=Axis.single("cp"), positions=pos, window=w)}
     out = {}
     for name, fn in runs.items():
-        times = []
+        walls, cpus = [], []
         for it in range(args.iters + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn().sum().backward()
             if it:
-                times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+        out[name] = (statistics.median(walls), statistics.median(cpus))
     return out
 
 
