@@ -20,6 +20,9 @@ Everything here is pure indexing: no communication.
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -100,6 +103,29 @@ def document_lengths(segment_ids: torch.Tensor) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
 
 
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document, (..., S) from segment ids (..., S)."""
+    s = segment_ids.shape[-1]
+    idx = torch.arange(s, device=segment_ids.device).expand_as(segment_ids)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - first
+
+
+def ranges_work(doc_lengths: Sequence[int], ranges: Ranges) -> int:
+    """Causal query-key pairs of the queries in global ``ranges`` of a sample of ``doc_lengths``."""
+    starts = [0, *itertools.accumulate(doc_lengths)]
+    total, i = 0, 0
+    for a, b in ranges:
+        i = bisect.bisect_right(starts, a) - 1
+        while a < b:
+            e = min(b, starts[i + 1])
+            total += pair_work(a - starts[i], e - starts[i])
+            a, i = e, i + 1
+    return total
+
+
 def pair_work(a: int, b: int) -> int:
     """Causal query-key pairs of the queries at document offsets ``[a, b)``: query i sees i + 1 keys."""
     return (b * (b + 1) - a * (a + 1)) // 2
@@ -123,13 +149,19 @@ def balanced_ranges(doc_lengths: Sequence[int], world_size: int) -> list[Ranges]
 
     The thresholds are measured choices (docs/benchmarks.md: max/mean pairs <= 1.05 on the
     benchmark mixes); changing them changes every balanced plan, so they are not settings.
+    Plans are cached (the reader, the attention side and the metrics ask for the same samples').
     """
-    lengths = [int(n) for n in doc_lengths]
-    total, w = sum(lengths), world_size
+    return [list(ranges) for ranges in _balanced_plan(tuple(int(n) for n in doc_lengths), world_size)]
+
+
+@functools.lru_cache(maxsize=32)
+def _balanced_plan(lengths: tuple[int, ...], world_size: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    lengths, w = list(lengths), world_size
+    total = sum(lengths)
     if total % w:
         raise ValueError(f"documents of {total} tokens do not split into {w} equal shards")
     cap = total // w
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    starts = [0, *itertools.accumulate(lengths)][:-1]  # each document's first token
     target = sum(pair_work(0, n) for n in lengths) / w
     room, work = [cap] * w, [0] * w
     pieces: list[list[tuple[int, int]]] = [[] for _ in range(w)]  # global ranges per rank
@@ -156,7 +188,7 @@ def balanced_ranges(doc_lengths: Sequence[int], world_size: int) -> list[Ranges]
             left.append(i)
     for i in sorted(left, key=lambda i: starts[i]):
         _fill(pieces, room, work, starts[i], lengths[i])
-    return [_merge(sorted(p)) for p in pieces]
+    return tuple(tuple(_merge(sorted(p))) for p in pieces)
 
 
 def _zigzag_pieces(n: int, w: int) -> list[Ranges]:

@@ -83,10 +83,13 @@ class ParallelDims:
 
 
 class Traffic:
-    """Bytes this process sent over one axis, by kind of message (``"ring_p2p"``, ``"all_to_all"``, ...).
+    """Bytes this process sent, by kind of message (``"ring_p2p"``, ``"all_to_all"``, ...): the one
+    byte counter of the project.
 
     Counted where the communication is posted (:mod:`megaring.ring.comm`, :mod:`megaring.ulysses.comm`),
-    so benchmarks and the cost model's checks read what really went out. Bytes a rank would send
+    so benchmarks and the cost model's checks read what really went out. Every :class:`Axis` has
+    one (all the bytes sent over it); ring attention also adds its bytes to a counter its caller
+    owns (``ring_attention(traffic=)``, the trainer's per-step K/V metric). Bytes a rank would send
     to itself (an all-to-all's own slice) are not counted.
     """
 
@@ -101,6 +104,12 @@ class Traffic:
 
     def reset(self) -> None:
         self.bytes_sent.clear()
+
+    def take(self) -> int:
+        """The total so far, and reset (the trainer reads its counter once per step)."""
+        total = self.total()
+        self.reset()
+        return total
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class Attention(nn.Module):
         out = ring_attention(q, k, v, group=c.cp, causal=True, segment_ids=segment_ids,
                              positions=positions if (window or c.layout == "balanced") else None, window=window,
                              layout=c.layout, kernel=c.attn_kernel, backward=c.ring_backward,
-                             settings=c.ring_settings, traffic=c.traffic)  # (B, S, H_l, D)
+                             settings=c.ring_settings, traffic=c.traffic, routes=c.routes)  # (B, S, H_l, D)
         return self.wo(out.reshape(b, s, h * hd))  # (B, S[/tp], dim)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from megaring.distributed.mesh import Axis, ParallelMesh
+from megaring.distributed.mesh import Axis, ParallelMesh, Traffic
 from megaring.layout import check_layout
-from megaring.ring.comm import KVTraffic
+from megaring.ring.route import RouteCache
 from megaring.ring.settings import RingSettings
 
 
@@ -23,7 +23,8 @@ class ParallelContext:
     ``ring_backward``: ``"whole"`` or ``"chunked"``, the backward of ring attention.
     ``ring_settings``: ring attention's tile and chunk sizes.
     ``traffic``: counts the K/V bytes this rank sends in ring attention (the trainer reads and
-    resets it every step); None: not counted.
+    resets it every step); None: not counted. ``routes``: the mask-aware ring's route of the
+    current forward, built by its first layer and reused by the others (:class:`RouteCache`).
     """
 
     tp: Axis
@@ -33,9 +34,10 @@ class ParallelContext:
     attn_kernel: str | None = None
     ring_backward: str = "whole"
     ring_settings: RingSettings = RingSettings()
-    traffic: KVTraffic | None = None
+    traffic: Traffic | None = None
     cp_ulysses: Axis | None = None
     cp_ring: Axis | None = None
+    routes: RouteCache = field(default_factory=RouteCache, compare=False, repr=False)
 
     def __post_init__(self):
         check_layout(self.layout)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megaring.distributed.mesh import Axis
+from megaring.distributed.mesh import Axis, Traffic
 from megaring.kernels import BlockKernel, select_kernel
 from megaring.layout import LAYOUTS, chunks_per_rank, shard_positions
 from megaring.ring.backward import BACKWARDS, Saved
-from megaring.ring.comm import KV_TAG, KVTraffic, RingComm, dense
+from megaring.ring.comm import KV_TAG, RingComm, dense
 from megaring.ring.merge import merge_into
 from megaring.ring.plan import Ring
-from megaring.ring.route import build_route, gather_runs, local_runs
+from megaring.ring.route import RouteCache, build_route, gather_runs, local_runs
 from megaring.ring.settings import RingSettings
 from megaring.ring.sparse import SparseRing, sparse_backward, sparse_forward
 
@@ -164,7 +164,8 @@ def cp_axis(group) -> Axis:
 def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: float | None = None,
                    segment_ids=None, positions=None, window: int | None = None, layout: str = "zigzag",
                    kernel: str | BlockKernel | None = None, backward: str = "whole",
-                   settings: RingSettings | None = None, traffic: KVTraffic | None = None):
+                   settings: RingSettings | None = None, traffic: Traffic | None = None,
+                   routes: RouteCache | None = None):
     """Exact attention over a sequence sharded across ``group`` in ``layout``.
 
     q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); segment_ids: optional (B, S_local)
@@ -175,13 +176,16 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
     ``p - p' < W`` (``|p - p'| < W`` without ``causal``). Positions make any layout exact and are
     required by ``layout="balanced"``; with them, or a window, the mask-aware ring runs
     (:mod:`megaring.ring.sparse`: K/V travel only as far as a query sees them, steps with nothing
-    visible are skipped). ``traffic``: a :class:`~megaring.ring.comm.KVTraffic` that counts the
+    visible are skipped). ``traffic``: a :class:`~megaring.distributed.mesh.Traffic` that counts the
     bytes this rank sends. ``group``: the cp process group or its
     :class:`~megaring.distributed.Axis`; ``None`` only without torch.distributed (or with one
     process): plain attention. ``kernel``: a name from ``megaring.kernels``, a kernel instance, or
     None (automatic). ``backward``: ``"whole"`` (double-buffered blocks, fastest) or ``"chunked"``
     (blocks in tiles and chunks, least memory). ``settings``: tile and chunk sizes
-    (:class:`RingSettings`; None: defaults). Returns (B, S_local, H, D).
+    (:class:`RingSettings`; None: defaults). ``routes``: a
+    :class:`~megaring.ring.route.RouteCache` that keeps the mask-aware ring's route while the same
+    ``segment_ids`` / ``positions`` tensors come back (the layers of one forward). Returns
+    (B, S_local, H, D).
     """
     check_inputs(q, k, v, segment_ids, layout, backward, positions, window)
     settings = (settings or RingSettings()).for_device(q.device.type)
@@ -189,8 +193,8 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
     if positions is not None or window is not None or layout == "balanced":
-        ring = sparse_ring(axis, q, seg, positions, causal=causal, window=window, layout=layout,
-                           settings=settings, traffic=traffic)
+        ring = sparse_ring(axis, q, segment_ids, positions, causal=causal, window=window, layout=layout,
+                           settings=settings, traffic=traffic, routes=routes)
         block_kernel = select_kernel(kernel, q, needs_mask=True)
         return SparseRingAttentionFunction.apply(heads_major(q), heads_major(k), heads_major(v), ring,
                                                  scale, block_kernel)
@@ -200,14 +204,22 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
                                        ring, scale, block_kernel, backward)
 
 
-def sparse_ring(axis: Axis, q, seg, positions, *, causal: bool, window: int | None, layout: str,
-                settings: RingSettings, traffic: KVTraffic | None) -> SparseRing:
-    """The mask-aware ring of this call: token metadata, one all-gather of runs, the route."""
-    b, s = q.shape[:2]
-    if positions is None:  # a window on zigzag / contiguous: global positions suffice
-        positions = shard_positions(s * axis.size, axis.rank, axis.size, layout).expand(b, -1)
-    pos = positions.to(device=q.device, dtype=torch.int64).contiguous()
-    seg = torch.zeros(b, s, dtype=torch.int64, device=q.device) if seg is None else seg
-    runs = gather_runs(axis, local_runs(seg, pos))
-    route = build_route(runs, axis.rank, s, causal, window)
-    return SparseRing(axis, route, seg, pos, causal=causal, window=window, settings=settings, traffic=traffic)
+def sparse_ring(axis: Axis, q, segment_ids, positions, *, causal: bool, window: int | None, layout: str,
+                settings: RingSettings, traffic: Traffic | None, routes: RouteCache | None = None) -> SparseRing:
+    """The mask-aware ring of this call: token metadata, one all-gather of runs, the route
+    (``routes``: reused from the last call with the same id tensors)."""
+    def build():
+        b, s = q.shape[:2]
+        pos = positions
+        if pos is None:  # a window on zigzag / contiguous: global positions suffice
+            pos = shard_positions(s * axis.size, axis.rank, axis.size, layout).expand(b, -1)
+        pos = pos.to(device=q.device, dtype=torch.int64).contiguous()
+        seg = torch.zeros(b, s, dtype=torch.int64, device=q.device) if segment_ids is None else (
+            segment_ids.to(device=q.device, dtype=torch.int64).contiguous())
+        runs = gather_runs(axis, local_runs(seg, pos))
+        return build_route(runs, axis.rank, s, causal, window), seg, pos, {}
+
+    key = (axis.name, axis.ranks, axis.rank, causal, window, layout, tuple(q.shape[:2]), q.device, settings)
+    route, seg, pos, memo = build() if routes is None else routes.get((segment_ids, positions), key, build)
+    return SparseRing(axis, route, seg, pos, causal=causal, window=window, settings=settings, traffic=traffic,
+                      memo=memo)

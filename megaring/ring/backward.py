@@ -39,8 +39,9 @@ class Saved:
 
     def grads(self, kernel: BlockKernel, call: BlockCall, k: torch.Tensor, v: torch.Tensor):
         """``(dq, dk, dv)`` of one kernel call: this rank's queries against rows of block ``k``, ``v``."""
-        return kernel.backward(self.dout[:, call.q], self.q[:, call.q], k, v, self.out[:, call.q],
-                               self.lse[:, :, call.q], scale=self.scale, causal=call.causal, mask=call.mask)
+        bq = (call.batch, call.q)
+        return kernel.backward(self.dout[bq], self.q[bq], k, v, self.out[bq], self.lse[call.batch, :, call.q],
+                               scale=self.scale, causal=call.causal, mask=call.mask)
 
     def cast(self, dq, dk, dv):
         return dq.to(self.q.dtype), dk.to(self.k.dtype), dv.to(self.v.dtype)

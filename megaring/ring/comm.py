@@ -12,33 +12,22 @@ import torch
 import torch.distributed as dist
 
 from megaring.distributed.flight import FLIGHT
-from megaring.distributed.mesh import Axis
+from megaring.distributed.mesh import Axis, Traffic
 
 # One tag per kind of message, so that messages between a pair of ranks match one to one.
 KV_TAG, GRAD_TAG, SEG_TAG, HOME_TAG = 11, 12, 13, 14
 TAG_NAMES = {KV_TAG: "K/V", GRAD_TAG: "dK/dV", SEG_TAG: "segment ids", HOME_TAG: "dK/dV home"}  # for hang reports
 
 
-class KVTraffic:
-    """Bytes this rank sent in ring attention's K/V (and dK/dV) transfers: a counter the caller owns.
+KIND = "ring_p2p"  # the kind of message ring attention's transfers count as (Traffic)
 
-    Pass one to :func:`megaring.ring_attention` (``traffic=``) or to :class:`RingComm` /
-    :class:`PeerExchange`; every posted send adds its bytes. ``take()`` reads and resets it
-    (the trainer does so once per step).
-    """
 
-    def __init__(self):
-        self.bytes_sent = 0
-        self.messages = 0
-
-    def add(self, tensors: list[torch.Tensor]) -> None:
-        for t in tensors:
-            self.bytes_sent += t.numel() * t.element_size()
-            self.messages += 1
-
-    def take(self) -> int:
-        sent, self.bytes_sent, self.messages = self.bytes_sent, 0, 0
-        return sent
+def count_sent(axis: Axis, traffic: Traffic | None, tensors: list[torch.Tensor]) -> None:
+    """Add the bytes of ``tensors`` to the axis's counter and to the caller's ``traffic``, if any."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    axis.traffic.add(KIND, nbytes)
+    if traffic is not None:
+        traffic.add(KIND, nbytes)
 
 
 def memory_order(t: torch.Tensor) -> torch.Tensor:
@@ -59,10 +48,9 @@ def dense(t: torch.Tensor) -> torch.Tensor:
 class RingComm:
     """Transfers of one kind (``tag``) around the ring of ``axis``: to the next rank, from the previous."""
 
-    def __init__(self, axis: Axis, tag: int = 0, traffic: KVTraffic | None = None):
-        self.group = axis.group
-        self.traffic = traffic  # the caller's K/V counter (trainer metrics), when given
-        self.axis_traffic = axis.traffic  # the axis's own counter, by kind (benchmarks, cost model)
+    def __init__(self, axis: Axis, tag: int = 0, traffic: Traffic | None = None):
+        self.axis, self.group = axis, axis.group
+        self.traffic = traffic  # the caller's counter (trainer metrics), when given; the axis has its own
         self.tag = tag
         self.next = axis.ranks[(axis.rank + 1) % axis.size]  # global ranks, as P2POp wants them
         self.prev = axis.ranks[(axis.rank - 1) % axis.size]
@@ -75,14 +63,12 @@ class RingComm:
         if self._works:
             raise RuntimeError("RingComm.send_recv called twice without wait()")
         tensors = [dense(t) for t in tensors]
-        if self.traffic is not None:
-            self.traffic.add(tensors)
+        count_sent(self.axis, self.traffic, tensors)
         buffers = [torch.empty_like(t) for t in tensors]  # the same strides as what is sent
         ops = [dist.P2POp(dist.isend, memory_order(t), self.next, self.group, self.tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.prev, self.group, self.tag) for b in buffers]
         with torch.profiler.record_function("ring.comm.send_recv"):  # a named region in profiles
             self._works = dist.batch_isend_irecv(ops)
-        self.axis_traffic.add("ring_p2p", sum(t.numel() * t.element_size() for t in tensors))
         self._sending = tensors  # alive until sent, even where dense() made a copy
         return buffers
 
@@ -106,7 +92,7 @@ class PeerExchange:
     buffers allocated by the caller) and ``wait()`` completes them; an empty batch posts nothing.
     """
 
-    def __init__(self, axis: Axis, tag: int, traffic: KVTraffic | None = None):
+    def __init__(self, axis: Axis, tag: int, traffic: Traffic | None = None):
         self.axis, self.tag, self.traffic = axis, tag, traffic
         self._works: list = []
         self._sending: list[torch.Tensor] = []
@@ -116,8 +102,7 @@ class PeerExchange:
         if self._works:
             raise RuntimeError("PeerExchange.post called twice without wait()")
         sends = [(peer, dense(t)) for peer, t in sends]
-        if self.traffic is not None:
-            self.traffic.add([t for _, t in sends])
+        count_sent(self.axis, self.traffic, [t for _, t in sends])
         ops = [dist.P2POp(dist.isend, memory_order(t), self.axis.ranks[peer], self.axis.group, self.tag)
                for peer, t in sends]
         ops += [dist.P2POp(dist.irecv, memory_order(b), self.axis.ranks[peer], self.axis.group, self.tag)

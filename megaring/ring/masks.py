@@ -11,7 +11,7 @@ only to the key range of its own documents.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +30,7 @@ class BlockCall:
     kv: slice
     causal: bool  # square diagonal block with a lower-triangular mask
     mask: torch.Tensor | None  # (B, rows of q, rows of kv) bool, True where attention is allowed
+    batch: slice = field(default_factory=lambda: slice(None))  # its samples (mask-aware calls: per sample)
 
 
 def block_calls(plan: BlockPlan | None, seg_q: torch.Tensor | None, seg_k: torch.Tensor | None,

@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from megaring.distributed.mesh import Axis
-from megaring.ring.comm import KVTraffic
+from megaring.distributed.mesh import Axis, Traffic
 from megaring.ring.masks import BlockCall, block_calls
 from megaring.ring.settings import RingSettings
 
@@ -57,7 +56,7 @@ class Ring:
     layout: str
     local_len: int
     settings: RingSettings
-    traffic: KVTraffic | None = None  # counts the bytes this rank sends, when given
+    traffic: Traffic | None = None  # counts the bytes this rank sends, when given
 
     @property
     def size(self) -> int:

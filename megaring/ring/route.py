@@ -17,7 +17,9 @@ runs), and from them every rank computes the same :class:`Route`:
 - ``carry[j][t]``: the rows of block j that travel at hop t, the bounding rows still needed at
   hops ``>= t`` (they shrink, so a rank sends a slice of what it holds).
 
-All of it is pure arithmetic on the gathered runs apart from :func:`gather_runs`.
+All of it is pure arithmetic on the gathered runs apart from :func:`gather_runs`. A
+:class:`RouteCache` keeps the last route, so the layers of one forward (and its recomputations)
+gather and build it once.
 """
 
 from __future__ import annotations
@@ -154,3 +156,31 @@ def build_route(runs: list[torch.Tensor], rank: int, local_len: int, causal: boo
         last.append(far)
         carry.append(tuple(held))
     return Route(rank, w, local_len, tuple(runs), visible, tuple(last), tuple(carry))
+
+
+class RouteCache:
+    """The last mask-aware ring setup, reused while the same token tensors come back.
+
+    Every layer of a forward gets the same ``segment_ids`` / ``positions`` tensors, so its route
+    is the same: the key is those tensors' identity and version counter (an in-place change
+    misses) plus everything else the route depends on. The cache holds the tensors, so their
+    identity cannot be reused by new ones while cached. Every rank must hit or miss together (a
+    miss all-gathers): true when every rank runs the same program on its own shard, as the
+    model does; a caller that rebuilds the id tensors per layer just misses every time.
+    """
+
+    def __init__(self):
+        self._tensors: tuple = ()
+        self._key: tuple | None = None
+        self._value = None
+
+    def get(self, tensors: tuple, key: tuple, build):
+        """``build()``'s result for these ``tensors`` (compared by identity and version) and ``key``."""
+        versions = tuple(None if t is None else t._version for t in tensors)
+        full = (versions, key)
+        if (self._key == full and len(tensors) == len(self._tensors)
+                and all(a is b for a, b in zip(tensors, self._tensors))):
+            return self._value
+        self._value = build()
+        self._tensors, self._key = tensors, full
+        return self._value

@@ -5,6 +5,9 @@
   query-row tiles below it.
 - ``mask_tile_rows``: query rows per document-mask tile at most: short tiles span few documents,
   so their key ranges stay short.
+- ``piece_rows``: the mask-aware ring (:mod:`megaring.ring.pieces`) computes a document piece of
+  at least this many query rows in unmasked calls of its own; shorter ones (tiny documents) are
+  gathered into masked tiles, so that no kernel call is tiny.
 - ``grad_chunks``, ``min_chunk_rows``: the chunked backward cuts each shard into ``grad_chunks``
   chunks of at least ``min_chunk_rows`` rows; a chunk is how K/V and the dK/dV accumulators travel
   and a column of tiles is computed. A GPU kernel call must be large enough to fill the device,
@@ -28,6 +31,7 @@ DEVICE_DEFAULTS = {"cpu": (128, 1), "cuda": (2048, 4)}
 class RingSettings:
     mask_entries: int = 1 << 25
     mask_tile_rows: int = 512
+    piece_rows: int = 64
     grad_chunks: int = 8
     min_chunk_rows: int | None = None
     q_tile_pieces: int | None = None

@@ -26,70 +26,56 @@ from collections.abc import Iterator
 
 import torch
 
-from megaring.distributed.mesh import Axis
+from megaring.distributed.mesh import Axis, Traffic
 from megaring.kernels import BlockKernel
-from megaring.ring.comm import GRAD_TAG, HOME_TAG, KV_TAG, KVTraffic, PeerExchange
+from megaring.ring.comm import GRAD_TAG, HOME_TAG, KV_TAG, PeerExchange
 from megaring.ring.masks import BlockCall
 from megaring.ring.merge import merge_into
-from megaring.ring.route import Route, Rows
+from megaring.ring.pieces import Box, block_boxes
+from megaring.ring.route import Route
 from megaring.ring.settings import RingSettings
-
-
-def pair_calls(rows: Rows, held: tuple[int, int], q_meta, k_meta, causal: bool, window: int | None,
-               settings: RingSettings) -> Iterator[BlockCall]:
-    """Kernel calls of this rank's queries against a held block (rows ``held`` of its owner).
-
-    ``q_meta``: ``(seg, pos)`` (B, S_local) of the queries; ``k_meta``: of the held rows. Query
-    rows are cut into tiles under the mask budget; each tile is narrowed to the rows and keys that
-    see each other, and carries no mask when all of them do. ``kv`` slices index the held tensor.
-    """
-    (seg_q, pos_q), (seg_k, pos_k) = q_meta, k_meta
-    ka, kb = max(rows.k[0], held[0]) - held[0], min(rows.k[1], held[1]) - held[0]
-    if ka >= kb:
-        return
-    sk, pk = seg_k[:, None, ka:kb], pos_k[:, None, ka:kb]  # (B, 1, nk)
-    tile = max(1, min(settings.mask_tile_rows, settings.mask_entries // (seg_q.shape[0] * (kb - ka))))
-    for r0 in range(rows.q[0], rows.q[1], tile):
-        r1 = min(rows.q[1], r0 + tile)
-        sq, pq = seg_q[:, r0:r1, None], pos_q[:, r0:r1, None]  # (B, tq, 1)
-        mask = sq == sk  # (B, tq, nk)
-        if causal:
-            mask &= pk <= pq
-        if window is not None:
-            mask &= (pq - pk < window) if causal else ((pq - pk).abs() < window)
-        cols = torch.nonzero(mask.any(dim=1).any(dim=0)).reshape(-1)
-        if cols.numel() == 0:
-            continue
-        lines = torch.nonzero(mask.any(dim=2).any(dim=0)).reshape(-1)
-        c0, c1, q0, q1 = int(cols[0]), int(cols[-1]) + 1, int(lines[0]), int(lines[-1]) + 1
-        sub = mask[:, q0:q1, c0:c1]
-        yield BlockCall(slice(r0 + q0, r0 + q1), slice(ka + c0, ka + c1), False,
-                        None if bool(sub.all()) else sub)
 
 
 class SparseRing:
     """One rank's mask-aware ring for one attention call: route, token metadata, options."""
 
     def __init__(self, axis: Axis, route: Route, seg: torch.Tensor, pos: torch.Tensor, *, causal: bool,
-                 window: int | None, settings: RingSettings, traffic: KVTraffic | None):
+                 window: int | None, settings: RingSettings, traffic: Traffic | None, memo: dict | None = None):
         self.axis, self.route, self.causal, self.window = axis, route, causal, window
         self.settings, self.traffic = settings, traffic
         self.q_meta = (seg, pos)  # (B, S_local) int64 each, on the device
-        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # ("boxes", step) -> list[Box] and ("keys", j) -> (seg, pos) of block j: derived from the
+        # route alone, so shared by every call with the same route (RouteCache)
+        self._memo = {} if memo is None else memo
 
     def calls(self, step: int) -> Iterator[BlockCall]:
-        """Kernel calls at ``step`` against the held block (none when nothing is visible)."""
+        """Kernel calls at ``step`` against the held block (none when nothing is visible): the
+        boxes of :mod:`megaring.ring.pieces`, computed once per step, their masks built lazily."""
         r = self.route
         j = r.src(step)
         if not r.holds(step) or r.visible[j] is None:
             return iter(())
         held = r.carry[j][step]
-        if j not in self._keys:
-            seg, pos = r.key_meta(j, (0, r.local_len), self.q_meta[0].shape[0])
-            self._keys[j] = (seg.to(self.q_meta[0].device), pos.to(self.q_meta[0].device))
-        seg_k, pos_k = (t[:, held[0]:held[1]] for t in self._keys[j])
-        return pair_calls(r.visible[j], held, self.q_meta, (seg_k, pos_k), self.causal, self.window,
-                          self.settings)
+        if ("boxes", step) not in self._memo:
+            self._memo["boxes", step] = block_boxes(r.runs[r.rank], r.runs[j], held, self.q_meta[0].shape[0],
+                                                    self.causal, self.window, self.settings)
+        return (BlockCall(box.q, box.kv, box.causal, self._mask(j, held, box) if box.masked else None, box.batch)
+                for box in self._memo["boxes", step])
+
+    def _mask(self, j: int, held: tuple[int, int], box: Box) -> torch.Tensor:
+        """``(B or 1, rows of q, rows of kv)`` bool: who sees whom in a masked box."""
+        if ("keys", j) not in self._memo:
+            seg, pos = self.route.key_meta(j, (0, self.route.local_len), self.q_meta[0].shape[0])
+            self._memo["keys", j] = (seg.to(self.q_meta[0].device), pos.to(self.q_meta[0].device))
+        kv = slice(held[0] + box.kv.start, held[0] + box.kv.stop)
+        sq, pq = (t[box.batch, box.q, None] for t in self.q_meta)  # (B, tq, 1)
+        sk, pk = (t[box.batch, None, kv] for t in self._memo["keys", j])  # (B, 1, nk)
+        mask = sq == sk  # (B, tq, nk)
+        if self.causal:
+            mask &= pk <= pq
+        if self.window is not None:
+            mask &= (pq - pk < self.window) if self.causal else ((pq - pk).abs() < self.window)
+        return mask
 
     def post_kv(self, ex: PeerExchange, step: int, k, v) -> list[torch.Tensor] | None:
         """Post this step's K/V transfers (a slice of the held block out, the next one in)."""
@@ -124,9 +110,10 @@ def sparse_forward(ring: SparseRing, kernel: BlockKernel, q, k, v, scale: float)
     for step in range(ring.route.steps):
         nxt = ring.post_kv(ex, step, k_cur, v_cur)
         for call in ring.calls(step):
-            o_b, lse_b = kernel.forward(q[:, call.q], k_cur[:, call.kv], v_cur[:, call.kv],
+            bq = (call.batch, call.q)
+            o_b, lse_b = kernel.forward(q[bq], k_cur[call.batch, call.kv], v_cur[call.batch, call.kv],
                                         scale=scale, causal=call.causal, mask=call.mask)
-            merge_into(out[:, call.q], lse[:, :, call.q], o_b, lse_b)
+            merge_into(out[bq], lse[call.batch, :, call.q], o_b, lse_b)
         ex.wait()
         if nxt is not None:
             k_cur, v_cur = nxt
@@ -153,11 +140,11 @@ def sparse_backward(ring: SparseRing, kernel: BlockKernel, saved):
         if step >= 1 and acc is not None:
             into, off = acc, r.carry[j][step][0] - r.carry[j][1][0]
         for call in ring.calls(step):
-            dq_t, dk_t, dv_t = s.grads(kernel, call, k_cur[:, call.kv], v_cur[:, call.kv])
-            dq[:, call.q] += dq_t
+            dq_t, dk_t, dv_t = s.grads(kernel, call, k_cur[call.batch, call.kv], v_cur[call.batch, call.kv])
+            dq[call.batch, call.q] += dq_t
             rows = slice(off + call.kv.start, off + call.kv.stop)
-            into[0][:, rows] += dk_t
-            into[1][:, rows] += dv_t
+            into[0][call.batch, rows] += dk_t
+            into[1][call.batch, rows] += dv_t
         sends, recvs, passed, home_sends, home_recvs = [], [], None, [], []
         if step >= 1 and acc is not None:  # on to the next hop, or home from the last one
             to_home = step == r.last[j]

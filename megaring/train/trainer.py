@@ -28,9 +28,9 @@ from megaring.distributed import ParallelMesh, build_mesh, init_distributed
 from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
 from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
+from megaring.distributed.mesh import Traffic
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
-from megaring.ring.comm import KVTraffic
 from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.checkpoint import (
     CheckpointError,
@@ -81,7 +81,7 @@ class Run:
     reader: BatchReader
     eval_reader: EvalReader | None  # None: eval.every = 0
     resume: Resume | None
-    traffic: KVTraffic  # ring attention's K/V bytes sent by this rank, read and reset every step
+    traffic: Traffic  # ring attention's K/V bytes sent by this rank, read and reset every step
     lr_horizon: int  # the schedule's decay horizon (the checkpoint's unless changed explicitly)
     lr_note: str | None  # said when the horizon is not the checkpoint's
 
@@ -159,7 +159,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     p, t = cfg.parallel, cfg.trainer
     mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
-    traffic = KVTraffic()
+    traffic = Traffic()
     ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
                                     attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring(),
                                     traffic=traffic)

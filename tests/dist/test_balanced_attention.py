@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from megaring import ring_attention, shard_sequence, unshard_sequence
-from megaring.ring.comm import KVTraffic
+from megaring.distributed.mesh import Traffic
+from megaring.ring.settings import RingSettings
 from tests.helpers.attention_ref import document_mix, document_positions, make_inputs, masked_reference
 
 SEQ = 48  # divisible by W and 2W for W in 1..4
@@ -20,18 +21,24 @@ def _inputs(mix, heads, kv_heads, seed=3):
     return q, k, v, dout, seg, document_positions(seg)
 
 
-def _case(rank, world, mix, layout, window, heads, kv_heads, backward, with_seg=True):
+# Calls cut at document boundaries (megaring.ring.pieces) at these tiny shapes: pieces of 2 rows
+# and more run unmasked, windows in tiles of 5 rows; the default settings gather these short
+# documents into masked tiles instead (the cases ending in None).
+PIECES = RingSettings(piece_rows=2, mask_tile_rows=5)
+
+
+def _case(rank, world, mix, layout, window, heads, kv_heads, backward, with_seg=True, settings=PIECES):
     q, k, v, dout, seg, pos = _inputs(mix, heads, kv_heads)
     if not with_seg:
         seg, pos = torch.zeros_like(seg), torch.arange(SEQ).expand(2, -1)
     shard = dict(dim=1, rank=rank, world_size=world, layout=layout, segment_ids=seg)
     ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
-    traffic = KVTraffic()
+    traffic = Traffic()
     out = ring_attention(ql, kl, vl, group=dist.group.WORLD, segment_ids=shard_sequence(seg, **shard),
                          positions=shard_sequence(pos, **shard), window=window, layout=layout,
-                         backward=backward, traffic=traffic)
+                         backward=backward, settings=settings, traffic=traffic)
     out.backward(shard_sequence(dout, **shard))
-    return [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)], traffic.bytes_sent
+    return [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)], traffic.total()
 
 
 def _cases_task(rank, world, cases):
@@ -51,7 +58,8 @@ def _expected(mix, window, heads, kv_heads, with_seg=True):
 CASES = [(mix, "balanced", None, 4, 2, "whole") for mix in MIXES]
 CASES += [("awkward", "balanced", 5, 4, 4, "chunked"), ("huge", "balanced", 9, 2, 1, "whole"),
           ("one", "zigzag", 7, 4, 2, "whole"), ("tiny", "contiguous", None, 4, 4, "chunked"),
-          ("one", "zigzag", 6, 4, 2, "chunked", False)]
+          ("one", "zigzag", 6, 4, 2, "chunked", False), ("huge", "balanced", None, 4, 2, "whole", True, None),
+          ("awkward", "balanced", 5, 2, 1, "chunked", True, None)]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -59,7 +67,7 @@ def test_mask_aware_ring_matches_reference(pools, world):
     per_rank = pools(world).run(_cases_task, CASES)
     for i, case in enumerate(CASES):
         mix, layout, window, h, hk, _backward, *rest = case
-        expected, seg = _expected(mix, window, h, hk, *rest)
+        expected, seg = _expected(mix, window, h, hk, *rest[:1])
         for n, what in enumerate(("out", "dq", "dk", "dv")):
             got = unshard_sequence([r[i][0][n] for r in per_rank], dim=1, layout=layout,
                                    segment_ids=seg).double()

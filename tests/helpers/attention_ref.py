@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megaring.layout import document_positions  # noqa: F401 - the tests' name for it
+
 
 def reference_attention(q, k, v, *, causal: bool, segment_ids=None, scale=None):
     """Plain softmax attention in float64. q (B, S, H, D), k/v (B, S, H_kv, D)."""
@@ -82,11 +84,3 @@ def document_mix(kind: str, seq: int, seed: int) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Each token's position inside its document, (..., S) from segment ids (..., S)."""
-    s = segment_ids.shape[-1]
-    idx = torch.arange(s).expand_as(segment_ids)
-    start = torch.ones_like(segment_ids, dtype=torch.bool)
-    start[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
-    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    return idx - first

@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from megaring.data.doc_mixes import pack_samples, stream
 from megaring.data.reader import sample_doc_lengths
-from megaring.layout import balanced_ranges, document_lengths, pair_work, shard_sequence, unshard_sequence
+from megaring.layout import balanced_ranges, document_lengths, ranges_work, shard_sequence, unshard_sequence
 from megaring.ring.route import build_route, local_runs
 from tests.helpers.attention_ref import document_mix, document_positions
 
 MIXES = ("one", "tiny", "huge", "awkward", "short")
-
-
-def _work(lengths, ranges):
-    starts = np.cumsum([0, *lengths])
-    total = 0
-    for a, b in ranges:
-        i = int(np.searchsorted(starts, a, side="right")) - 1
-        while a < b:
-            e = min(b, int(starts[i + 1]))
-            total += pair_work(a - int(starts[i]), e - int(starts[i]))
-            a, i = e, i + 1
-    return total
 
 
 @pytest.mark.parametrize("mix", MIXES)
@@ -43,13 +32,9 @@ def test_plan_covers_every_token_once_with_equal_shards(mix, cp):
 
 
 def test_plan_balances_lognormal_documents():
-    rng = np.random.default_rng(0)
-    lengths, s = [], 1 << 16
-    while sum(lengths) < s:
-        lengths.append(int(min(s, max(1, rng.lognormal(np.log(1024), 1.5)))))
-    lengths[-1] -= sum(lengths) - s
+    lengths = pack_samples(stream("lognormal", 1 << 16), 1 << 16, 1)[0]  # the benchmark's first sample
     for cp in (2, 4, 8, 16):
-        works = [_work(lengths, r) for r in balanced_ranges(lengths, cp)]
+        works = [ranges_work(lengths, r) for r in balanced_ranges(lengths, cp)]
         assert max(works) / np.mean(works) <= 1.05, cp
 
 
