@@ -29,6 +29,7 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sinfo", "sbatch", "srun", "scontrol", "scancel", "squeue")
 PACKAGES = ("slurm-wlm", "munge")
 PATH_EXTRA = "/usr/sbin:/sbin"  # the daemons live in sbin, which a non-login PATH may lack
+NOT_ENDED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SIGNALING", "STAGE_OUT", "UNKNOWN")
 
 
 def _which(name: str) -> str | None:
@@ -78,6 +79,12 @@ class SlurmCluster:
     """
 
     partition = "debug"
+    # A requeued job waits cred_expire + 1 s before it may start again: slurmd keeps the credential
+    # of the killed attempt revoked, to the second, and refuses a launch with a credential of the
+    # same second ("Killing non-startable batch job: Job credential revoked", the job ends FAILED).
+    # 10 s instead of slurm's 120 keeps the requeue tests short and still outlasts a launch on a
+    # busy machine; the schedulers look every second, so the job starts when its delay is over.
+    cred_expire_s = 10
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -104,7 +111,7 @@ SlurmUser={_user()}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
@@ -122,6 +129,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
 InactiveLimit=0
@@ -172,9 +180,10 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return self.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip() or "UNKNOWN"
 
     def wait_job(self, job_id: str, timeout_s: float = 300) -> str:
-        """Poll until the job ends; its final state. (``sbatch --wait`` polls every few seconds up to 30.)"""
+        """Poll until the job ends; its final state. A requeued job goes on (REQUEUED, PENDING, RUNNING,
+        ...) until its last attempt ends. (``sbatch --wait`` polls every few seconds up to 30.)"""
         deadline = time.monotonic() + timeout_s
-        while (state := self.job_state(job_id)) in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "UNKNOWN"):
+        while (state := self.job_state(job_id)) in NOT_ENDED:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"slurm job {job_id} still {state} after {timeout_s:.0f} s")
             time.sleep(0.2)
