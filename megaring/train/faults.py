@@ -15,7 +15,10 @@ A test sets ``MEGARING_TEST_FAULT`` in the environment of a training command:
 - ``slowsave:rank=<r>:step=<s>:seconds=<t>``: that rank sleeps ``t`` seconds inside the save of that
   step's checkpoint, after writing its files into the ``.partial`` directory (a signal during a save);
 - ``enospc:rank=<r>:step=<s>``: that rank's save of that step's checkpoint fails as on a full disk
-  (``OSError(ENOSPC)`` after its files are written).
+  (``OSError(ENOSPC)`` after its files are written);
+- ``ringdrop:rank=<r>:call=<i>``: in ``megaring-verify``'s ring attention check, that rank's block
+  kernel returns "no keys" for its ``i``-th forward call (from 0), as if that ring step's K/V block
+  had never arrived: the check must fail.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import nn
 from megaring.distributed.flight import FLIGHT
 
 ENV = "MEGARING_TEST_FAULT"
-KINDS = ("kill", "nan", "scalegrad", "sleep", "ringsleep", "slowsave", "enospc")
+KINDS = ("kill", "nan", "scalegrad", "sleep", "ringsleep", "slowsave", "enospc", "ringdrop")
 SAVE_KINDS = ("slowsave", "enospc")  # fire inside a checkpoint save (in_save), not at the step start
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,9 @@ def _fault_here(rank: int, step: int) -> tuple[str, dict[str, int]] | None:
     if not spec:
         return None
     kind, fault = parse_fault(spec)
-    if fault.get("rank") != rank or not fault["step"] <= step <= fault.get("until", fault["step"]):
+    if kind == "ringdrop" or fault.get("rank") != rank:
+        return None
+    if not fault["step"] <= step <= fault.get("until", fault["step"]):
         return None
     return kind, fault
 
@@ -90,6 +95,15 @@ def maybe_inject(rank: int, step: int, model: nn.Module | None = None) -> None:
             return torch.full_like(grad, float("nan")) if kind == "nan" else grad * fault["factor"]
 
         param.register_hook(poison)
+
+
+def ring_drop() -> tuple[int, int] | None:
+    """``(rank, forward call)`` of a ``ringdrop`` fault, else None (megaring-verify's ring check)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return None
+    kind, fault = parse_fault(spec)
+    return (fault["rank"], fault["call"]) if kind == "ringdrop" else None
 
 
 def sleep_once_in_ring(seconds: float):
