@@ -113,6 +113,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
         run = build_run(cfg, run_dir, device)
         hang.start()
         return run_steps(run, watch)
+    except Preempted:
+        watch.hand_on()  # saved: now the signal's previous handler (submitit requeues the job)
+        raise
     finally:
         hang.close()
         if previous_usr2 is not None:

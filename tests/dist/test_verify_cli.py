@@ -22,7 +22,7 @@ def megaring_verify(tmp_path, *overrides: str, env: dict[str, str] | None = None
 def test_verify_passes_at_1_2_2(tmp_path):
     proc = megaring_verify(tmp_path, "parallel.cp=2", "parallel.tp=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dp=1 cp=2 tp=2" in proc.stdout and proc.stdout.count("  pass\n") == 3, proc.stdout[-2000:]
+    assert "dp=1 cp=2 tp=2" in proc.stdout and proc.stdout.count("  pass\n") == 4, proc.stdout[-2000:]
     assert "  ring attention forward/backward (cp=2 zigzag" in proc.stdout, proc.stdout[-2000:]
     assert "megaring-verify: pass" in proc.stdout
 

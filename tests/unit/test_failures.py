@@ -233,6 +233,27 @@ def test_preempt_watch_notes_the_signal_and_restores_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_after_the_save_the_signal_goes_on_to_its_previous_handler():
+    """Under submitit the previous handler of its preemption signal requeues the job; Ctrl-C's
+    KeyboardInterrupt and default actions are not repeated."""
+    seen = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        watch = PreemptWatch(grace_s=60).install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.agreed_stop(device="cpu") == signal.SIGUSR1 and seen == []
+        watch.hand_on()
+        watch.uninstall()
+        assert seen == [signal.SIGUSR1]
+        watch = PreemptWatch(grace_s=60).install()  # SIGINT's previous handler raises KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
+        watch.agreed_stop(device="cpu")
+        watch.hand_on()
+        watch.uninstall()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 # ---------------------------------------------------------------- data integrity
 
 
