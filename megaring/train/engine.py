@@ -306,11 +306,13 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    logging.getLogger("compilers").setLevel(logging.WARNING)  # the op builder's compiler probes, at INFO
     # Warnings ZeRO triggers every step (reduce_scatter_tensor's deprecation, ...): once per process.
     warnings.filterwarnings("once", category=FutureWarning)
     warnings.filterwarnings("once", category=UserWarning, module=r"(deepspeed|torch\.distributed)")
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
+    # (Added last: filters added later are matched first.)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     dtype = resolve_dtype(cfg.trainer.dtype, device)
     model = model.to(device)  # DeepSpeed casts to bf16 itself and keeps fp32 master weights
     mark_tp_parameters(model)

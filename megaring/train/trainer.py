@@ -192,7 +192,8 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     is_logger = rank == 0
     start, note = resume_state(run)
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start, mesh_record(cfg)) if is_logger else None
-    tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
+    tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size,
+                      active=start < t.max_steps or run.eval_reader is not None)  # else nothing to log
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
     if is_logger:
         log_to_run_dir(run.run_dir)

@@ -290,3 +290,14 @@ def test_preprocess_verify_names_the_first_bad_byte_range(tmp_path, capsys):
     assert f"{store / 'tokens.bin'} is corrupted: bytes [0, 1048576) differ" in err, err
     (store / "tokens.blocks.json").unlink()  # a store from before block checksums: the whole-file checksum
     assert verify_main(str(store)) == 1 and "is corrupted: checksum" in capsys.readouterr().err
+
+
+def test_no_wandb_run_when_there_is_nothing_to_log(tmp_path):
+    """A finished run re-run trains nothing: no wandb run, so no empty offline-run-* directory each time."""
+    from megaring.train.tracking import Tracker
+
+    cfg = compose_cfg(*TINY_RUN, "logging.wandb.mode=offline")
+    tracker = Tracker(cfg, tmp_path, rank=0, world_size=1, active=False)
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.finish()
+    assert tracker.run is None and not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_run_id").exists()
