@@ -172,18 +172,21 @@ if [[ "$1" == show ]]; then echo localhost; else echo "$@" >> "$SCONTROL_LOG"; f
 """
 
 
-def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
-    """``launch/slurm.sbatch`` (task mode, two tasks) gets slurm's USR1 warning while rank 1 is inside
-    step 2: the job step saves at step 2, the script requeues the job, and the requeued run resumes."""
+@pytest.mark.parametrize("mode", ["task", "torchrun"])
+def test_slurm_time_limit_warning_saves_and_requeues(mode, reference, tmp_path):
+    """``launch/slurm.sbatch`` (task mode: two tasks; torchrun mode: one task running launch/torchrun.sh
+    for two workers) gets slurm's USR1 warning while rank 1 is inside step 2: the job step saves at
+    step 2 and exits 0, the script requeues the job, and the requeued run resumes (task mode)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (fake_bin / name).write_text(text)
         (fake_bin / name).chmod(0o755)
     run_dir, log = tmp_path / "run", tmp_path / "scontrol.log"
-    env = clean_env(PATH=f"{fake_bin}:{clean_env()['PATH']}", MODE="task", PYTHON=sys.executable,
-                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
-                    MASTER_PORT=str(free_port()), SCONTROL_LOG=str(log))
+    env = clean_env(PATH=f"{fake_bin}:{clean_env()['PATH']}", MODE=mode, PYTHON=sys.executable,
+                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS="2" if mode == "task" else "1",
+                    GPUS_PER_NODE="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()),
+                    SCONTROL_LOG=str(log))
     script = ["bash", str(ROOT / "launch" / "slurm.sbatch"), *RUN, f"hydra.run.dir={run_dir}"]
     job = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "sleep:rank=1:step=2:seconds=8"}, cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -194,6 +197,8 @@ def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
     assert job.returncode == 0, stderr[-3000:]
     assert "USR1 received" in stdout and log.read_text().split() == ["requeue", "4242"], stdout
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    if mode == "torchrun":
+        return  # the resume is the same as in task mode
 
     requeued = subprocess.run(script, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     ok(requeued)
