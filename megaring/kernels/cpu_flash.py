@@ -22,9 +22,13 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
 
 def nan_query_rows(q, out, lse):
     """The op returns out 0 and lse 0 for a query row holding NaN (as for a row without keys): a
-    silent zero. Make such rows NaN, as attention computes them, so the NaN reaches the outputs.
+    silent zero. Make such rows (and rows holding inf) NaN, as attention computes them, so the NaN
+    reaches the outputs.
     q, out: (B, Sq, H, D); lse: (B, H, Sq)."""
-    bad = q.isnan().any(dim=-1)  # (B, Sq, H); no host sync: always fill
+    suspect = lse == 0  # (B, H, Sq): such rows report exactly 0 (a real row almost never does)
+    if not suspect.any():  # a CPU kernel: reading the flag costs no device sync
+        return out, lse
+    bad = suspect.transpose(1, 2) & ~torch.isfinite(q.sum(dim=-1, dtype=torch.float32))  # (B, Sq, H)
     return out.masked_fill(bad[..., None], float("nan")), lse.masked_fill(bad.transpose(1, 2), float("nan"))
 
 

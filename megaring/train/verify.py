@@ -128,6 +128,9 @@ def ring_check(cfg: TrainConfig, dtype: torch.dtype) -> tuple[str, bool]:
     p, m = cfg.parallel, cfg.model
     if p.cp == 1:
         return "  ring attention: cp=1, no ring to check", True
+    gpus = torch.cuda.device_count() if p.backend != "gloo" else 0
+    if 0 < gpus < p.cp:
+        return f"  ring attention: cp={p.cp} needs {p.cp} GPUs on this machine, it has {gpus}: not checked", True
     case = RingCase(p.cp, p.layout, p.attn_kernel, p.ring_backward, m.sliding_window, m.n_heads,
                     m.n_kv_heads or m.n_heads, dtype, p.ring(), p.backend, drop_block=ring_drop())
     errors = check_ring(case, timeout_s=p.timeout_s)
