@@ -15,7 +15,9 @@ if ! command -v "${DEEPSPEED:-deepspeed}" >/dev/null; then
   echo "launch/deepspeed.sh: no deepspeed launcher: run 'make install' (it creates .venv/) or set DEEPSPEED=<path>" >&2
   exit 2
 fi
-ARGS=(--master_port "${MASTER_PORT:-29500}")
+# The launcher logs pages of INFO (its command, world info, every spawn); warnings and errors only,
+# unless DS_LOG_LEVEL=info.
+ARGS=(--master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
 [[ -n "${NUM_ACCELERATORS:-}" ]] && ARGS+=(--num_accelerators "$NUM_ACCELERATORS")
 [[ -n "${HOSTFILE:-}" ]] && ARGS+=(--hostfile "$HOSTFILE")
 [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")

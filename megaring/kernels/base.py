@@ -56,8 +56,8 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def finite_lse(lse: torch.Tensor) -> torch.Tensor:
     """``lse`` with ``-inf`` (rows that see no key anywhere) as 0: fused backward ops want finite
-    values there, and those rows' probabilities are zero through the mask anyway."""
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    values there, and those rows' probabilities are zero through the mask anyway. NaN stays NaN."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def expand_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:

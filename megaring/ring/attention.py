@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megaring.distributed.mesh import Axis, Traffic
 from megaring.kernels import BlockKernel, select_kernel
 from megaring.layout import LAYOUTS, chunks_per_rank, shard_positions
+from megaring.ring.agree import CallSignature, check_agreement
 from megaring.ring.backward import BACKWARDS, Saved
 from megaring.ring.comm import KV_TAG, RingComm, dense
 from megaring.ring.merge import merge_into
@@ -186,11 +187,17 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, softmax_scale: f
     :class:`~megaring.ring.route.RouteCache` that keeps the mask-aware ring's route while the same
     ``segment_ids`` / ``positions`` tensors come back (the layers of one forward). Returns
     (B, S_local, H, D).
+
+    Every rank of the ring must pass the same shapes and flags: the first call with a signature
+    checks that with one tiny all-gather (:mod:`megaring.ring.agree`) and raises ValueError on every
+    rank when they differ. NaN or inf in the inputs propagate to the outputs they reach.
     """
     check_inputs(q, k, v, segment_ids, layout, backward, positions, window)
     settings = (settings or RingSettings()).for_device(q.device.type)
     axis = cp_axis(group)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    check_agreement(axis, CallSignature.of(q, k, causal=causal, layout=layout, backward=backward, window=window,
+                                           segment_ids=segment_ids, positions=positions, scale=scale), q.device)
     seg = None if segment_ids is None else segment_ids.to(torch.int64).contiguous()
     if positions is not None or window is not None or layout == "balanced":
         ring = sparse_ring(axis, q, segment_ids, positions, causal=causal, window=window, layout=layout,

@@ -7,7 +7,8 @@ own keys) and log-sum-exps ``l_A, l_B``, attention over A u B is
     o   = exp(l_A - l) * o_A + exp(l_B - l) * o_B
 
 A row that saw no key of a set carries ``l = -inf`` and weight 0; a row that has seen no key
-at all keeps ``l = -inf`` and ``o = 0``.
+at all keeps ``l = -inf`` and ``o = 0``. A NaN (or +inf) in either lse makes the row NaN: bad
+input propagates to every output that attends to it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     block_out: (B, S, H, D) any float dtype; block_lse: (B, H, S) float32.
     """
     new_lse = torch.logaddexp(lse, block_lse)  # (B, H, S); -inf only if both are -inf
-    seen = torch.isfinite(new_lse)
+    seen = new_lse != float("-inf")  # NaN counts as seen: it poisons the row (never a silent zero)
     safe = torch.where(seen, new_lse, torch.zeros_like(new_lse))
     w_old = torch.where(seen, torch.exp(lse - safe), torch.zeros_like(safe))  # (B, H, S)
     w_new = torch.where(seen, torch.exp(block_lse - safe), torch.zeros_like(safe))

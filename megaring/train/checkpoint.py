@@ -17,6 +17,7 @@ the engine reads its own with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaring.train.faults import in_save
 from megaring.train.universal import save_universal
 
 PARTIAL = ".partial"
@@ -84,11 +86,16 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
             shutil.rmtree(stale)
     dist.barrier()
     engine.save(ckpt_dir, partial.name)
-    save_universal(engine, partial, **universal)
-    _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
-    if rank == 0:
-        _write_json(partial / "trainer_state.json", asdict(state))
-    dist.barrier()  # every rank's files are complete
+    failed = None
+    try:
+        save_universal(engine, partial, **universal)
+        _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
+        if rank == 0:
+            _write_json(partial / "trainer_state.json", asdict(state))
+        in_save(rank, state.step, partial)  # test-only faults (MEGARING_TEST_FAULT): a slow save, a full disk
+    except OSError as err:
+        failed = err
+    agree_files_written(failed, partial)  # every rank's files are complete, or every rank raises
     final = ckpt_dir / tag
     if rank == 0:
         if final.exists():
@@ -98,6 +105,21 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return final
+
+
+def agree_files_written(failed: OSError | None, partial: Path) -> None:
+    """Collective (it is the save's barrier): raise on every rank when any rank failed to write its
+    files, so that a full disk on one node stops every rank at once instead of leaving them in the
+    next barrier until the collective timeout. The failing rank raises its own error."""
+    flag = torch.tensor([0 if failed is None else (failed.errno or errno.EIO)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if failed is not None:
+        raise failed
+    if flag.item():
+        code = int(flag.item())
+        raise OSError(code, f"another rank could not write its checkpoint files ({os.strerror(code)})", str(partial))
 
 
 def load_latest(engine, ckpt_dir: Path) -> TrainerState | None:

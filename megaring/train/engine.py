@@ -353,11 +353,13 @@ def _deepspeed():
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    logging.getLogger("compilers").setLevel(logging.WARNING)  # the op builder's compiler probes, at INFO
     # Warnings ZeRO triggers every step (reduce_scatter_tensor's deprecation, ...): once per process.
     warnings.filterwarnings("once", category=FutureWarning)
     warnings.filterwarnings("once", category=UserWarning, module=r"(deepspeed|torch\.distributed)")
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; not ours to change, only noise.
+    # (Added last: filters added later are matched first.)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     return deepspeed
 

@@ -7,8 +7,9 @@ The protocol, in order:
 2. After every step each rank calls :meth:`PreemptWatch.agreed_stop`: one all-reduce (MAX) of a
    one-element flag over the world, so all ranks stop after the same step even when the signal
    reached them at different times (or only one of them).
-3. The trainer saves a checkpoint at that step and raises :class:`Preempted`; the entry point
-   exits with ``trainer.preempt_exit_code`` (default 0).
+3. The trainer saves a checkpoint at that step and raises :class:`Preempted`; :meth:`PreemptWatch.hand_on`
+   then calls the handler the signal had before (under submitit: its handler requeues the job on
+   rank 0 and exits); the entry point exits with ``trainer.preempt_exit_code`` (default 0).
 
 A second signal (at least :data:`REPEAT_WINDOW_S` after the first: a terminal's Ctrl-C reaches
 the spawner, which forwards it, and the workers directly), or a grace timer that expires before
@@ -92,6 +93,15 @@ class PreemptWatch:
         print(f"megaring-train: rank {self.rank}: {why}: exiting without a new checkpoint (the latest complete "
               f"one stays 'latest'), status {128 + signum}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
+
+    def hand_on(self) -> None:
+        """After the save: the signal's previous Python handler, if it had one (submitit's requeue on
+        its preemption signal, see configs/hydra/launcher/slurm.yaml). Ctrl-C's KeyboardInterrupt and
+        the default actions are not repeated: the run has already stopped as they asked."""
+        previous = self.previous.get(self.signum) if self.signum else None
+        if callable(previous) and previous is not signal.default_int_handler:
+            log.info("%s: handing the signal on to %s", self.signal_name, getattr(previous, "__qualname__", previous))
+            previous(self.signum, None)
 
     def cancel_grace(self) -> None:
         """The boundary is reached: the save may take as long as it takes (collective timeouts bound it)."""

@@ -15,7 +15,10 @@ watched with ``squeue`` (:class:`SqueueWatcher`).
 
 Hydra instantiates launchers only from the ``hydra_plugins`` package: the name in the configs is
 ``hydra_plugins.megaring_slurm.launcher.MegaringSlurmLauncher``, a subclass with nothing added.
-Preemption and requeue (submitit's ``checkpoint``, ``max_num_timeout``) keep the plugin's behaviour.
+Preemption and time limits: the configs move submitit's warning signal from USR2 (megaring-train's
+hang report) to USR1 (``--signal=USR1@signal_delay_s`` and ``SUBMITIT_PREEMPT_SIGNAL=USR1`` in the
+job); megaring-train saves on it, then calls submitit's handler, which requeues the job (the
+plugin's ``checkpoint``, at most ``max_num_timeout`` times after time limits).
 """
 
 from __future__ import annotations
@@ -223,6 +226,10 @@ class LayoutSlurmLauncher(SlurmLauncher):
     def executor(self, params: dict[str, Any]) -> SlurmExecutor:
         kind = SlurmExecutor if accounting_enabled() else SqueueExecutor
         executor = kind(folder=params["submitit_folder"], max_num_timeout=params["max_num_timeout"])
-        submit = {k: v for k, v in params.items() if k not in (*INIT_KEYS, *OWN_KEYS) and v is not None}
-        executor.update_parameters(**executor._convert_parameters(submit))
+        executor.update_parameters(**executor._convert_parameters(submitit_parameters(params)))
         return executor
+
+
+def submitit_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """What goes to submitit's ``update_parameters`` of a job's resolved ``hydra.launcher``."""
+    return {k: v for k, v in params.items() if k not in (*INIT_KEYS, *OWN_KEYS) and v is not None}

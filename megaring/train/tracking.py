@@ -33,10 +33,12 @@ def layout_tags(cfg: TrainConfig) -> list[str]:
 class Tracker:
     """wandb on rank 0 (``mode=disabled`` or another rank: every call does nothing)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, *, rank: int, world_size: int):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, rank: int, world_size: int, active: bool = True):
+        """``active=False``: nothing to log (a finished run re-run), so no wandb run (and no empty
+        ``offline-run-*`` directory)."""
         self.run = None
         w = cfg.logging.wandb
-        if rank != 0 or w.mode == "disabled":
+        if rank != 0 or w.mode == "disabled" or not active:
             return
         import wandb
 

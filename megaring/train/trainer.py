@@ -113,6 +113,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
         run = build_run(cfg, run_dir, device)
         hang.start()
         return run_steps(run, watch)
+    except Preempted:
+        watch.hand_on()  # saved: now the signal's previous handler (submitit requeues the job)
+        raise
     finally:
         hang.close()
         if previous_usr2 is not None:
@@ -191,7 +194,8 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     is_logger = rank == 0
     start, note = resume_state(run)
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start, mesh_record(cfg)) if is_logger else None
-    tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size)
+    tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size,
+                      active=start < t.max_steps or run.eval_reader is not None)  # else nothing to log
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
     if is_logger:
         log_to_run_dir(run.run_dir)

@@ -5,9 +5,10 @@ keeping what decides the numerics: the mesh (dp, cp, tp, ZeRO stage, sequence pa
 layout), the attention kernel, the ring backward schedule and the precision. It trains
 :data:`STEPS` steps at that layout (self-spawned workers, like ``parallel.nproc_per_node``) and at
 (1, 1, 1) from the same seed, on the same mock data, and compares every step's loss and gradient
-norm within a tolerance for the dtype. Ring attention's forward and backward are exercised in
-every layer of the run at the configured cp. Prints one row per step; exit 0 when all pass, 1
-naming the first failing step, 2 on a config error.
+norm within a tolerance for the dtype. Then it checks ring attention's forward and backward at the
+configured cp (kernel, layout, ring backward, window, dtype) against float64 attention over the
+whole sequence (:mod:`megaring.train.verify_ring`). Prints one row per step and one for the ring
+check; exit 0 when all pass, 1 naming the first failing step or the ring check, 2 on a config error.
 
 Run it after changing the layout, the attention kernel or the backward schedule, and after
 upgrading torch or DeepSpeed::
@@ -30,7 +31,9 @@ from omegaconf import DictConfig
 
 from megaring.config_dir import CONFIG_DIR
 from megaring.errors import ConfigError
+from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
+from megaring.train.faults import ring_drop
 from megaring.train.launch import launch
 from megaring.train.metrics import read_metrics
 
@@ -39,6 +42,9 @@ register_configs()
 STEPS = 3
 # Relative tolerance on the loss and gradient norm: fp32 reorders sums only; bf16 rounds each layout differently.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# Ring attention against float64, relative to the largest value: fp32 reorders sums only; bf16 keeps
+# 8 mantissa bits with fp32 accumulation, a few ulps of the largest value (tests/dist/test_ring_attention.py).
+RING_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def shrink(cfg: TrainConfig) -> TrainConfig:
@@ -101,13 +107,47 @@ def verify(cfg: TrainConfig, out_dir: Path) -> int:
             return 1
         runs[name] = [m for m in read_metrics(out_dir / name / "metrics.jsonl") if "loss" in m]
     rows, first_bad = compare(runs["layout"], runs["reference"], rel)
-    print("\n".join(rows))
+    print("\n".join(rows), flush=True)
+    ring_line, ring_ok = checked_ring(small, getattr(torch, dtype))
+    print(ring_line, flush=True)
     if first_bad is not None:
         print(f"megaring-verify: FAIL: step {first_bad} differs from the single-process run by more than {rel:g}",
               file=sys.stderr)
+    if not ring_ok:
+        print(f"megaring-verify: FAIL: ring attention at cp={p.cp} differs from float64 attention (see above)",
+              file=sys.stderr)
+    if first_bad is not None or not ring_ok:
         return 1
     print("megaring-verify: pass")
     return 0
+
+
+def ring_check(cfg: TrainConfig, dtype: torch.dtype) -> tuple[str, bool]:
+    """Ring attention's forward and backward at the configured cp, kernel, layout, ring backward,
+    window and dtype against float64 attention: the report line and whether it passed."""
+    p, m = cfg.parallel, cfg.model
+    if p.cp == 1:
+        return "  ring attention: cp=1, no ring to check", True
+    gpus = torch.cuda.device_count() if p.backend != "gloo" else 0
+    if 0 < gpus < p.cp:
+        return f"  ring attention: cp={p.cp} needs {p.cp} GPUs on this machine, it has {gpus}: not checked", True
+    case = RingCase(p.cp, p.layout, p.attn_kernel, p.ring_backward, m.sliding_window, m.n_heads,
+                    m.n_kv_heads or m.n_heads, dtype, p.ring(), p.backend, drop_block=ring_drop())
+    errors = check_ring(case, timeout_s=p.timeout_s)
+    tol = RING_TOLERANCE.get(dtype, RING_TOLERANCE[torch.bfloat16])
+    passed = all(e <= tol for e in errors.values())  # NaN fails
+    detail = ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
+    return (f"  ring attention forward/backward ({case.describe()}) vs float64: max error relative to the "
+            f"largest value {detail} (tolerance {tol:g})  {'pass' if passed else 'FAIL'}"), passed
+
+
+def checked_ring(cfg: TrainConfig, dtype: torch.dtype) -> tuple[str, bool]:
+    """The ring attention check's line and verdict; an error in it is a failure, not a traceback."""
+    try:
+        return ring_check(cfg, dtype)
+    except Exception as err:  # noqa: BLE001 - a worker's error, reported as the check's failure
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        return f"  ring attention forward/backward at cp={cfg.parallel.cp}: raised {last}  FAIL", False
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -11,7 +11,13 @@ workers, ZeRO-2). The uninterrupted 4-step run is made once per module and is th
   ``trainer.max_bad_steps=1``: exit 3 naming the step;
 - a second run in a run directory that a live run holds fails with exit 2 naming the holder, and
   SIGTERM without a step boundary within ``trainer.preempt_grace_s`` exits 143 without a checkpoint;
-- ``launch/slurm.sbatch`` with a stand-in srun / scontrol: slurm's USR1 warning saves and requeues.
+- ``launch/slurm.sbatch`` with a stand-in srun / scontrol: slurm's USR1 warning saves and requeues;
+- SIGTERM to ``launch/torchrun.sh`` during a (slowed, test-hook) checkpoint save: the save completes,
+  the run stops there with exit 0, and the same command resumes bit-identically;
+- a second SIGTERM during the preemption save: exit 143 at once, ``latest`` stays the previous
+  complete checkpoint and the resume from it is bit-identical;
+- a full disk (a test hook's ENOSPC) on one rank during a save: every rank stops, exit 2, the message
+  names ENOSPC and the directory, ``latest`` stays the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -45,6 +51,17 @@ def command(run_dir: Path, *overrides: str) -> list[str]:
 def megaring_train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300):
     return subprocess.run(command(run_dir, *overrides), env=clean_env(**(env or {})), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240, text: str | None = None) -> None:
+    """Until ``path`` exists (and reads ``text``, when given) while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and (text is None or path.read_text() == text):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never appeared")
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -155,18 +172,21 @@ if [[ "$1" == show ]]; then echo localhost; else echo "$@" >> "$SCONTROL_LOG"; f
 """
 
 
-def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
-    """``launch/slurm.sbatch`` (task mode, two tasks) gets slurm's USR1 warning while rank 1 is inside
-    step 2: the job step saves at step 2, the script requeues the job, and the requeued run resumes."""
+@pytest.mark.parametrize("mode", ["task", "torchrun"])
+def test_slurm_time_limit_warning_saves_and_requeues(mode, reference, tmp_path):
+    """``launch/slurm.sbatch`` (task mode: two tasks; torchrun mode: one task running launch/torchrun.sh
+    for two workers) gets slurm's USR1 warning while rank 1 is inside step 2: the job step saves at
+    step 2 and exits 0, the script requeues the job, and the requeued run resumes (task mode)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (fake_bin / name).write_text(text)
         (fake_bin / name).chmod(0o755)
     run_dir, log = tmp_path / "run", tmp_path / "scontrol.log"
-    env = clean_env(PATH=f"{fake_bin}:{clean_env()['PATH']}", MODE="task", PYTHON=sys.executable,
-                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
-                    MASTER_PORT=str(free_port()), SCONTROL_LOG=str(log))
+    env = clean_env(PATH=f"{fake_bin}:{clean_env()['PATH']}", MODE=mode, PYTHON=sys.executable,
+                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS="2" if mode == "task" else "1",
+                    GPUS_PER_NODE="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()),
+                    SCONTROL_LOG=str(log))
     script = ["bash", str(ROOT / "launch" / "slurm.sbatch"), *RUN, f"hydra.run.dir={run_dir}"]
     job = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "sleep:rank=1:step=2:seconds=8"}, cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,6 +197,8 @@ def test_slurm_time_limit_warning_saves_and_requeues(reference, tmp_path):
     assert job.returncode == 0, stderr[-3000:]
     assert "USR1 received" in stdout and log.read_text().split() == ["requeue", "4242"], stdout
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    if mode == "torchrun":
+        return  # the resume is the same as in task mode
 
     requeued = subprocess.run(script, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     ok(requeued)
@@ -198,3 +220,62 @@ def test_a_rank_stalled_in_the_ring_is_named_in_the_hang_report(tmp_path):
     assert line["rank"] == 0 and line["step"] == 2 and line["phase"] == "forward" and line["peers"] == [1]
     assert line["waiting_on"].startswith("ring K/V recv from rank 1, send to rank 1, at ring step 0"), line
     assert line["waited_s"] >= 9
+
+
+def test_sigterm_to_torchrun_during_a_save_completes_it_and_the_rerun_is_bit_identical(reference, tmp_path):
+    """``launch/torchrun.sh`` hands the signal to the workers (torchrun itself would exit 1). It arrives
+    while rank 0 sleeps inside step 2's periodic save (its files written, rank 1 at the barrier): the
+    save completes, the ranks agree to stop after step 2, exit 0, and the same command resumes."""
+    env = clean_env(NPROC="2", PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+    script = ["bash", str(ROOT / "launch" / "torchrun.sh"), *RUN, "trainer.checkpoint_every=2",
+              f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "slowsave:rank=0:step=2:seconds=5"}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "checkpoints"
+    wait_for(ckpt / "step_00000002.partial" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "stopped after step 2" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert [p.name for p in ckpt.glob("step_*")] == ["step_00000002"]  # complete, no .partial
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2]
+
+    ok(subprocess.run(script, env=env | {"MASTER_PORT": str(free_port())}, cwd=ROOT, capture_output=True, text=True,
+                      timeout=300))
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_a_second_sigterm_during_the_save_exits_at_once_and_latest_stays(reference, tmp_path):
+    """The first SIGTERM arrives in step 2, whose save is slowed; the second one, during that save,
+    ends the run at once (128 + 15) without it: ``latest`` stays step 1, the resume is bit-identical."""
+    overrides = ("trainer.checkpoint_every=1", "trainer.keep_last=4")
+    proc = subprocess.Popen(command(tmp_path, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(MEGARING_TEST_FAULT="slowsave:rank=0:step=2:seconds=20"))
+    ckpt = tmp_path / "checkpoints"
+    wait_for(ckpt / "latest", proc, text="step_00000001")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(ckpt / "step_00000002.partial" / "trainer_state.json", proc)
+    time.sleep(1.2)  # a second signal, not the first one delivered twice
+    proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert time.monotonic() - began < 10, stderr[-3000:]
+    assert "second signal (SIGTERM): exiting without a new checkpoint" in stderr, stderr[-3000:]
+    assert (ckpt / "latest").read_text() == "step_00000001"
+    assert not (ckpt / "step_00000002").exists()  # only the .partial one, never read
+
+    ok(megaring_train(tmp_path, *overrides))
+    assert losses(tmp_path) == losses(reference)
+    assert not list(ckpt.glob("*.partial"))  # the next save removed it
+
+
+def test_a_full_disk_during_a_save_names_enospc_and_the_directory(tmp_path):
+    proc = megaring_train(tmp_path, "trainer.checkpoint_every=1", env={"MEGARING_TEST_FAULT": "enospc:rank=1:step=2"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ckpt = tmp_path / "checkpoints"
+    assert f"saving the checkpoint of step 2 into {ckpt} failed: no space left on device (ENOSPC" in proc.stderr
+    assert "Traceback" not in proc.stderr and "timed out" not in proc.stderr, proc.stderr[-3000:]
+    assert (ckpt / "latest").read_text() == "step_00000001"

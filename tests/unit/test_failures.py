@@ -233,6 +233,27 @@ def test_preempt_watch_notes_the_signal_and_restores_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_after_the_save_the_signal_goes_on_to_its_previous_handler():
+    """Under submitit the previous handler of its preemption signal requeues the job; Ctrl-C's
+    KeyboardInterrupt and default actions are not repeated."""
+    seen = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        watch = PreemptWatch(grace_s=60).install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.agreed_stop(device="cpu") == signal.SIGUSR1 and seen == []
+        watch.hand_on()
+        watch.uninstall()
+        assert seen == [signal.SIGUSR1]
+        watch = PreemptWatch(grace_s=60).install()  # SIGINT's previous handler raises KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
+        watch.agreed_stop(device="cpu")
+        watch.hand_on()
+        watch.uninstall()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 # ---------------------------------------------------------------- data integrity
 
 
@@ -269,3 +290,14 @@ def test_preprocess_verify_names_the_first_bad_byte_range(tmp_path, capsys):
     assert f"{store / 'tokens.bin'} is corrupted: bytes [0, 1048576) differ" in err, err
     (store / "tokens.blocks.json").unlink()  # a store from before block checksums: the whole-file checksum
     assert verify_main(str(store)) == 1 and "is corrupted: checksum" in capsys.readouterr().err
+
+
+def test_no_wandb_run_when_there_is_nothing_to_log(tmp_path):
+    """A finished run re-run trains nothing: no wandb run, so no empty offline-run-* directory each time."""
+    from megaring.train.tracking import Tracker
+
+    cfg = compose_cfg(*TINY_RUN, "logging.wandb.mode=offline")
+    tracker = Tracker(cfg, tmp_path, rank=0, world_size=1, active=False)
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.finish()
+    assert tracker.run is None and not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_run_id").exists()

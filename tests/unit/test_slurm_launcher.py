@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from megaring.train.slurm_launcher import (
@@ -71,3 +73,25 @@ def test_squeue_watcher_reads_states_and_takes_unlisted_jobs_as_gone():
     info = watcher.read_info(b"7|RUNNING|vm\n8_0|COMPLETED|vm\n8_1|PENDING|\n")
     assert {k: v["State"] for k, v in info.items()} == {"7": "RUNNING", "8_0": "COMPLETED", "8_1": "PENDING",
                                                         "9": "GONE"}
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm_cpu"])
+def test_submission_asks_for_usr1_before_the_time_limit_and_submitit_handles_usr1(profile, tmp_path, monkeypatch):
+    """The sbatch script submitit writes from the launcher's parameters: slurm's warning is USR1 (megaring
+    saves on it; USR2 is its hang report), and submitit's requeue handler in the job listens to USR1."""
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    from megaring.train.slurm_launcher import submitit_parameters
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit's executor looks for srun
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    params = launcher_params(f"hydra/launcher={profile}", "parallel.cp=2")
+    params.pop("_target_")  # as LayoutSlurmLauncher.job_params hands them over
+    executor = SlurmExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(**executor._convert_parameters(submitit_parameters(params)))
+    sbatch = _make_sbatch_string(command="megaring-train", folder=tmp_path / "jobs", **executor.parameters)
+    assert "#SBATCH --signal=USR1@600" in sbatch and "USR2" not in sbatch, sbatch
+    setup = sbatch.split("# setup")[1].split("# command")[0]
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in setup, sbatch
+    assert params["signal_delay_s"] > 120  # longer than trainer.preempt_grace_s: the save ends before the kill
