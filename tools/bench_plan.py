@@ -1,0 +1,147 @@
+"""The planner's memory model (``megaring.plan``) against measured peaks of real training steps.
+
+Every point is a real ``megaring-train`` run (self-spawned gloo workers, ``data=mock``: packed
+documents of mean length 2048, float32, ZeRO-1, 2 steps) whose peak resident memory per rank
+(rank 0's ``peak_mem_gib``) is compared with ``megaring.plan.estimate`` for the same layout:
+
+- **measured step memory** = peak at the length - peak of the same model and layout at 512 tokens
+  (the runtime base: interpreter, torch, DeepSpeed, model states, data pipeline; measured once per
+  (model, cp, tp), since the planner does not model a host process);
+- **predicted step memory** = the estimate's ``saved + transient`` (its ``states`` are in the base);
+- error = predicted / measured - 1. Two steps, so that Adam's states coexist with the activations
+  of the second step as they do in training. ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave.
+
+    python -m tools.bench_plan --json /tmp/bench_plan.json --plot docs/img/plan_predicted_vs_measured.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from megaring.plan import Hardware, Layout, estimate
+from tools.bench_layouts import peak_memory, train
+from tools.bench_model import load_config
+
+# "small": a 4-layer model with a Llama-2-sized vocabulary, so that the logits matter as they do in 125m+.
+SMALL = {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 768, "vocab_size": 32000}
+CHUNKS = {"loss_chunk": 2048, "mlp_chunk": 2048}
+
+# (model, cp, tp, global seq_len, features): "off", "chunks" (loss + MLP), "chunks+ac" (and checkpointing)
+POINTS = (
+    ("tiny", 1, 1, 32768, "off"), ("tiny", 1, 1, 131072, "off"), ("tiny", 1, 1, 131072, "chunks"),
+    ("tiny", 1, 1, 131072, "chunks+ac"), ("tiny", 1, 2, 65536, "off"), ("tiny", 2, 1, 65536, "off"),
+    ("tiny", 2, 2, 131072, "chunks"), ("tiny", 4, 1, 131072, "off"), ("tiny", 4, 1, 131072, "chunks+ac"),
+    ("small", 1, 1, 8192, "off"), ("small", 1, 1, 8192, "chunks"), ("small", 1, 1, 16384, "chunks+ac"),
+    ("small", 2, 2, 16384, "off"), ("small", 2, 1, 16384, "chunks"), ("small", 4, 1, 16384, "off"),
+)
+BASE_LEN = 512
+
+
+def model_args(model: str, features: str) -> tuple[list[str], dict]:
+    """(megaring-train overrides, ModelConfig fields) of a point."""
+    fields = dict(SMALL) if model == "small" else {}
+    if features.startswith("chunks"):
+        fields |= CHUNKS
+    if features.endswith("+ac"):
+        fields["activation_checkpointing"] = True
+    overrides = ["model=tiny"] + [f"model.{k}={str(v).lower()}" for k, v in fields.items()]
+    return overrides, fields
+
+
+def predicted(model: str, cp: int, tp: int, seq_len: int, features: str):
+    _, fields = model_args(model, features)
+    cfg = dataclasses.replace(load_config("tiny"), **fields)
+    lay = Layout(1, cp, tp, 1, tp > 1, cfg.activation_checkpointing, cfg.loss_chunk, cfg.mlp_chunk)
+    return estimate(cfg, seq_len, 1, lay, Hardware(dtype_bytes=4))
+
+
+def run_point(out: Path, model: str, cp: int, tp: int, seq_len: int, features: str, steps: int) -> float:
+    overrides, _ = model_args(model, features)
+    extra = [*overrides, f"parallel.sequence_parallel={str(tp > 1).lower()}"]
+    name = f"{model}_cp{cp}_tp{tp}_{seq_len}_{features}"
+    run = train(out / name, 1, cp, tp, seq_len, steps, 1, [a for a in extra if a != "model=tiny"])
+    return peak_memory(run)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench_plan_runs"))
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--only", type=int, nargs="*", help="indices into the point list")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args(argv)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    points = [POINTS[i] for i in args.only] if args.only else list(POINTS)
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    done = {(r["model"], r["cp"], r["tp"], r["seq_len"], r["features"]) for r in rows}
+    bases: dict[tuple, float] = {(r["model"], r["cp"], r["tp"]): r["base_gib"] for r in rows}
+    for pt in points:
+        model, cp, tp, seq_len, features = pt
+        if pt in done:
+            continue
+        try:
+            if (model, cp, tp) not in bases:
+                bases[model, cp, tp] = run_point(args.out, model, cp, tp, BASE_LEN * cp, "off", args.steps)
+            peak = run_point(args.out, model, cp, tp, seq_len, features, args.steps)
+        except Exception as e:  # keep going: one failed point must not lose the others
+            print(f"failed: {pt}: {e}", flush=True)
+            continue
+        est = predicted(*pt)
+        base = bases[model, cp, tp]
+        rows.append({"model": model, "cp": cp, "tp": tp, "seq_len": seq_len, "features": features,
+                     "peak_gib": peak, "base_gib": base, "measured_gib": peak - base,
+                     "predicted_gib": (est.saved + est.transient) / 2**30,
+                     "saved_gib": est.saved / 2**30, "transient_gib": est.transient / 2**30})
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | cp | tp | seq_len | features | peak per rank | base (512 tokens) | measured step | "
+           "predicted step | error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = r["predicted_gib"] / r["measured_gib"] - 1
+        out.append(f"| {r['model']} | {r['cp']} | {r['tp']} | {r['seq_len']:,} | {r['features']} | "
+                   f"{r['peak_gib']:.3f} GiB | {r['base_gib']:.3f} | {r['measured_gib']:.3f} | "
+                   f"{r['predicted_gib']:.3f} | {err:+.0%} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for model, marker in (("tiny", "o"), ("small", "s")):
+        mine = [r for r in rows if r["model"] == model]
+        ax.scatter([r["measured_gib"] for r in mine], [r["predicted_gib"] for r in mine], marker=marker, label=model)
+        for r in mine:
+            ax.annotate(f"cp{r['cp']}tp{r['tp']} {r['seq_len'] // 1024}K {r['features']}",
+                        (r["measured_gib"], r["predicted_gib"]), fontsize=6, alpha=0.7)
+    lo = min(min(r["measured_gib"], r["predicted_gib"]) for r in rows) * 0.8
+    hi = max(max(r["measured_gib"], r["predicted_gib"]) for r in rows) * 1.25
+    xs = [lo, hi]
+    ax.plot(xs, xs, "k-", lw=0.8, label="predicted = measured")
+    ax.fill_between(xs, [x * 0.9 for x in xs], [x * 1.1 for x in xs], color="grey", alpha=0.2, label="±10%")
+    ax.set(xscale="log", yscale="log", xlabel="measured step memory per rank (GiB)",
+           ylabel="predicted step memory per rank (GiB)", title="megaring.plan: predicted vs measured")
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
