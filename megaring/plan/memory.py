@@ -58,6 +58,7 @@ class Hardware:
     tflops: float = 400.0  # sustained matmul throughput per device
     intra_gbps: float = 300.0  # GB/s per device for tp / cp traffic
     inter_gbps: float = 25.0  # GB/s per device for the dp_cp gradient reduce
+    reserved_bytes: float = 0.0  # per device, not for the step: CUDA context, or on CPU the host process
 
 
 @dataclass(frozen=True)

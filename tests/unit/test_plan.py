@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from megaring.model import ModelConfig, num_params
-from megaring.plan import Hardware, Layout, describe, estimate, plan, state_bytes
+from megaring.plan import Hardware, Layout, describe, estimate, longest_seq_len, plan, state_bytes
 from megaring.plan.cli import main
 
 TINY = ModelConfig()  # vocab 256, dim 64, 2 layers, 8 heads (4 kv), ffn 192: 107,712 parameters
@@ -73,3 +73,12 @@ def test_cli(capsys):
     assert main(["model=7b", "trainer.seq_len=1048576", "devices=1", "memory_gb=24"]) == 1
     assert "fits nowhere" in capsys.readouterr().out
     assert main(["nonsense"]) == 2
+
+
+def test_longest_seq_len_is_the_last_length_that_fits():
+    hw = Hardware(memory_bytes=2**30, dtype_bytes=4, reserved_bytes=2**28)
+    lay = Layout(cp=2)
+    n = longest_seq_len(TINY, lay, hw)
+    assert n > 0 and n % (1024 * 4) == 0
+    budget = hw.memory_bytes - hw.reserved_bytes
+    assert estimate(TINY, n, 1, lay, hw).peak <= budget < estimate(TINY, n + 4096, 1, lay, hw).peak
