@@ -21,6 +21,7 @@ and records it as "over the cap". Configurations (``--configs``)::
     ac           model.activation_checkpointing=true
     ac_offload   + model.checkpoint_offload=true (a no-op on CPU: it logs so once)
     all          activation checkpointing + loss_chunk + mlp_chunk
+    chunks       loss_chunk + mlp_chunk (no checkpointing)
     hf_ckpt      transformers LlamaForCausalLM (sdpa) with gradient_checkpointing_enable()
     hf           transformers LlamaForCausalLM (sdpa), no checkpointing
 
@@ -43,7 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("off", "loss_chunk", "mlp_chunk", "ac", "all", "hf_ckpt")
-ALL_CONFIGS = (*CONFIGS, "ac_offload", "hf")
+ALL_CONFIGS = (*CONFIGS, "ac_offload", "hf", "chunks")
 OVER_CAP = 3  # exit status of a configuration the watchdog ended
 
 
@@ -67,15 +68,23 @@ def model_overrides(name: str, chunk: int) -> dict:
     return {"off": {}, "loss_chunk": {"loss_chunk": chunk}, "mlp_chunk": {"mlp_chunk": chunk},
             "ac": {"activation_checkpointing": True},
             "ac_offload": {"activation_checkpointing": True, "checkpoint_offload": True},
-            "all": {"activation_checkpointing": True, "loss_chunk": chunk, "mlp_chunk": chunk}}.get(name, {})
+            "all": {"activation_checkpointing": True, "loss_chunk": chunk, "mlp_chunk": chunk},
+            "chunks": {"loss_chunk": chunk, "mlp_chunk": chunk}}.get(name, {})
+
+
+def load_model_config(model: str):
+    """A configs/model name, or "small" (tools.bench_plan's 4-layer model with a 32000 vocabulary)."""
+    from tools.bench_model import load_config
+    from tools.bench_plan import SMALL
+
+    return dataclasses.replace(load_config("tiny"), **SMALL) if model == "small" else load_config(model)
 
 
 def build(name: str, model: str, chunk: int):
     """(model, step(batch) -> loss) for one configuration."""
     from megaring.model import ParallelContext, build_model, count_valid_tokens, local_loss
-    from tools.bench_model import load_config
 
-    cfg = dataclasses.replace(load_config(model), **model_overrides(name, chunk))
+    cfg = dataclasses.replace(load_model_config(model), **model_overrides(name, chunk))
     if not name.startswith("hf"):
         ours = build_model(cfg, ParallelContext.single(), seed=0).train()
 
@@ -101,11 +110,11 @@ def build(name: str, model: str, chunk: int):
 
 
 def run_one(args) -> dict:
-    from tools.bench_model import load_config, make_batch
+    from tools.bench_model import make_batch
 
     _watchdog(int(args.cap_gib * 2**20))
     model, step = build(args.one, args.model, args.chunk)
-    cfg = load_config(args.model)
+    cfg = load_model_config(args.model)
     step(make_batch(cfg, 1, 1024))  # warm-up: kernels, thread pools, allocator
     for p in model.parameters():
         p.grad = None
@@ -119,7 +128,20 @@ def run_one(args) -> dict:
     peak = (_status_kib("VmHWM") - before) * 1024
     return {"config": args.one, "model": args.model, "seq_len": args.seq_len, "chunk": args.chunk,
             "peak_bytes": peak, "bytes_per_token": peak / args.seq_len, "step_wall_s": wall, "step_cpu_s": cpu,
-            "loss": loss.item(), "threads": torch.get_num_threads()}
+            "loss": loss.item(), "threads": torch.get_num_threads(), "predicted_bytes": predicted_bytes(args)}
+
+
+def predicted_bytes(args) -> float:
+    """megaring.plan's saved + transient for this configuration (cp = tp = 1, float32); HF: none."""
+    from megaring.plan import Hardware, Layout, estimate
+
+    if args.one.startswith("hf"):
+        return float("nan")
+    cfg = dataclasses.replace(load_model_config(args.model), **model_overrides(args.one, args.chunk))
+    lay = Layout(activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
+                 mlp_chunk=cfg.mlp_chunk)
+    e = estimate(cfg, args.seq_len, 1, lay, Hardware(dtype_bytes=4))
+    return e.saved + e.transient
 
 
 def spawn(name: str, args) -> dict:
@@ -136,19 +158,26 @@ def spawn(name: str, args) -> dict:
     return json.loads(lines[-1])
 
 
+def _predicted(r: dict) -> str:
+    pred = r.get("predicted_bytes", float("nan"))
+    if pred != pred:  # NaN: HF, or a result from before the column existed
+        return "-"
+    return f"{pred / 2**30:.2f} GiB ({pred / r['peak_bytes'] - 1:+.0%})"
+
+
 def table(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["config"] == "hf_ckpt" and "error" not in r), None)
-    out = ["| config | tokens | peak over baseline | bytes/token | vs HF+ckpt | step wall | vs HF+ckpt | step CPU |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| config | tokens | peak over baseline | bytes/token | vs HF+ckpt | step wall | vs HF+ckpt | step CPU "
+           "| megaring.plan predicts |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['config']} | {r['seq_len']:,} | {r['error']} | | | | | |")
+            out.append(f"| {r['config']} | {r['seq_len']:,} | {r['error']} | | | | | | |")
             continue
         mem = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else "-"
         t = f"{r['step_wall_s'] / ref['step_wall_s']:.2f}x" if ref else "-"
         out.append(f"| {r['config']} | {r['seq_len']:,} | {r['peak_bytes'] / 2**30:.2f} GiB | "
                    f"{r['bytes_per_token'] / 1024:.0f} KiB | {mem} | {r['step_wall_s']:.0f} s | {t} | "
-                   f"{r['step_cpu_s']:.0f} s |")
+                   f"{r['step_cpu_s']:.0f} s | {_predicted(r)} |")
     return "\n".join(out)
 
 

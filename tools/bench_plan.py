@@ -1,17 +1,19 @@
 """The planner's memory model (``megaring.plan``) against measured peaks of real training steps.
 
 Every point is a real ``megaring-train`` run (self-spawned gloo workers, ``data=mock``: packed
-documents of mean length 2048, float32, ZeRO-1, 2 steps) whose peak resident memory per rank
+documents of mean length 2048, float32, ZeRO-1, one step) whose peak resident memory per rank
 (rank 0's ``peak_mem_gib``) is compared with ``megaring.plan.estimate`` for the same layout:
 
 - **measured step memory** = peak at the length - peak of the same model and layout at 512 tokens
-  (the runtime base: interpreter, torch, DeepSpeed, model states, data pipeline; measured once per
-  (model, cp, tp), since the planner does not model a host process);
-- **predicted step memory** = the estimate's ``saved + transient`` (its ``states`` are in the base);
-- error = predicted / measured - 1. Two steps, so that Adam's states coexist with the activations
-  of the second step as they do in training. ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave.
+  per rank, features off (the base run: interpreter, torch, DeepSpeed, model states, data pipeline,
+  and a 512-token step; measured once per (model, cp, tp), since the planner does not model a host);
+- **predicted step memory** = ``saved + transient`` of the estimate at the point minus the same of
+  the estimate of the base run (its ``states`` cancel), so both sides are the same difference;
+- error = predicted / measured - 1. One step is enough: DeepSpeed's ZeRO optimizer creates Adam's
+  states at initialisation, so they are in the base. ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave.
 
     python -m tools.bench_plan --json /tmp/bench_plan.json --plot docs/img/plan_predicted_vs_measured.png
+    python -m tools.bench_plan --longest 125m     # the longest sequence per layout on this host (no runs)
 
 Measurements already in ``--json`` are not run again; the predictions are always recomputed, so
 rerunning the command after a change to the memory model re-scores the stored measurements.
@@ -25,7 +27,7 @@ import json
 import os
 from pathlib import Path
 
-from megaring.plan import Hardware, Layout, estimate
+from megaring.plan import Hardware, Layout, estimate, longest_seq_len
 from tools.bench_layouts import peak_memory, train
 from tools.bench_model import load_config
 
@@ -63,9 +65,12 @@ def predicted(model: str, cp: int, tp: int, seq_len: int, features: str):
 
 
 def with_prediction(r: dict) -> dict:
+    """The predicted step memory above the base run, as measured: estimate(point) - estimate(base run)."""
     est = predicted(r["model"], r["cp"], r["tp"], r["seq_len"], r["features"])
-    return r | {"predicted_gib": (est.saved + est.transient) / 2**30, "saved_gib": est.saved / 2**30,
-                "transient_gib": est.transient / 2**30}
+    base = predicted(r["model"], r["cp"], r["tp"], BASE_LEN * r["cp"], "off")
+    step, base_step = est.saved + est.transient, base.saved + base.transient
+    return r | {"predicted_gib": (step - base_step) / 2**30, "saved_gib": est.saved / 2**30,
+                "transient_gib": est.transient / 2**30, "base_step_gib": base_step / 2**30}
 
 
 def run_point(out: Path, model: str, cp: int, tp: int, seq_len: int, features: str, steps: int) -> float:
@@ -79,11 +84,17 @@ def run_point(out: Path, model: str, cp: int, tp: int, seq_len: int, features: s
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_plan_runs"))
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
     p.add_argument("--only", type=int, nargs="*", help="indices into the point list")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--longest", default=None, help="a configs/model name: print the longest sequences instead")
+    p.add_argument("--memory-gib", type=float, default=23.5, help="with --longest: the host's memory")
+    p.add_argument("--reserved-gib", type=float, default=0.45, help="with --longest: per process, not for the step")
     args = p.parse_args(argv)
+    if args.longest:
+        print(longest_table(args.longest, args.memory_gib, args.reserved_gib))
+        return []
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     points = [POINTS[i] for i in args.only] if args.only else list(POINTS)
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
@@ -111,6 +122,19 @@ def main(argv=None) -> list[dict]:
     if args.plot:
         plot(rows, args.plot)
     return rows
+
+
+def longest_table(model: str, memory_gib: float, reserved_gib: float) -> str:
+    """Longest sequence per (cp, memory per rank) and features, from megaring.plan.longest_seq_len."""
+    cfg = load_config(model)
+    feats = {"off": {}, "checkpointing": {"activation_checkpointing": True},
+             "all on": {"activation_checkpointing": True, **CHUNKS}}
+    out = ["| cp | memory per rank | " + " | ".join(feats) + " |", "|---|---|" + "---|" * len(feats)]
+    for cp, per_rank in ((1, memory_gib), (4, memory_gib / 4), (4, memory_gib)):
+        hw = Hardware(memory_bytes=per_rank * 2**30, dtype_bytes=4, reserved_bytes=reserved_gib * 2**30)
+        cells = [f"{longest_seq_len(cfg, Layout(cp=cp, **kw), hw):,}" for kw in feats.values()]
+        out.append(f"| {cp} | {per_rank:.1f} GiB | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
