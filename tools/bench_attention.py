@@ -258,7 +258,7 @@ def _label(run: dict) -> str:
 def predicted_vs_measured(args, runs: list[dict]) -> list[dict]:
     """``tools.plan_cp`` calibrated on this run: kernel TFLOP/s from the first run's busy time, the
     link from the timed ring exchange; its bytes and ranking next to the measured ones."""
-    from tools.plan_cp import Cluster, Workload, predict
+    from megaring.plan.cp import Cluster, Workload, predict
 
     w = Workload(args.seq_len, args.heads, args.kv_heads or args.heads, args.head_dim, 1, 1,
                  DTYPES[args.dtype].itemsize, not args.non_causal, bool(args.doc_len))

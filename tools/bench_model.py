@@ -8,11 +8,16 @@ the wall-clock and of the process-CPU-time ratios, the logits agreement of the f
 model TFLOP/s from ``model_flops_per_token``.
 
     .venv/bin/python -m tools.bench_model --models tiny 125m --seq-lens 2048 1024 --steps 5
+    .venv/bin/python -m tools.bench_model --models tiny --seq-lens 2048 --compile   # model.compile=true
+
+With ``--compile`` the megaring model runs with ``model.compile=true`` (each block through
+``torch.compile``; the compilation happens in the warm-up steps, which are not timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -85,8 +90,8 @@ def timed(fn, *args) -> tuple[tuple[float, float], torch.Tensor]:
     return (time.perf_counter() - wall, time.process_time() - cpu), out
 
 
-def bench_one(name: str, seq_len: int, batch: int, steps: int, warmup: int) -> dict:
-    cfg = load_config(name)
+def bench_one(name: str, seq_len: int, batch: int, steps: int, warmup: int, compile: bool = False) -> dict:
+    cfg = dataclasses.replace(load_config(name), compile=compile)
     ours, hf = build_pair(cfg, seq_len)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True) for m in (ours, hf)]
     b = make_batch(cfg, batch, seq_len)
@@ -123,19 +128,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="megaring with model.compile=true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} steps after {args.warmup} warm-up, model.compile={str(args.compile).lower()}")
     print("| model | params | tokens/sample | megaring tok/s | HF sdpa tok/s | speed-up, wall | speed-up, CPU time "
           "| megaring model TFLOP/s | logits rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for seq_len in args.seq_lens:
-            r = bench_one(name, seq_len, args.batch, args.steps, args.warmup)
+            r = bench_one(name, seq_len, args.batch, args.steps, args.warmup, args.compile)
             print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} | {r['ours']:.0f} | {r['hf']:.0f} "
                   f"| {r['wall']:.2f}x | {r['cpu']:.2f}x | {r['tflops']:.3f} | {r['logits_err']:.1e} |", flush=True)
 

@@ -3,7 +3,8 @@
 Key=value arguments like the trainer's: ``model=<name>`` (configs/model) or ``model.init_from=<dir>``
 (a Hugging Face checkpoint), ``trainer.seq_len``, ``trainer.micro_batch_size``, ``devices``,
 ``memory_gb`` (per device), and optionally ``dtype_bytes`` (2), ``tflops`` (per device),
-``intra_gbps`` (tp / cp links), ``inter_gbps`` (dp links), ``top`` (rows shown).
+``intra_gbps`` (tp / cp links), ``inter_gbps`` (dp links), ``reserved_gb`` (per device, not for
+the step: the CUDA context, or the host process on CPU, about 0.45 GiB here), ``top`` (rows shown).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_model(args)
     hw = Hardware(memory_bytes=float(args.get("memory_gb", 80)) * 2**30, dtype_bytes=int(args.get("dtype_bytes", 2)),
                   tflops=float(args.get("tflops", 400)), intra_gbps=float(args.get("intra_gbps", 300)),
-                  inter_gbps=float(args.get("inter_gbps", 25)))
+                  inter_gbps=float(args.get("inter_gbps", 25)),
+                  reserved_bytes=float(args.get("reserved_gb", 0)) * 2**30)
     p = plan(cfg, int(args.get("trainer.seq_len", 8192)), int(args.get("trainer.micro_batch_size", 1)),
              int(args.get("devices", 1)), hw)
     print(describe(p, hw, top=int(args.get("top", 10))))

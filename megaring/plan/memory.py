@@ -1,22 +1,34 @@
 """A memory and step-time model of one training step per rank (no torch.distributed, no tensors).
 
-Peak bytes per rank = states + activations, with ``n = dp * cp`` the ZeRO group, ``P`` the
-parameters, ``b`` the bytes of the compute dtype (4 float32, 2 bfloat16) and ``T = micro * seq / cp``
-the tokens a rank holds::
+Peak bytes per rank = states + saved + transient. ``n = dp * cp`` is the ZeRO group, ``P`` the
+parameters, ``b`` the bytes of the compute dtype (4 float32, 2 bfloat16), ``T = micro * seq / cp``
+the tokens a rank holds, ``s = tp`` with sequence parallelism (else 1), ``H, H_kv, D, F, V`` the
+heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor the code keeps
+(bytes per token)::
 
-    states      = P / tp * (b * w + b * g + o)      weights, grads, optimizer (fp32 master if b < 4, Adam m, v)
-                  w = 1/n at stage 3, g = 1/n at stage >= 2, o = (8 + 4 [b < 4]) / n at stage >= 1
-    saved       = L * T * per_layer                 the activations kept for backward
-                  per_layer = 2 dim / s + (2 (H + 2 H_kv) D + H D) / tp + 4 F / tp + dim / tp     (no checkpointing)
-                            = dim / s                                                              (checkpointing)
-                  s = tp with sequence parallelism, else 1; the MLP's 4 F / tp is per tile with mlp_chunk
-    transient   = one layer's activations (recomputed in backward with checkpointing) + the logits:
-                  T_c * V / tp * (b + 8)   (b logits, float32 softmax and its gradient), T_c = loss_chunk or T
+    states  = P / tp * (b w + b g + o)   weights, grads, optimizer (fp32 master if b < 4, Adam m, v)
+              w = 1/n at stage 3, g = 1/n at stage >= 2, o = (8 + 4 [b < 4]) / n at stage >= 1
+    saved   = T * (L * layer + outside)          without checkpointing
+            = T * (L * dim / s * b + outside)    with it (each layer's input)
+      layer   = 2 norm + attention + mlp
+      norm    = dim / s * (4 + b) + dim * b + 4 / s   RMSNorm: float32 input and normalised (b) rows, the
+                                                      (gathered) output the next matmul saves, 1 / rms
+      attn    = ((2 H + 2 H_kv) D b + 4 H) / tp       q, k, v (heads-major copies), output, float32 lse
+      mlp     = 4 F b / tp                            w13 output (2 F), silu, product; 0 with mlp_chunk
+      outside = norm + 2 D b + 40                     final norm, rope cos/sin, the batch (4 x int64), losses
+    transient = the larger of the two moments the saved activations meet the most working memory:
+      end of forward   T_c * V / tp * (b + 4 + 4 [b < 4])   one chunk of logits (T_c = loss_chunk or T),
+                                                           its float32 copy and the shifted exp / softmax
+      a layer backward (layer if checkpointing: the recomputed layer) + 3 F b / tp (the SwiGLU's
+                       gradients; per tile with mlp_chunk, plus the tiles' output and its gradient 2 dim b)
+                       + 4 H_kv D (b + 4) / tp at cp > 1 (the ring's K/V blocks and float32 dK/dV
+                       accumulators, each in flight both ways)
 
-All counts are elements per token times ``b`` (or 4 for the float32 loss); the formulas count what
-the code in megaring.model keeps, not allocator slack. Step time = compute / throughput + the
-communication not hidden: tp all-reduces (4 per layer, forward + backward), the ring's K/V passes
-(forward and backward, overlapped with compute: only the excess counts) and the dp_cp gradient reduce.
+The formulas count what the code in megaring.model keeps, not allocator slack or the host process
+(interpreter, torch, CUDA context): validated against measured steps in docs/benchmarks.md. Step time
+= compute / throughput + the communication not hidden: tp all-reduces (4 per layer, forward + backward),
+the ring's K/V passes (forward and backward, overlapped with compute: only the excess counts) and the
+dp_cp gradient reduce.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ class Hardware:
     tflops: float = 400.0  # sustained matmul throughput per device
     intra_gbps: float = 300.0  # GB/s per device for tp / cp traffic
     inter_gbps: float = 25.0  # GB/s per device for the dp_cp gradient reduce
+    reserved_bytes: float = 0.0  # per device, not for the step: CUDA context, or on CPU the host process
 
 
 @dataclass(frozen=True)
@@ -69,29 +82,43 @@ def state_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     return weights + grads + optim
 
 
-def layer_elements_per_token(cfg: ModelConfig, lay: Layout, tokens: int) -> tuple[float, float]:
-    """(elements kept per token per layer without checkpointing, of which the MLP intermediates)."""
+def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
+    """Per token: an RMSNorm's float32 input and normalised rows (this rank's tokens), 1 / rms, and
+    the output as the next matmul saves it (all-gathered over tp with sequence parallelism)."""
     s = lay.tp if lay.sequence_parallel else 1
-    attn = (2 * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim) / lay.tp
-    mlp = 4 * cfg.hidden_dim / lay.tp
+    return cfg.dim / s * (4 + b) + cfg.dim * b + 4 / s
+
+
+def layer_bytes_per_token(cfg: ModelConfig, lay: Layout, b: int) -> float:
+    """What one layer keeps for its backward, per token (the MLP's intermediates: none when tiled)."""
+    attn = ((2 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * b + 4 * cfg.n_heads) / lay.tp
+    mlp = 0 if lay.mlp_chunk else 4 * cfg.hidden_dim * b / lay.tp
+    return 2 * norm_bytes(cfg, lay, b) + attn + mlp
+
+
+def layer_backward_bytes(cfg: ModelConfig, lay: Layout, b: int, tokens: int) -> float:
+    """Working memory of one layer's backward beyond what is saved (recomputed layer, gradients, ring)."""
+    recomputed = tokens * layer_bytes_per_token(cfg, lay, b) if lay.activation_checkpointing else 0.0
+    mlp_tokens = min(lay.mlp_chunk, tokens) if lay.mlp_chunk else tokens
+    grads = mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
     if lay.mlp_chunk:
-        mlp *= min(lay.mlp_chunk, tokens) / tokens  # one tile of intermediates, whatever T
-    return 2 * cfg.dim / s + attn + mlp + cfg.dim / lay.tp, mlp
+        grads += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp + tokens * 2 * cfg.dim * b  # the tile, dx, output
+    ring = tokens * 4 * cfg.kv_heads * cfg.head_dim * (b + 4) / lay.tp if lay.cp > 1 else 0.0
+    return recomputed + grads + ring
 
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: Hardware) -> Estimate:
     b, tokens = hw.dtype_bytes, micro_batch * seq_len // lay.cp
     s = lay.tp if lay.sequence_parallel else 1
-    per_layer, _ = layer_elements_per_token(cfg, lay, tokens)
-    layer_bytes = tokens * per_layer * b
+    outside = norm_bytes(cfg, lay, b) + 2 * cfg.head_dim * b + 40  # final norm, rope tables, batch, losses
     if lay.activation_checkpointing:
-        saved = cfg.n_layers * tokens * cfg.dim / s * b
-        transient = layer_bytes
+        saved = tokens * (cfg.n_layers * cfg.dim / s * b + outside)
     else:
-        saved, transient = cfg.n_layers * layer_bytes, 0.0
+        saved = tokens * (cfg.n_layers * layer_bytes_per_token(cfg, lay, b) + outside)
     vocab_local = -(-cfg.vocab_size // lay.tp)
     loss_tokens = min(lay.loss_chunk, tokens) if lay.loss_chunk else tokens
-    transient += loss_tokens * vocab_local * (b + 8)
+    logits = loss_tokens * vocab_local * (b + 4 + (4 if b < 4 else 0))
+    transient = max(logits, layer_backward_bytes(cfg, lay, b, tokens))
     return Estimate(lay, state_bytes(cfg, lay, b), saved, transient, step_seconds(cfg, seq_len, micro_batch, lay, hw))
 
 

@@ -40,9 +40,23 @@ def candidate_layouts(cfg: ModelConfig, seq_len: int, devices: int) -> list[Layo
 
 def plan(cfg: ModelConfig, seq_len: int, micro_batch: int, devices: int, hw: Hardware) -> Plan:
     estimates = [estimate(cfg, seq_len, micro_batch, lay, hw) for lay in candidate_layouts(cfg, seq_len, devices)]
-    fits = sorted((e for e in estimates if e.peak <= hw.memory_bytes), key=lambda e: (e.step_s, e.peak))
+    budget = hw.memory_bytes - hw.reserved_bytes
+    fits = sorted((e for e in estimates if e.peak <= budget), key=lambda e: (e.step_s, e.peak))
     smallest = min(estimates, key=lambda e: e.peak, default=None)
     return Plan(fits, smallest)
+
+
+def longest_seq_len(cfg: ModelConfig, lay: Layout, hw: Hardware, micro_batch: int = 1, quantum: int = 1024) -> int:
+    """The longest sequence (a multiple of ``quantum * 2 cp``) whose step fits ``hw`` at ``lay``; 0 if none."""
+    step = quantum * 2 * lay.cp
+    fits = lambda n: estimate(cfg, n * step, micro_batch, lay, hw).peak <= hw.memory_bytes - hw.reserved_bytes  # noqa: E731
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
 
 
 def gib(x: float) -> str:
@@ -53,7 +67,7 @@ def describe(p: Plan, hw: Hardware, top: int = 10) -> str:
     if not p.fits:
         if p.smallest is None:
             return "no valid layout for this model, sequence length and device count"
-        need = math.ceil(p.smallest.peak / 2**30)
+        need = math.ceil((p.smallest.peak + hw.reserved_bytes) / 2**30)
         return (f"fits nowhere in {gib(hw.memory_bytes)} per device: the smallest layout "
                 f"({_row(p.smallest)}) needs {need} GiB per device")
     lines = [f"{len(p.fits)} layouts fit in {gib(hw.memory_bytes)}; best first:"]

@@ -110,7 +110,7 @@ def _bytes_task(rank, world, cp, ulysses, heads, kv_heads, with_seg):
 @pytest.mark.parametrize("heads,kv_heads,with_seg", [(4, 4, False), (4, 1, True), (8, 2, True)])
 def test_bytes_sent_match_the_cost_model(pools, heads, kv_heads, with_seg):
     """What the communication layer counts at cp=4 is what tools.plan_cp predicts, byte for byte."""
-    from tools.plan_cp import Workload, a2a_bytes, ring_bytes
+    from megaring.plan.cp import Workload, a2a_bytes, ring_bytes
 
     w = Workload(SEQ, heads, kv_heads, HEAD_DIM, batch=2, dtype_bytes=4, segment_ids=with_seg)
     for ulysses in (1, 2, 4):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from megaring.model import ModelConfig, num_params
-from megaring.plan import Hardware, Layout, describe, estimate, plan, state_bytes
+from megaring.plan import Hardware, Layout, describe, estimate, longest_seq_len, plan, state_bytes
 from megaring.plan.cli import main
 
 TINY = ModelConfig()  # vocab 256, dim 64, 2 layers, 8 heads (4 kv), ffn 192: 107,712 parameters
@@ -23,21 +23,35 @@ def test_states_by_zero_stage():
     assert state_bytes(TINY, Layout(tp=2, zero_stage=0), 2) == p / 2 * (2 + 2 + 12)
 
 
-def test_checkpointed_activations_and_the_loss_chunk():
+def test_checkpointed_activations():
     hw = Hardware(dtype_bytes=4)
-    # 1024 tokens over cp=2: 512 per rank; checkpoints keep one (512, 64) input per layer
+    # 1024 tokens over cp=2: 512 per rank; checkpoints keep one (512, 64) float32 input per layer, and
+    # outside the layers the final norm (float32 input, normalised rows, output: 3 x 64 x 4 bytes + 1 / rms),
+    # the rope tables (2 x head_dim 8 x 4), the batch (4 int64) and the float32 losses
     e = estimate(TINY, 1024, 1, Layout(cp=2, activation_checkpointing=True), hw)
-    assert e.saved == 2 * 512 * 64 * 4
-    whole = estimate(TINY, 1024, 1, Layout(cp=2, activation_checkpointing=True), hw)
-    chunked = estimate(TINY, 1024, 1, Layout(cp=2, activation_checkpointing=True, loss_chunk=100), hw)
-    assert whole.transient - chunked.transient == (512 - 100) * 256 * (4 + 8)  # logits, softmax, gradient
+    outside = (3 * 64 * 4 + 4) + 2 * 8 * 4 + 4 * 8 + 8
+    assert e.saved == 512 * (2 * 64 * 4 + outside)
 
 
-def test_tiled_mlp_keeps_one_tile_of_intermediates():
+def test_the_logits_of_one_chunk():
+    hw = Hardware(dtype_bytes=4)
+    big_vocab = dataclasses.replace(TINY, vocab_size=32000)
+    # float32 logits + the shifted exp (softmax): 8 bytes per logit, whole or one chunk of 100 tokens
+    whole = estimate(big_vocab, 1024, 1, Layout(cp=2), hw)
+    chunked = estimate(big_vocab, 1024, 1, Layout(cp=2, loss_chunk=100), hw)
+    assert whole.transient == 512 * 32000 * 8
+    assert chunked.transient == 100 * 32000 * 8
+    # bfloat16 logits get a float32 copy before the shifted exp: 2 + 4 + 4 bytes; tp halves the vocabulary
+    bf16 = estimate(big_vocab, 1024, 1, Layout(tp=2), Hardware(dtype_bytes=2))
+    assert bf16.transient == 1024 * 16000 * 10
+
+
+def test_tiled_mlp_keeps_no_intermediates():
     hw = Hardware(dtype_bytes=4)
     plain = estimate(TINY, 4096, 1, Layout(), hw)
     tiled = estimate(TINY, 4096, 1, Layout(mlp_chunk=1024), hw)
-    assert plain.saved - tiled.saved == 2 * 4096 * 4 * 192 * 4 * (1 - 1024 / 4096)
+    # w13 output (2 F), silu, product: 4 x 192 floats per token and layer, none kept when tiled
+    assert plain.saved - tiled.saved == 2 * 4096 * 4 * 192 * 4
 
 
 def test_planner_orders_fitting_layouts_and_names_the_memory_a_misfit_needs():
@@ -59,3 +73,12 @@ def test_cli(capsys):
     assert main(["model=7b", "trainer.seq_len=1048576", "devices=1", "memory_gb=24"]) == 1
     assert "fits nowhere" in capsys.readouterr().out
     assert main(["nonsense"]) == 2
+
+
+def test_longest_seq_len_is_the_last_length_that_fits():
+    hw = Hardware(memory_bytes=2**30, dtype_bytes=4, reserved_bytes=2**28)
+    lay = Layout(cp=2)
+    n = longest_seq_len(TINY, lay, hw)
+    assert n > 0 and n % (1024 * 4) == 0
+    budget = hw.memory_bytes - hw.reserved_bytes
+    assert estimate(TINY, n, 1, lay, hw).peak <= budget < estimate(TINY, n + 4096, 1, lay, hw).peak
