@@ -13,7 +13,9 @@ heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor
       layer   = 2 norm + attention + mlp
       norm    = dim / s * (4 + b) + dim * b + 4 / s   RMSNorm: float32 input and normalised (b) rows, the
                                                       (gathered) output the next matmul saves, 1 / rms
-      attn    = ((2 H + 2 H_kv) D b + 4 H) / tp       q, k, v (heads-major copies), output, float32 lse
+      attn    = ((3 H + 2 H_kv) D b + 4 H) / tp       q, k, v (heads-major copies), output (heads-major),
+                                                      float32 lse (ring attention's); the output's
+                                                      token-major copy (W_o's input)
       mlp     = 4 F b / tp                            w13 output (2 F), silu, product; 0 with mlp_chunk
       outside = norm + 2 D b + 40                     final norm, rope cos/sin, the batch (4 x int64), losses
     transient = the larger of the two moments the saved activations meet the most working memory:
@@ -77,9 +79,14 @@ class Estimate:
 def state_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     p, n = num_params(cfg) / lay.tp, lay.dp * lay.cp
     weights = p * b / (n if lay.zero_stage >= 3 else 1)
-    grads = p * b / (n if lay.zero_stage >= 2 else 1)
     optim = p * (8 + (4 if b < 4 else 0)) / (n if lay.zero_stage >= 1 else 1)
-    return weights + grads + optim
+    return weights + grad_bytes(cfg, lay, b) + optim
+
+
+def grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
+    """The weight gradients: the part of the states a step allocates (none exist between steps)."""
+    n = lay.dp * lay.cp
+    return num_params(cfg) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
 
 
 def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
@@ -91,7 +98,7 @@ def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
 
 def layer_bytes_per_token(cfg: ModelConfig, lay: Layout, b: int) -> float:
     """What one layer keeps for its backward, per token (the MLP's intermediates: none when tiled)."""
-    attn = ((2 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * b + 4 * cfg.n_heads) / lay.tp
+    attn = ((3 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * b + 4 * cfg.n_heads) / lay.tp
     mlp = 0 if lay.mlp_chunk else 4 * cfg.hidden_dim * b / lay.tp
     return 2 * norm_bytes(cfg, lay, b) + attn + mlp
 
