@@ -21,10 +21,12 @@ heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor
     transient = the larger of the two moments the saved activations meet the most working memory:
       end of forward   T_c * V / tp * (b + 4 + 4 [b < 4])   one chunk of logits (T_c = loss_chunk or T),
                                                            its float32 copy and the shifted exp / softmax
-      a layer backward (layer if checkpointing: the recomputed layer) + 3 F b / tp (the SwiGLU's
-                       gradients; per tile with mlp_chunk, plus the tiles' output and its gradient 2 dim b)
-                       + 4 H_kv D (b + 4) / tp at cp > 1 (the ring's K/V blocks and float32 dK/dV
-                       accumulators, each in flight both ways)
+      the last layer's backward
+                       (layer if checkpointing: the recomputed layer) + 2 dim b (the residual stream's
+                       gradient, the MLP input's) + 3 F b / tp (the SwiGLU's gradients; per tile with
+                       mlp_chunk, plus the tile's recomputed 4 F b / tp) + 4 H_kv D (b + 4) / tp at
+                       cp > 1 (the ring's K/V blocks and float32 dK/dV accumulators, each in flight both
+                       ways) - norm (the final norm's rows: its backward has run and freed them)
 
 The formulas count what the code in megaring.model keeps, not allocator slack or the host process
 (interpreter, torch, CUDA context): validated against measured steps in docs/benchmarks.md. Step time
@@ -104,12 +106,14 @@ def layer_bytes_per_token(cfg: ModelConfig, lay: Layout, b: int) -> float:
 
 
 def layer_backward_bytes(cfg: ModelConfig, lay: Layout, b: int, tokens: int) -> float:
-    """Working memory of one layer's backward beyond what is saved (recomputed layer, gradients, ring)."""
+    """Working memory of the last layer's backward beyond what is saved: the recomputed layer
+    (checkpointing), the residual stream's gradient and the gradient of the MLP's input (two rows), the
+    SwiGLU's gradients (per tile with mlp_chunk, plus the tile recomputed), the ring's buffers at cp > 1."""
     recomputed = tokens * layer_bytes_per_token(cfg, lay, b) if lay.activation_checkpointing else 0.0
     mlp_tokens = min(lay.mlp_chunk, tokens) if lay.mlp_chunk else tokens
-    grads = mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
+    grads = tokens * 2 * cfg.dim * b + mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
     if lay.mlp_chunk:
-        grads += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp + tokens * 2 * cfg.dim * b  # the tile, dx, output
+        grads += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp  # the tile's recomputed intermediates
     ring = tokens * 4 * cfg.kv_heads * cfg.head_dim * (b + 4) / lay.tp if lay.cp > 1 else 0.0
     return recomputed + grads + ring
 
@@ -125,7 +129,8 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: 
     vocab_local = -(-cfg.vocab_size // lay.tp)
     loss_tokens = min(lay.loss_chunk, tokens) if lay.loss_chunk else tokens
     logits = loss_tokens * vocab_local * (b + 4 + (4 if b < 4 else 0))
-    transient = max(logits, layer_backward_bytes(cfg, lay, b, tokens))
+    # By a layer's backward the final norm's backward has run and freed its rows.
+    transient = max(logits, layer_backward_bytes(cfg, lay, b, tokens) - tokens * norm_bytes(cfg, lay, b))
     return Estimate(lay, state_bytes(cfg, lay, b), saved, transient, step_seconds(cfg, seq_len, micro_batch, lay, hw))
 
 
