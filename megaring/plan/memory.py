@@ -23,10 +23,13 @@ heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor
                                                            its float32 copy and the shifted exp / softmax
       the last layer's backward
                        (layer if checkpointing: the recomputed layer) + 2 dim b (the residual stream's
-                       gradient, the MLP input's) + 3 F b / tp (the SwiGLU's gradients; per tile with
-                       mlp_chunk, plus the tile's recomputed 4 F b / tp) + 4 H_kv D (b + 4) / tp at
-                       cp > 1 (the ring's K/V blocks and float32 dK/dV accumulators, each in flight both
-                       ways) - norm (the final norm's rows: its backward has run and freed them)
+                       gradient, the block input's) - norm (the final norm's rows: its backward has
+                       run and freed them) + the larger of two moments that never coexist:
+                         the MLP's backward: 3 F b / tp (the SwiGLU's gradients; per tile with
+                           mlp_chunk, plus the tile's recomputed 4 F b / tp)
+                         the attention's, at cp > 1: 4 H_kv D (b + 4) / tp (the ring's K/V blocks and
+                           float32 dK/dV accumulators, each in flight both ways) - norm - mlp (the MLP
+                           and ffn norm have freed what they saved)
 
 The formulas count what the code in megaring.model keeps, not allocator slack or the host process
 (interpreter, torch, CUDA context): validated against measured steps in docs/benchmarks.md. Step time
@@ -107,15 +110,19 @@ def layer_bytes_per_token(cfg: ModelConfig, lay: Layout, b: int) -> float:
 
 def layer_backward_bytes(cfg: ModelConfig, lay: Layout, b: int, tokens: int) -> float:
     """Working memory of the last layer's backward beyond what is saved: the recomputed layer
-    (checkpointing), the residual stream's gradient and the gradient of the MLP's input (two rows), the
-    SwiGLU's gradients (per tile with mlp_chunk, plus the tile recomputed), the ring's buffers at cp > 1."""
+    (checkpointing), the residual stream's gradient and the gradient of the block's input (two rows),
+    and the larger of the MLP's backward (the SwiGLU's gradients; per tile with mlp_chunk, plus the
+    tile recomputed) and the attention's at cp > 1 (the ring's buffers), which never coexist: by the
+    attention's backward the MLP's has freed its gradients, its saved intermediates and the ffn norm's rows."""
     recomputed = tokens * layer_bytes_per_token(cfg, lay, b) if lay.activation_checkpointing else 0.0
     mlp_tokens = min(lay.mlp_chunk, tokens) if lay.mlp_chunk else tokens
-    grads = tokens * 2 * cfg.dim * b + mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
+    mlp = mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
     if lay.mlp_chunk:
-        grads += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp  # the tile's recomputed intermediates
+        mlp += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp  # the tile's recomputed intermediates
+    mlp_saved = 0 if lay.mlp_chunk else 4 * cfg.hidden_dim * b / lay.tp
     ring = tokens * 4 * cfg.kv_heads * cfg.head_dim * (b + 4) / lay.tp if lay.cp > 1 else 0.0
-    return recomputed + grads + ring
+    attention = ring - tokens * (norm_bytes(cfg, lay, b) + mlp_saved)
+    return recomputed + tokens * 2 * cfg.dim * b + max(mlp, attention)
 
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: Hardware) -> Estimate:
