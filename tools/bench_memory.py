@@ -132,9 +132,9 @@ def run_one(args) -> dict:
 
 
 def predicted_bytes(args) -> float:
-    """megaring.plan's saved + transient + gradients for this configuration (cp = tp = 1, float32):
-    what the measured step allocates over the resident weights; HF: none."""
-    from megaring.plan import Hardware, Layout, estimate, grad_bytes
+    """megaring.plan's ``Estimate.step`` for this configuration (cp = tp = 1, float32): what the measured
+    step allocates over the resident weights; HF: none."""
+    from megaring.plan import Hardware, Layout, estimate
 
     if args.one.startswith("hf"):
         return float("nan")
@@ -142,7 +142,7 @@ def predicted_bytes(args) -> float:
     lay = Layout(activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
                  mlp_chunk=cfg.mlp_chunk)
     e = estimate(cfg, args.seq_len, 1, lay, Hardware(dtype_bytes=4))
-    return e.saved + e.transient + grad_bytes(cfg, lay, 4)
+    return e.step
 
 
 def spawn(name: str, args) -> dict:

@@ -9,9 +9,9 @@ per rank (rank 0's ``metrics.jsonl``):
   (``megaring.train.metrics.StepMemory``). What was resident before (interpreter, torch, DeepSpeed,
   weights, Adam's states, which DeepSpeed's ZeRO optimizer creates at initialisation, the data
   pipeline) is not the step's, and the planner's ``states`` other than the gradients do not move.
-- **predicted** = ``saved + transient + grad_bytes`` of ``megaring.plan.estimate`` for the same
-  layout: the activations, the working memory, and the weight gradients (the one part of the states
-  that a step allocates and that does not exist before it).
+- **predicted** = ``Estimate.step`` of ``megaring.plan.estimate`` for the same layout: the
+  activations, the working memory, and the weight gradients that exist at that moment (the one part
+  of the states a step allocates and that does not exist before it).
 - error = predicted / measured - 1. ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave the
   resident set, so resident memory follows the live tensors.
 
@@ -30,7 +30,7 @@ import json
 import os
 from pathlib import Path
 
-from megaring.plan import Hardware, Layout, estimate, grad_bytes, longest_seq_len
+from megaring.plan import Hardware, Layout, estimate, longest_seq_len
 from tools.bench_layouts import train
 from tools.bench_model import load_config
 
@@ -62,14 +62,15 @@ def model_args(model: str, features: str) -> tuple[list[str], dict]:
 
 
 def with_prediction(r: dict) -> dict:
-    """The step's predicted memory per rank: saved + transient + the gradients it allocates (ZeRO-1)."""
+    """The step's predicted memory per rank: ``Estimate.step`` (saved + transient + the gradients that
+    exist by the activation peak, or all gradients at the optimizer step if more)."""
     _, fields = model_args(r["model"], r["features"])
     cfg = dataclasses.replace(load_config("tiny"), **fields)
     tp = r["tp"]
     lay = Layout(1, r["cp"], tp, 1, tp > 1, cfg.activation_checkpointing, cfg.loss_chunk, cfg.mlp_chunk)
-    est, grads = estimate(cfg, r["seq_len"], 1, lay, Hardware(dtype_bytes=4)), grad_bytes(cfg, lay, 4)
-    return r | {"predicted_gib": (est.saved + est.transient + grads) / 2**30, "saved_gib": est.saved / 2**30,
-                "transient_gib": est.transient / 2**30, "grads_gib": grads / 2**30}
+    est = estimate(cfg, r["seq_len"], 1, lay, Hardware(dtype_bytes=4))
+    return r | {"predicted_gib": est.step / 2**30, "saved_gib": est.saved / 2**30,
+                "transient_gib": est.transient / 2**30, "grads_gib": est.live_grads / 2**30}
 
 
 def run_point(out: Path, model: str, seq_len: int, cp: int, tp: int, features: str) -> dict:
@@ -133,7 +134,7 @@ def longest_table(model: str, memory_gib: float, reserved_gib: float) -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| model | seq_len | cp | tp | features | measured step | predicted step | saved | transient | "
-           "grads | error | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "live grads | error | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = r["predicted_gib"] / r["measured_gib"] - 1
         out.append(f"| {r['model']} | {r['seq_len']:,} | {r['cp']} | {r['tp']} | {r['features']} | "

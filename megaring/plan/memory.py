@@ -1,6 +1,8 @@
 """A memory and step-time model of one training step per rank (no torch.distributed, no tensors).
 
-Peak bytes per rank = states + saved + transient. ``n = dp * cp`` is the ZeRO group, ``P`` the
+Peak bytes per rank = states - grads + max(grads, live grads + saved + transient): the activation
+peak meets only the gradients the backward has made by then (the output layer's, the last layer's),
+the optimizer step meets all of them and no activations. ``n = dp * cp`` is the ZeRO group, ``P`` the
 parameters, ``b`` the bytes of the compute dtype (4 float32, 2 bfloat16), ``T = micro * seq / cp``
 the tokens a rank holds, ``s = tp`` with sequence parallelism (else 1), ``H, H_kv, D, F, V`` the
 heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor the code keeps
@@ -75,10 +77,18 @@ class Estimate:
     saved: float
     transient: float
     step_s: float
+    grads: float = 0.0  # all the weight gradients (part of states): with the optimizer step, no activations
+    live_grads: float = 0.0  # those that exist at the activation peak (the output layer's, the last layer's)
 
     @property
     def peak(self) -> float:
-        return self.states + self.saved + self.transient
+        """The larger of the activation peak (with the gradients that exist by then) and the optimizer step."""
+        return self.states - self.grads + max(self.grads, self.live_grads + self.saved + self.transient)
+
+    @property
+    def step(self) -> float:
+        """What a step allocates at its peak over what stays resident between steps (measured as step_mem_gib)."""
+        return self.peak - (self.states - self.grads)
 
 
 def state_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
@@ -92,6 +102,16 @@ def grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     """The weight gradients: the part of the states a step allocates (none exist between steps)."""
     n = lay.dp * lay.cp
     return num_params(cfg) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
+
+
+def live_grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
+    """The gradients that exist at the activation peak: the backward has produced the output layer's
+    (and the final norm's) by the logits' moment and the last layer's by its own; the rest come later,
+    as the activations are freed."""
+    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    layer = (num_params(cfg) - embeddings - cfg.dim) / cfg.n_layers
+    n = lay.dp * lay.cp
+    return (cfg.vocab_size * cfg.dim + layer + cfg.dim) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
 
 
 def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
@@ -138,7 +158,8 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: 
     logits = loss_tokens * vocab_local * (b + 4 + (4 if b < 4 else 0))
     # By a layer's backward the final norm's backward has run and freed its rows.
     transient = max(logits, layer_backward_bytes(cfg, lay, b, tokens) - tokens * norm_bytes(cfg, lay, b))
-    return Estimate(lay, state_bytes(cfg, lay, b), saved, transient, step_seconds(cfg, seq_len, micro_batch, lay, hw))
+    return Estimate(lay, state_bytes(cfg, lay, b), saved, transient, step_seconds(cfg, seq_len, micro_batch, lay, hw),
+                    grad_bytes(cfg, lay, b), live_grad_bytes(cfg, lay, b))
 
 
 def step_seconds(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: Hardware) -> float:

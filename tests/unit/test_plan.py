@@ -113,3 +113,13 @@ def test_saved_activations_are_the_tensors_the_model_saves():
         lay = Layout(loss_chunk=cfg.loss_chunk, mlp_chunk=cfg.mlp_chunk)
         counted, predicted = saved_bytes(cfg, 512), estimate(cfg, 512, 1, lay, hw).saved
         assert 0 <= predicted - counted <= 512 * 4 * 8, (fields, counted, predicted)
+
+
+def test_the_activation_peak_meets_only_the_gradients_made_by_then():
+    hw = Hardware(dtype_bytes=4)
+    layer = (num_params(TINY) - 2 * 256 * 64 - 64) / 2  # one layer's parameters
+    long = estimate(TINY, 4096, 1, Layout(), hw)
+    assert long.live_grads == (256 * 64 + layer + 64) * 4  # the output layer, the final norm, the last layer
+    assert long.peak == long.states - long.grads + long.live_grads + long.saved + long.transient
+    short = estimate(TINY, 2, 1, Layout(), hw)  # next to no activations: the optimizer step with every gradient
+    assert short.peak == short.states and short.step == short.grads
