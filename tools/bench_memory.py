@@ -132,7 +132,8 @@ def run_one(args) -> dict:
 
 
 def predicted_bytes(args) -> float:
-    """megaring.plan's saved + transient for this configuration (cp = tp = 1, float32); HF: none."""
+    """megaring.plan's ``Estimate.step`` for this configuration (cp = tp = 1, float32): what the measured
+    step allocates over the resident weights; HF: none."""
     from megaring.plan import Hardware, Layout, estimate
 
     if args.one.startswith("hf"):
@@ -141,7 +142,7 @@ def predicted_bytes(args) -> float:
     lay = Layout(activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
                  mlp_chunk=cfg.mlp_chunk)
     e = estimate(cfg, args.seq_len, 1, lay, Hardware(dtype_bytes=4))
-    return e.saved + e.transient
+    return e.step
 
 
 def spawn(name: str, args) -> dict:

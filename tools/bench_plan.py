@@ -1,18 +1,21 @@
-"""The planner's memory model (``megaring.plan``) against measured peaks of real training steps.
+"""The planner's memory model (``megaring.plan``) against the measured memory of real training steps.
 
 Every point is a real ``megaring-train`` run (self-spawned gloo workers, ``data=mock``: packed
-documents of mean length 2048, float32, ZeRO-1, one step) whose peak resident memory per rank
-(rank 0's ``peak_mem_gib``) is compared with ``megaring.plan.estimate`` for the same layout:
+documents of mean length 2048, float32, ZeRO-1, one step). The comparison is made inside the run,
+per rank (rank 0's ``metrics.jsonl``):
 
-- **measured step memory** = peak at the length - peak of the same model and layout at 512 tokens
-  per rank, features off (the base run: interpreter, torch, DeepSpeed, model states, data pipeline,
-  and a 512-token step; measured once per (model, cp, tp), since the planner does not model a host);
-- **predicted step memory** = ``saved + transient`` of the estimate at the point minus the same of
-  the estimate of the base run (its ``states`` cancel), so both sides are the same difference;
-- error = predicted / measured - 1. One step is enough: DeepSpeed's ZeRO optimizer creates Adam's
-  states at initialisation, so they are in the base. ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave.
+- **measured** = ``step_mem_gib`` of step 1: the high-water mark of resident memory during the step
+  (batch, forward, backward, optimizer step) minus resident memory just before it
+  (``megaring.train.metrics.StepMemory``). What was resident before (interpreter, torch, DeepSpeed,
+  weights, Adam's states, which DeepSpeed's ZeRO optimizer creates at initialisation, the data
+  pipeline) is not the step's, and the planner's ``states`` other than the gradients do not move.
+- **predicted** = ``Estimate.step`` of ``megaring.plan.estimate`` for the same layout: the
+  activations, the working memory, and the weight gradients that exist at that moment (the one part
+  of the states a step allocates and that does not exist before it).
+- error = predicted / measured - 1. ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave the
+  resident set, so resident memory follows the live tensors.
 
-    python -m tools.bench_plan --json /tmp/bench_plan.json --plot docs/img/plan_predicted_vs_measured.png
+    python -m tools.bench_plan --json docs/img/plan_points.json --plot docs/img/plan_predicted_vs_measured.png
     python -m tools.bench_plan --longest 125m     # the longest sequence per layout on this host (no runs)
 
 Measurements already in ``--json`` are not run again; the predictions are always recomputed, so
@@ -28,22 +31,23 @@ import os
 from pathlib import Path
 
 from megaring.plan import Hardware, Layout, estimate, longest_seq_len
-from tools.bench_layouts import peak_memory, train
+from tools.bench_layouts import train
 from tools.bench_model import load_config
 
 # "small": a 4-layer model with a Llama-2-sized vocabulary, so that the logits matter as they do in 125m+.
 SMALL = {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 768, "vocab_size": 32000}
 CHUNKS = {"loss_chunk": 2048, "mlp_chunk": 2048}
 
-# (model, cp, tp, global seq_len, features): "off", "chunks" (loss + MLP), "chunks+ac" (and checkpointing)
+# (model, global seq_len, cp, tp, features): "off", "chunks" (loss + MLP), "chunks+ac" (and checkpointing).
+# Sequence parallelism whenever tp > 1. Ordered cheapest first (one tiny cp=1 step at 131K takes minutes).
 POINTS = (
-    ("tiny", 1, 1, 32768, "off"), ("tiny", 1, 1, 131072, "off"), ("tiny", 1, 1, 131072, "chunks+ac"),
-    ("tiny", 1, 2, 65536, "off"), ("tiny", 2, 1, 65536, "off"), ("tiny", 2, 2, 131072, "chunks"),
-    ("tiny", 4, 1, 131072, "off"),
-    ("small", 1, 1, 8192, "off"), ("small", 1, 1, 8192, "chunks"), ("small", 1, 1, 16384, "chunks+ac"),
-    ("small", 2, 2, 16384, "off"), ("small", 2, 1, 16384, "chunks"),
+    ("tiny", 65536, 2, 1, "off"), ("tiny", 131072, 4, 1, "off"), ("tiny", 131072, 4, 1, "chunks"),
+    ("tiny", 131072, 2, 2, "chunks"), ("tiny", 32768, 1, 1, "off"), ("tiny", 32768, 1, 2, "off"),
+    ("tiny", 65536, 1, 1, "chunks+ac"), ("tiny", 131072, 4, 1, "chunks+ac"),
+    ("small", 16384, 2, 1, "chunks"), ("small", 8192, 1, 1, "off"), ("small", 8192, 1, 1, "chunks"),
+    ("small", 8192, 1, 1, "chunks+ac"), ("small", 8192, 1, 2, "off"), ("small", 16384, 2, 2, "off"),
+    ("small", 16384, 4, 1, "chunks+ac"), ("tiny", 131072, 1, 1, "chunks+ac"),
 )
-BASE_LEN = 512
 
 
 def model_args(model: str, features: str) -> tuple[list[str], dict]:
@@ -57,34 +61,32 @@ def model_args(model: str, features: str) -> tuple[list[str], dict]:
     return overrides, fields
 
 
-def predicted(model: str, cp: int, tp: int, seq_len: int, features: str):
-    _, fields = model_args(model, features)
-    cfg = dataclasses.replace(load_config("tiny"), **fields)
-    lay = Layout(1, cp, tp, 1, tp > 1, cfg.activation_checkpointing, cfg.loss_chunk, cfg.mlp_chunk)
-    return estimate(cfg, seq_len, 1, lay, Hardware(dtype_bytes=4))
-
-
 def with_prediction(r: dict) -> dict:
-    """The predicted step memory above the base run, as measured: estimate(point) - estimate(base run)."""
-    est = predicted(r["model"], r["cp"], r["tp"], r["seq_len"], r["features"])
-    base = predicted(r["model"], r["cp"], r["tp"], BASE_LEN * r["cp"], "off")
-    step, base_step = est.saved + est.transient, base.saved + base.transient
-    return r | {"predicted_gib": (step - base_step) / 2**30, "saved_gib": est.saved / 2**30,
-                "transient_gib": est.transient / 2**30, "base_step_gib": base_step / 2**30}
+    """The step's predicted memory per rank: ``Estimate.step`` (saved + transient + the gradients that
+    exist by the activation peak, or all gradients at the optimizer step if more)."""
+    _, fields = model_args(r["model"], r["features"])
+    cfg = dataclasses.replace(load_config("tiny"), **fields)
+    tp = r["tp"]
+    lay = Layout(1, r["cp"], tp, 1, tp > 1, cfg.activation_checkpointing, cfg.loss_chunk, cfg.mlp_chunk)
+    est = estimate(cfg, r["seq_len"], 1, lay, Hardware(dtype_bytes=4))
+    return r | {"predicted_gib": est.step / 2**30, "saved_gib": est.saved / 2**30,
+                "transient_gib": est.transient / 2**30, "grads_gib": est.live_grads / 2**30}
 
 
-def run_point(out: Path, model: str, cp: int, tp: int, seq_len: int, features: str, steps: int) -> float:
+def run_point(out: Path, model: str, seq_len: int, cp: int, tp: int, features: str) -> dict:
+    """One training step of the point; rank 0's memory of step 1."""
     overrides, _ = model_args(model, features)
     extra = [*overrides, f"parallel.sequence_parallel={str(tp > 1).lower()}"]
     name = f"{model}_cp{cp}_tp{tp}_{seq_len}_{features}"
-    run = train(out / name, 1, cp, tp, seq_len, steps, 1, [a for a in extra if a != "model=tiny"])
-    return peak_memory(run)
+    first = train(out / name, 1, cp, tp, seq_len, 1, 1, [a for a in extra if a != "model=tiny"]).metrics[0]
+    return {"model": model, "seq_len": seq_len, "cp": cp, "tp": tp, "features": features,
+            "measured_gib": first["step_mem_gib"], "peak_gib": first["peak_mem_gib"],
+            "step_time_s": first["step_time_s"]}
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_plan_runs"))
-    p.add_argument("--steps", type=int, default=1)
     p.add_argument("--only", type=int, nargs="*", help="indices into the point list")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
@@ -98,22 +100,15 @@ def main(argv=None) -> list[dict]:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     points = [POINTS[i] for i in args.only] if args.only else list(POINTS)
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
-    done = {(r["model"], r["cp"], r["tp"], r["seq_len"], r["features"]) for r in rows}
-    bases: dict[tuple, float] = {(r["model"], r["cp"], r["tp"]): r["base_gib"] for r in rows}
+    done = {(r["model"], r["seq_len"], r["cp"], r["tp"], r["features"]) for r in rows}
     for pt in points:
-        model, cp, tp, seq_len, features = pt
         if pt in done:
             continue
         try:
-            if (model, cp, tp) not in bases:
-                bases[model, cp, tp] = run_point(args.out, model, cp, tp, BASE_LEN * cp, "off", args.steps)
-            peak = run_point(args.out, model, cp, tp, seq_len, features, args.steps)
+            rows.append(run_point(args.out, *pt))
         except Exception as e:  # keep going: one failed point must not lose the others
             print(f"failed: {pt}: {e}", flush=True)
             continue
-        base = bases[model, cp, tp]
-        rows.append({"model": model, "cp": cp, "tp": tp, "seq_len": seq_len, "features": features,
-                     "peak_gib": peak, "base_gib": base, "measured_gib": peak - base})
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         print(json.dumps(rows[-1]), flush=True)
@@ -138,14 +133,15 @@ def longest_table(model: str, memory_gib: float, reserved_gib: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | cp | tp | seq_len | features | peak per rank | base (512 tokens) | measured step | "
-           "predicted step | error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | seq_len | cp | tp | features | measured step | predicted step | saved | transient | "
+           "live grads | error | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = r["predicted_gib"] / r["measured_gib"] - 1
-        out.append(f"| {r['model']} | {r['cp']} | {r['tp']} | {r['seq_len']:,} | {r['features']} | "
-                   f"{r['peak_gib']:.3f} GiB | {r['base_gib']:.3f} | {r['measured_gib']:.3f} | "
-                   f"{r['predicted_gib']:.3f} | {err:+.0%} |")
-    return "\n".join(out)
+        out.append(f"| {r['model']} | {r['seq_len']:,} | {r['cp']} | {r['tp']} | {r['features']} | "
+                   f"{r['measured_gib']:.3f} GiB | {r['predicted_gib']:.3f} GiB | {r['saved_gib']:.3f} | "
+                   f"{r['transient_gib']:.3f} | {r['grads_gib']:.3f} | {err:+.1%} | {r['peak_gib']:.3f} GiB |")
+    inside = sum(abs(r["predicted_gib"] / r["measured_gib"] - 1) <= 0.10 for r in rows)
+    return "\n".join(out) + f"\n\nwithin 10%: {inside} of {len(rows)}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -166,7 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
     xs = [lo, hi]
     ax.plot(xs, xs, "k-", lw=0.8, label="predicted = measured")
     ax.fill_between(xs, [x * 0.9 for x in xs], [x * 1.1 for x in xs], color="grey", alpha=0.2, label="±10%")
-    ax.set(xscale="log", yscale="log", xlabel="measured step memory per rank (GiB)",
+    ax.set(xscale="log", yscale="log", xlabel="measured step memory per rank, rank 0 (GiB)",
            ylabel="predicted step memory per rank (GiB)", title="megaring.plan: predicted vs measured")
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """A memory and step-time model of one training step per rank (no torch.distributed, no tensors).
 
-Peak bytes per rank = states + saved + transient. ``n = dp * cp`` is the ZeRO group, ``P`` the
+Peak bytes per rank = states - grads + max(grads, live grads + saved + transient): the activation
+peak meets only the gradients the backward has made by then (the output layer's, the last layer's),
+the optimizer step meets all of them and no activations. ``n = dp * cp`` is the ZeRO group, ``P`` the
 parameters, ``b`` the bytes of the compute dtype (4 float32, 2 bfloat16), ``T = micro * seq / cp``
 the tokens a rank holds, ``s = tp`` with sequence parallelism (else 1), ``H, H_kv, D, F, V`` the
 heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor the code keeps
@@ -13,16 +15,23 @@ heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor
       layer   = 2 norm + attention + mlp
       norm    = dim / s * (4 + b) + dim * b + 4 / s   RMSNorm: float32 input and normalised (b) rows, the
                                                       (gathered) output the next matmul saves, 1 / rms
-      attn    = ((2 H + 2 H_kv) D b + 4 H) / tp       q, k, v (heads-major copies), output, float32 lse
+      attn    = ((3 H + 2 H_kv) D b + 4 H) / tp       q, k, v (heads-major copies), output (heads-major),
+                                                      float32 lse (ring attention's); the output's
+                                                      token-major copy (W_o's input)
       mlp     = 4 F b / tp                            w13 output (2 F), silu, product; 0 with mlp_chunk
       outside = norm + 2 D b + 40                     final norm, rope cos/sin, the batch (4 x int64), losses
     transient = the larger of the two moments the saved activations meet the most working memory:
       end of forward   T_c * V / tp * (b + 4 + 4 [b < 4])   one chunk of logits (T_c = loss_chunk or T),
                                                            its float32 copy and the shifted exp / softmax
-      a layer backward (layer if checkpointing: the recomputed layer) + 3 F b / tp (the SwiGLU's
-                       gradients; per tile with mlp_chunk, plus the tiles' output and its gradient 2 dim b)
-                       + 4 H_kv D (b + 4) / tp at cp > 1 (the ring's K/V blocks and float32 dK/dV
-                       accumulators, each in flight both ways)
+      the last layer's backward
+                       (layer if checkpointing: the recomputed layer) + 2 dim b (the residual stream's
+                       gradient, the block input's) - norm (the final norm's rows: its backward has
+                       run and freed them) + the larger of two moments that never coexist:
+                         the MLP's backward: 3 F b / tp (the SwiGLU's gradients; per tile with
+                           mlp_chunk, plus the tile's recomputed 4 F b / tp)
+                         the attention's, at cp > 1: 4 H_kv D (b + 4) / tp (the ring's K/V blocks and
+                           float32 dK/dV accumulators, each in flight both ways) - norm - mlp (the MLP
+                           and ffn norm have freed what they saved)
 
 The formulas count what the code in megaring.model keeps, not allocator slack or the host process
 (interpreter, torch, CUDA context): validated against measured steps in docs/benchmarks.md. Step time
@@ -68,18 +77,41 @@ class Estimate:
     saved: float
     transient: float
     step_s: float
+    grads: float = 0.0  # all the weight gradients (part of states): with the optimizer step, no activations
+    live_grads: float = 0.0  # those that exist at the activation peak (the output layer's, the last layer's)
 
     @property
     def peak(self) -> float:
-        return self.states + self.saved + self.transient
+        """The larger of the activation peak (with the gradients that exist by then) and the optimizer step."""
+        return self.states - self.grads + max(self.grads, self.live_grads + self.saved + self.transient)
+
+    @property
+    def step(self) -> float:
+        """What a step allocates at its peak over what stays resident between steps (measured as step_mem_gib)."""
+        return self.peak - (self.states - self.grads)
 
 
 def state_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     p, n = num_params(cfg) / lay.tp, lay.dp * lay.cp
     weights = p * b / (n if lay.zero_stage >= 3 else 1)
-    grads = p * b / (n if lay.zero_stage >= 2 else 1)
     optim = p * (8 + (4 if b < 4 else 0)) / (n if lay.zero_stage >= 1 else 1)
-    return weights + grads + optim
+    return weights + grad_bytes(cfg, lay, b) + optim
+
+
+def grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
+    """The weight gradients: the part of the states a step allocates (none exist between steps)."""
+    n = lay.dp * lay.cp
+    return num_params(cfg) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
+
+
+def live_grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
+    """The gradients that exist at the activation peak: the backward has produced the output layer's
+    (and the final norm's) by the logits' moment and the last layer's by its own; the rest come later,
+    as the activations are freed."""
+    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    layer = (num_params(cfg) - embeddings - cfg.dim) / cfg.n_layers
+    n = lay.dp * lay.cp
+    return (cfg.vocab_size * cfg.dim + layer + cfg.dim) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
 
 
 def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
@@ -91,20 +123,26 @@ def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
 
 def layer_bytes_per_token(cfg: ModelConfig, lay: Layout, b: int) -> float:
     """What one layer keeps for its backward, per token (the MLP's intermediates: none when tiled)."""
-    attn = ((2 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * b + 4 * cfg.n_heads) / lay.tp
+    attn = ((3 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * b + 4 * cfg.n_heads) / lay.tp
     mlp = 0 if lay.mlp_chunk else 4 * cfg.hidden_dim * b / lay.tp
     return 2 * norm_bytes(cfg, lay, b) + attn + mlp
 
 
 def layer_backward_bytes(cfg: ModelConfig, lay: Layout, b: int, tokens: int) -> float:
-    """Working memory of one layer's backward beyond what is saved (recomputed layer, gradients, ring)."""
+    """Working memory of the last layer's backward beyond what is saved: the recomputed layer
+    (checkpointing), the residual stream's gradient and the gradient of the block's input (two rows),
+    and the larger of the MLP's backward (the SwiGLU's gradients; per tile with mlp_chunk, plus the
+    tile recomputed) and the attention's at cp > 1 (the ring's buffers), which never coexist: by the
+    attention's backward the MLP's has freed its gradients, its saved intermediates and the ffn norm's rows."""
     recomputed = tokens * layer_bytes_per_token(cfg, lay, b) if lay.activation_checkpointing else 0.0
     mlp_tokens = min(lay.mlp_chunk, tokens) if lay.mlp_chunk else tokens
-    grads = mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
+    mlp = mlp_tokens * 3 * cfg.hidden_dim * b / lay.tp
     if lay.mlp_chunk:
-        grads += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp + tokens * 2 * cfg.dim * b  # the tile, dx, output
+        mlp += mlp_tokens * 4 * cfg.hidden_dim * b / lay.tp  # the tile's recomputed intermediates
+    mlp_saved = 0 if lay.mlp_chunk else 4 * cfg.hidden_dim * b / lay.tp
     ring = tokens * 4 * cfg.kv_heads * cfg.head_dim * (b + 4) / lay.tp if lay.cp > 1 else 0.0
-    return recomputed + grads + ring
+    attention = ring - tokens * (norm_bytes(cfg, lay, b) + mlp_saved)
+    return recomputed + tokens * 2 * cfg.dim * b + max(mlp, attention)
 
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: Hardware) -> Estimate:
@@ -118,8 +156,10 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: 
     vocab_local = -(-cfg.vocab_size // lay.tp)
     loss_tokens = min(lay.loss_chunk, tokens) if lay.loss_chunk else tokens
     logits = loss_tokens * vocab_local * (b + 4 + (4 if b < 4 else 0))
-    transient = max(logits, layer_backward_bytes(cfg, lay, b, tokens))
-    return Estimate(lay, state_bytes(cfg, lay, b), saved, transient, step_seconds(cfg, seq_len, micro_batch, lay, hw))
+    # By a layer's backward the final norm's backward has run and freed its rows.
+    transient = max(logits, layer_backward_bytes(cfg, lay, b, tokens) - tokens * norm_bytes(cfg, lay, b))
+    return Estimate(lay, state_bytes(cfg, lay, b), saved, transient, step_seconds(cfg, seq_len, micro_batch, lay, hw),
+                    grad_bytes(cfg, lay, b), live_grad_bytes(cfg, lay, b))
 
 
 def step_seconds(cfg: ModelConfig, seq_len: int, micro_batch: int, lay: Layout, hw: Hardware) -> float:

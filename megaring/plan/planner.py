@@ -79,5 +79,6 @@ def _row(e: Estimate) -> str:
     lay = e.layout
     return (f"dp={lay.dp} cp={lay.cp} tp={lay.tp} zero={lay.zero_stage} sp={lay.sequence_parallel} "
             f"ac={lay.activation_checkpointing} loss_chunk={lay.loss_chunk} mlp_chunk={lay.mlp_chunk}: "
-            f"peak {gib(e.peak)} (states {gib(e.states)}, saved {gib(e.saved)}, transient {gib(e.transient)}), "
+            f"peak {gib(e.peak)} (states {gib(e.states)}, saved {gib(e.saved)}, transient {gib(e.transient)}, "
+            f"of the gradients {gib(e.live_grads)} at the activation peak), "
             f"step {e.step_s:.3f} s")

@@ -39,17 +39,63 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
     return None
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory, or on CPU the peak resident set size of this process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+class StepMemory:
+    """Memory per rank: the process's peak so far (``peak_mem_gib``) and what one training step adds
+    at its peak to the memory resident just before it (``step_mem_gib``: its activations, working
+    memory and gradients, the quantity ``megaring.plan`` predicts above the states kept between steps).
+
+    CUDA: allocated bytes (``max_memory_allocated`` after ``reset_peak_memory_stats``). CPU: resident
+    memory. ``start`` resets the kernel's high-water mark (``VmHWM``) to the current resident size
+    through ``/proc/self/clear_refs``; that also resets ``ru_maxrss``, so the process peak is kept
+    here. Without a writable ``/proc/self/clear_refs`` (not Linux) ``step_mem_gib`` is None.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.before, self.peak, self.resets = device, 0, 0, True
+
+    def start(self) -> None:
+        """Call before the step reads its batch."""
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return
+        self.peak = max(self.peak, _resident_peak())
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self.before = _proc_status_bytes("VmRSS")
+        except OSError:
+            self.resets = False
+
+    def metrics(self) -> dict:
+        """Call after the step: ``peak_mem_gib`` and ``step_mem_gib``."""
+        if self.device.type == "cuda":
+            now = torch.cuda.max_memory_allocated(self.device)
+        else:
+            now = _resident_peak()
+        self.peak = max(self.peak, now)
+        step = (now - self.before) / 2**30 if self.resets else None
+        return {"peak_mem_gib": self.peak / 2**30, "step_mem_gib": step}
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) * 1024
+
+
+def _resident_peak() -> int:
+    """Peak resident bytes since the last reset of the high-water mark (the process's, if never reset)."""
+    try:
+        return _proc_status_bytes("VmHWM")
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss * (1 if sys.platform == "darwin" else 1024)
 
 
 def step_metrics(step: int, result: StepResult, *, step_time_s: float, tokens_per_step: int,
                  flops_per_token: int, world_size: int, peak_tflops: float | None, tokens_seen: int,
-                 device: torch.device) -> dict:
+                 memory: StepMemory) -> dict:
     tokens_per_s = tokens_per_step / step_time_s
     tflops = tokens_per_s * flops_per_token / world_size / 1e12  # per device
     return {
@@ -61,7 +107,7 @@ def step_metrics(step: int, result: StepResult, *, step_time_s: float, tokens_pe
         "step_time_s": step_time_s,
         "tflops": tflops,
         "mfu": tflops / peak_tflops if peak_tflops else None,
-        "peak_mem_gib": peak_memory_gib(device),
+        **memory.metrics(),
         "tokens_seen": tokens_seen,
         "valid_tokens": result.valid_tokens,
     }

@@ -45,7 +45,14 @@ from megaring.train.engine import TrainEngine, build_engine, partitioned_constru
 from megaring.train.evaluate import evaluate
 from megaring.train.faults import maybe_inject
 from megaring.train.guards import NumericGuard
-from megaring.train.metrics import MetricsFile, ProgressBar, device_peak_tflops, log_to_run_dir, step_metrics
+from megaring.train.metrics import (
+    MetricsFile,
+    ProgressBar,
+    StepMemory,
+    device_peak_tflops,
+    log_to_run_dir,
+    step_metrics,
+)
 from megaring.train.preempt import Preempted, PreemptWatch
 from megaring.train.profile import StepProfiler
 from megaring.train.rundir import RunLock, lr_horizon, result_config
@@ -210,6 +217,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     guard = NumericGuard(t.max_bad_steps, t.loss_spike_factor)
     history, exit_code = [], 1
     profiler = StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device)
+    memory = StepMemory(run.device)
 
     def log_record(record: dict) -> None:
         history.append(record)
@@ -229,6 +237,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
         for step in range(start + 1, t.max_steps + 1):
             FLIGHT.at(step=step, phase="data")
             maybe_inject(rank, step, run.engine.module)
+            memory.start()
             began = time.perf_counter()
             lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
             batches = run.reader.micro_batches(step - 1)
@@ -244,7 +253,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
             metrics = step_metrics(step, result, step_time_s=step_time_s,
                                    tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
                                    world_size=run.mesh.dims.world_size, peak_tflops=peak,
-                                   tokens_seen=step * tokens_per_step, device=run.device) | work.metrics() | guarded
+                                   tokens_seen=step * tokens_per_step, memory=memory) | work.metrics() | guarded
             progress.update(metrics)
             if guard_note:
                 progress.note(guard_note)

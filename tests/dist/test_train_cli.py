@@ -32,7 +32,7 @@ COMMON = [o for o in TINY_RUN if not o.startswith(("logging.wandb", "parallel.ti
 ]
 RUN = [*COMMON, "parallel.dp=2"]
 SPAWN = ["parallel.nproc_per_node=2"]
-KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_mem_gib",
+KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_mem_gib", "step_mem_gib",
         "tokens_seen"}
 
 

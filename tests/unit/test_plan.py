@@ -82,3 +82,44 @@ def test_longest_seq_len_is_the_last_length_that_fits():
     assert n > 0 and n % (1024 * 4) == 0
     budget = hw.memory_bytes - hw.reserved_bytes
     assert estimate(TINY, n, 1, lay, hw).peak <= budget < estimate(TINY, n + 4096, 1, lay, hw).peak
+
+
+def saved_bytes(cfg: ModelConfig, seq_len: int) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of the real model (weights excluded)."""
+    import torch
+
+    from megaring.model import ParallelContext, build_model
+
+    model = build_model(cfg, ParallelContext.single(), seed=0).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, torch.arange(seq_len)[None], labels=tokens.roll(-1, 1))
+    return sum(n for ptr, n in seen.items() if ptr not in weights)
+
+
+def test_saved_activations_are_the_tensors_the_model_saves():
+    """Every term of ``saved`` names a tensor the model keeps: the estimate matches what autograd saves
+    (the batch's four int64 rows, of which autograd sees two, are the only difference)."""
+    hw = Hardware(dtype_bytes=4)
+    for fields in ({"loss_chunk": 100}, {"loss_chunk": 100, "mlp_chunk": 100}):
+        cfg = dataclasses.replace(TINY, **fields)
+        lay = Layout(loss_chunk=cfg.loss_chunk, mlp_chunk=cfg.mlp_chunk)
+        counted, predicted = saved_bytes(cfg, 512), estimate(cfg, 512, 1, lay, hw).saved
+        assert 0 <= predicted - counted <= 512 * 4 * 8, (fields, counted, predicted)
+
+
+def test_the_activation_peak_meets_only_the_gradients_made_by_then():
+    hw = Hardware(dtype_bytes=4)
+    layer = (num_params(TINY) - 2 * 256 * 64 - 64) / 2  # one layer's parameters
+    long = estimate(TINY, 4096, 1, Layout(), hw)
+    assert long.live_grads == (256 * 64 + layer + 64) * 4  # the output layer, the final norm, the last layer
+    assert long.peak == long.states - long.grads + long.live_grads + long.saved + long.transient
+    short = estimate(TINY, 2, 1, Layout(), hw)  # next to no activations: the optimizer step with every gradient
+    assert short.peak == short.states and short.step == short.grads
