@@ -9,7 +9,8 @@ heads, kv heads, head dim, MLP hidden dim and vocabulary. Every term is a tensor
 (bytes per token)::
 
     states  = P / tp * (b w + b g + o)   weights, grads, optimizer (fp32 master if b < 4, Adam m, v)
-              w = 1/n at stage 3, g = 1/n at stage >= 2, o = (8 + 4 [b < 4]) / n at stage >= 1
+              w = 1/n at stage 3, g = 1/n at stage >= 2, o = (8 + 4 m) / n at stage >= 1,
+              m = 1 for an fp32 master copy: b < 4, or ZeRO 1-2 (DeepSpeed copies its partition)
     saved   = T * (L * layer + outside)          without checkpointing
             = T * (L * dim / s * b + outside)    with it (each layer's input)
       layer   = 2 norm + attention + mlp
@@ -94,7 +95,10 @@ class Estimate:
 def state_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     p, n = num_params(cfg) / lay.tp, lay.dp * lay.cp
     weights = p * b / (n if lay.zero_stage >= 3 else 1)
-    optim = p * (8 + (4 if b < 4 else 0)) / (n if lay.zero_stage >= 1 else 1)
+    # Adam's m and v, plus an fp32 master copy: always below float32, and at ZeRO 1-2 in float32
+    # too (DeepSpeed clones each partition into its own fp32 buffer; stage 3 reuses a float32 one).
+    master = b < 4 or lay.zero_stage in (1, 2)
+    optim = p * (8 + (4 if master else 0)) / (n if lay.zero_stage >= 1 else 1)
     return weights + grad_bytes(cfg, lay, b) + optim
 
 
