@@ -258,15 +258,16 @@ def _label(run: dict) -> str:
 def predicted_vs_measured(args, runs: list[dict]) -> list[dict]:
     """``tools.plan_cp`` calibrated on this run: kernel TFLOP/s from the first run's busy time, the
     link from the timed ring exchange; its bytes and ranking next to the measured ones."""
-    from megaring.plan.cp import Cluster, Workload, predict
+    from megaring.plan.cp import Workload, predict
+    from megaring.plan.memory import Hardware
 
     w = Workload(args.seq_len, args.heads, args.kv_heads or args.heads, args.head_dim, 1, 1,
                  DTYPES[args.dtype].itemsize, not args.non_causal, bool(args.doc_len))
     flops = 3.5 * 2 * args.seq_len**2 * args.heads * args.head_dim / args.cp * (1 if w.causal else 2)
     tflops = flops / statistics.mean(r["busy_s"] for r in runs[0]["per_rank"]) / 1e12
     links = [r["link_gbps"] for r in runs if r["ring"] > 1]
-    cluster = Cluster(gpus_per_node=args.cp, intra_gbps=statistics.median(links) if links else 1.0,
-                      kernel_tflops=tflops, latency_us=100.0)
+    cluster = Hardware(gpus_per_node=args.cp, intra_gbps=statistics.median(links) if links else 1.0,
+                       tflops=tflops, latency_us=100.0)
     out = []
     for run in runs:
         pred = predict(w, cluster, args.cp, run["ulysses"])

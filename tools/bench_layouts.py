@@ -11,6 +11,9 @@ printed before it starts; the figures come from its ``metrics.jsonl``.
         ``peak = a + b * seq_len`` per cp, and from it the longest sequence that fits this machine's
         memory (all cp ranks on this host) and one device of that memory per rank.
 
+``--model`` picks a configs/model name (default tiny); trailing arguments are more ``megaring-train``
+overrides, e.g. ``model.activation_checkpointing=true``.
+
 Peak memory is rank 0's: peak resident set size on CPU (torch, DeepSpeed and the interpreter
 included), peak allocated memory on CUDA. Results are also written as JSON (``--json``).
 """
@@ -33,9 +36,9 @@ LAYOUTS = ((1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 1, 2))
 
 
 def train(run_dir: Path, dp: int, cp: int, tp: int, seq_len: int, steps: int, global_batch: int,
-          extra: list[str]) -> Run:
+          extra: list[str], model: str = "tiny") -> Run:
     """One ``megaring-train`` run, read back as the plot tool reads runs."""
-    cmd = [sys.executable, "-m", "megaring.train", "model=tiny", "data=mock", f"parallel.dp={dp}",
+    cmd = [sys.executable, "-m", "megaring.train", f"model={model}", "data=mock", f"parallel.dp={dp}",
            f"parallel.cp={cp}", f"parallel.tp={tp}", "parallel.nproc_per_node=auto", f"trainer.seq_len={seq_len}",
            f"trainer.global_batch_size={global_batch}", "trainer.micro_batch_size=1", f"trainer.max_steps={steps}",
            "trainer.checkpoint_every=0", "trainer.resume=false", "logging.wandb.mode=disabled",
@@ -53,7 +56,7 @@ def throughput(args) -> list[dict]:
     rows = []
     for dp, cp, tp in LAYOUTS:
         run = train(args.out / f"tput_dp{dp}_cp{cp}_tp{tp}", dp, cp, tp, args.seq_len, args.steps,
-                    args.global_batch, args.extra)
+                    args.global_batch, args.extra, model=args.model)
         rows.append({"dp": dp, "cp": cp, "tp": tp, "seq_len": args.seq_len, "steps": len(run.metrics),
                      "tokens_per_s": run.median("tokens_per_s"), "step_time_s": run.median("step_time_s"),
                      "peak_mem_gib": peak_memory(run)})
@@ -84,8 +87,10 @@ def memory(args) -> dict:
     points, fits = [], {}
     for cp in args.cp:
         for seq_len in args.seq_lens:
-            run = train(args.out / f"mem_cp{cp}_seq{seq_len}", 1, cp, 1, seq_len, args.steps, 1, args.extra)
+            run = train(args.out / f"mem_cp{cp}_seq{seq_len}", 1, cp, 1, seq_len, args.steps, 1, args.extra,
+                        model=args.model)
             points.append({"cp": cp, "seq_len": seq_len, "peak_mem_gib": peak_memory(run),
+                           "step_mem_gib": max(m.get("step_mem_gib") or 0.0 for m in run.metrics),
                            "step_time_s": run.metrics[-1]["step_time_s"]})
         mine = [p for p in points if p["cp"] == cp]
         if len(mine) < 2:
@@ -94,10 +99,11 @@ def memory(args) -> dict:
         fits[cp] = {"a_gib": a, "b_kib_per_token": b * 2**20,
                     "max_seq_len_this_host": int((budget / cp - a) / b),  # cp ranks share the host's memory
                     "max_seq_len_device_per_rank": int((budget - a) / b)}  # each rank has `budget` to itself
-    print("\n| cp | global seq_len | peak memory per rank | step time |")
-    print("|---|---|---|---|")
+    print("\n| cp | global seq_len | peak memory per rank | of which the step's | step time |")
+    print("|---|---|---|---|---|")
     for p in points:
-        print(f"| {p['cp']} | {p['seq_len']:,} | {p['peak_mem_gib']:.3f} GiB | {p['step_time_s']:.1f} s |")
+        print(f"| {p['cp']} | {p['seq_len']:,} | {p['peak_mem_gib']:.3f} GiB | {p['step_mem_gib']:.3f} GiB | "
+              f"{p['step_time_s']:.1f} s |")
     print(f"\nfit per rank: peak = a + b * seq_len; budget {budget:.1f} GiB")
     print("| cp | a (GiB) | b (KiB/token of the global sequence) | longest seq_len, all ranks on this host | "
           "longest seq_len, one such device per rank |")
@@ -122,6 +128,7 @@ def main(argv=None) -> None:
     m.add_argument("--budget-gib", type=float, default=None, help="memory to fit into (default: this machine's)")
     for sp in (t, m):
         sp.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_layouts")
+        sp.add_argument("--model", default="tiny", help="a configs/model name")
         sp.add_argument("--json", type=Path, default=None)
         sp.add_argument("extra", nargs="*", help="more megaring-train overrides")
     args = p.parse_args(argv)

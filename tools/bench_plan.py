@@ -7,8 +7,8 @@ per rank (rank 0's ``metrics.jsonl``):
 - **measured** = ``step_mem_gib`` of step 1: the high-water mark of resident memory during the step
   (batch, forward, backward, optimizer step) minus resident memory just before it
   (``megaring.train.metrics.StepMemory``). What was resident before (interpreter, torch, DeepSpeed,
-  weights, Adam's states, which DeepSpeed's ZeRO optimizer creates at initialisation, the data
-  pipeline) is not the step's, and the planner's ``states`` other than the gradients do not move.
+  the weights and ZeRO's fp32 copy, the data pipeline) is not the step's. Adam's moments are created
+  at step 1's optimizer step (torch's Adam is lazy), after the activations are freed.
 - **predicted** = ``Estimate.step`` of ``megaring.plan.estimate`` for the same layout: the
   activations, the working memory, and the weight gradients that exist at that moment (the one part
   of the states a step allocates and that does not exist before it).
@@ -17,6 +17,8 @@ per rank (rank 0's ``metrics.jsonl``):
 
     python -m tools.bench_plan --json docs/img/plan_points.json --plot docs/img/plan_predicted_vs_measured.png
     python -m tools.bench_plan --longest 125m     # the longest sequence per layout on this host (no runs)
+    python -m tools.bench_plan --longest 125m --memory-gib 21 --confirm --json docs/img/longest_125m.json
+        # and one real step at each predicted longest length, features off and all on, cp=1 and cp=4
 
 Measurements already in ``--json`` are not run again; the predictions are always recomputed, so
 rerunning the command after a change to the memory model re-scores the stored measurements.
@@ -93,10 +95,17 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--longest", default=None, help="a configs/model name: print the longest sequences instead")
     p.add_argument("--memory-gib", type=float, default=23.5, help="with --longest: the host's memory")
     p.add_argument("--reserved-gib", type=float, default=0.45, help="with --longest: per process, not for the step")
+    p.add_argument("--confirm", action="store_true",
+                   help="with --longest: train one real step at each predicted length (--only: indices of LONGEST)")
     args = p.parse_args(argv)
     if args.longest:
         print(longest_table(args.longest, args.memory_gib, args.reserved_gib))
-        return []
+        if not args.confirm:
+            return []
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        rows = confirm_longest(args.longest, args.memory_gib, args.reserved_gib, args.out, args.json, args.only)
+        print(longest_runs_table(rows))
+        return rows
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     points = [POINTS[i] for i in args.only] if args.only else list(POINTS)
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
@@ -119,14 +128,74 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+FEATURES = {"off": {}, "checkpointing": {"activation_checkpointing": True},
+            "all on": {"activation_checkpointing": True, **CHUNKS}}
+# (cp, features) of the confirming runs: the ranks share the host, so each gets memory / cp.
+LONGEST = ((1, "off"), (4, "off"), (4, "all on"), (1, "all on"))
+
+
+def confirm_longest(model: str, memory_gib: float, reserved_gib: float, out: Path, json_path: Path | None,
+                    only: list[int] | None) -> list[dict]:
+    """One real ``megaring-train`` step (``data=mock``: packed documents) at each predicted longest
+    length of :data:`LONGEST`. Rows already in ``json_path`` are not run again."""
+    rows = json.loads(json_path.read_text()) if json_path and json_path.exists() else []
+    for i, (cp, feat) in enumerate(LONGEST):
+        if (only and i not in only) or any(r["cp"] == cp and r["features"] == feat for r in rows):
+            continue
+        hw = _host_share(memory_gib, reserved_gib, cp)
+        n = longest_seq_len(load_config(model), Layout(cp=cp, **FEATURES[feat]), hw)
+        extra = [f"model.{k}={str(v).lower()}" for k, v in FEATURES[feat].items()]
+        try:
+            if n == 0:
+                raise ValueError("the planner fits no length in this memory")
+            first = train(out / f"longest_{model}_cp{cp}_{feat.replace(' ', '_')}_{n}", 1, cp, 1, n, 1, 1, extra,
+                          model=model).metrics[0]
+        except Exception as e:  # an out-of-memory kill is a result too: keep it and go on
+            print(f"failed: cp={cp} {feat} at {n}: {e}", flush=True)
+            first = {}
+        rows.append({"model": model, "cp": cp, "features": feat, "seq_len": n, "memory_gib": memory_gib,
+                     "reserved_gib": reserved_gib, "measured_gib": first.get("peak_mem_gib"),
+                     "step_mem_gib": first.get("step_mem_gib"), "step_time_s": first.get("step_time_s"),
+                     "loss": first.get("loss")})
+        print(json.dumps(rows[-1]), flush=True)
+        if json_path:
+            json_path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _host_share(memory_gib: float, reserved_gib: float, cp: int) -> Hardware:
+    """Each of the cp ranks' share of this host, float32."""
+    return Hardware(memory_bytes=memory_gib / cp * 2**30, dtype_bytes=4, reserved_bytes=reserved_gib * 2**30)
+
+
+def longest_runs_table(rows: list[dict]) -> str:
+    """Measured = rank 0's process peak (``peak_mem_gib``) and the step's own (``step_mem_gib``); every
+    rank of these layouts holds the same tokens, so the host holds about cp times rank 0's peak.
+    Predicted = ``Estimate.peak`` plus the reserved memory, and ``Estimate.step``."""
+    out = ["| cp | features | seq_len | peak per rank: predicted | measured | step: predicted | measured | "
+           "all ranks | KiB per token (step) | step time | loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["cp"], list(FEATURES).index(r["features"]))):
+        cp, n = r["cp"], r["seq_len"]
+        hw = _host_share(r["memory_gib"], r.get("reserved_gib", 0.45), cp)
+        est = estimate(load_config(r["model"]), n, 1, Layout(cp=cp, **FEATURES[r["features"]]), hw)
+        cells = [f"{cp}", r["features"], f"{n:,}", f"{(est.peak + hw.reserved_bytes) / 2**30:.2f} GiB"]
+        if r["measured_gib"] is None:
+            out.append("| " + " | ".join(cells) + " | did not train | | | | | | |")
+            continue
+        cells += [f"{r['measured_gib']:.2f} GiB", f"{est.step / 2**30:.2f} GiB", f"{r['step_mem_gib']:.2f} GiB",
+                  f"{r['measured_gib'] * cp:.1f} GiB", f"{r['step_mem_gib'] * 2**20 * cp / n:.0f}",
+                  f"{r['step_time_s']:.0f} s", f"{r['loss']:.4f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def longest_table(model: str, memory_gib: float, reserved_gib: float) -> str:
     """Longest sequence per (cp, memory per rank) and features, from megaring.plan.longest_seq_len."""
     cfg = load_config(model)
-    feats = {"off": {}, "checkpointing": {"activation_checkpointing": True},
-             "all on": {"activation_checkpointing": True, **CHUNKS}}
+    feats = FEATURES
     out = ["| cp | memory per rank | " + " | ".join(feats) + " |", "|---|---|" + "---|" * len(feats)]
-    for cp, per_rank in ((1, memory_gib), (4, memory_gib / 4), (4, memory_gib)):
-        hw = Hardware(memory_bytes=per_rank * 2**30, dtype_bytes=4, reserved_bytes=reserved_gib * 2**30)
+    for cp, share in ((1, 1), (4, 4), (4, 1)):
+        hw, per_rank = _host_share(memory_gib, reserved_gib, share), memory_gib / share
         cells = [f"{longest_seq_len(cfg, Layout(cp=cp, **kw), hw):,}" for kw in feats.values()]
         out.append(f"| {cp} | {per_rank:.1f} GiB | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from megaring.plan.cp import Cluster, Prediction, Workload, describe, plan
+from megaring.plan.cp import Prediction, Workload, describe, plan
+from megaring.plan.memory import Hardware
 
 
 def parse_args(argv=None):
@@ -50,11 +51,12 @@ def main(argv=None) -> list[Prediction]:
         args.layers = args.layers or cfg.n_layers
     w = Workload(args.seq_len, args.heads, args.kv_heads or args.heads, args.head_dim, args.batch, args.tp,
                  args.dtype_bytes, not args.non_causal, args.documents)
-    c = Cluster(args.gpus_per_node, args.intra_gbps, args.inter_gbps, args.kernel_tflops, args.latency_us)
+    c = Hardware(tflops=args.kernel_tflops, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
+                 gpus_per_node=args.gpus_per_node, latency_us=args.latency_us)
     preds = plan(w, c, args.cp)
     print(f"seq {w.seq_len} x batch {w.batch}, heads {w.n_heads}/{w.n_kv_heads} x {w.head_dim}, tp {w.tp}, "
           f"cp {args.cp}, {w.dtype_bytes}-byte elements; {c.gpus_per_node} GPUs/node, {c.intra_gbps} GB/s in the "
-          f"node, {c.inter_gbps} GB/s across, kernels {c.kernel_tflops} TFLOP/s, latency {c.latency_us} us")
+          f"node, {c.inter_gbps} GB/s across, kernels {c.tflops} TFLOP/s, latency {c.latency_us} us")
     print("per rank, one attention layer, forward + backward:")
     print(describe(preds))
     best = preds[0]

@@ -6,7 +6,9 @@ does). Mixes (see docs/benchmarks.md, "Packed documents over cp"):
 
 - ``stdlib``: the embedded stdlib corpus's documents in order, lengths estimated as bytes / 4;
 - ``lognormal``: median 1K tokens, sigma 1.5, the tail capped (256K by default);
-- ``512``: every document 512 tokens; ``one``: one document per sample.
+- ``512``: every document 512 tokens; ``one``: one document per sample;
+- edge cases for the tests: ``tiny`` (1-3 tokens each), ``huge`` (3/4 of the stream, then tiny
+  ones), ``awkward`` (prime lengths), ``short`` (3 tokens each).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-MIXES = ("stdlib", "lognormal", "one", "512")
+MIXES = ("stdlib", "lognormal", "one", "512", "tiny", "huge", "awkward", "short")
 
 
 def lognormal_lengths(total: int, seed: int = 0, cap: int = 256 * 1024) -> list[int]:
@@ -41,6 +43,15 @@ def stream(mix: str, total: int, seed: int = 0) -> list[int]:
         return [512] * (total // 512 + 1)
     if mix == "one":
         return [total]
+    rng = np.random.default_rng(seed)
+    if mix == "tiny":
+        return rng.integers(1, 4, total).tolist()
+    if mix == "huge":
+        return [total * 3 // 4, *rng.integers(1, 5, total).tolist()]
+    if mix == "awkward":
+        return [7, 13, 29, 3, 31, 11, 17] * (total // 111 + 1)
+    if mix == "short":
+        return [3] * (total // 3 + 1)
     raise ValueError(f"unknown document mix {mix!r}; choose one of {MIXES}")
 
 
@@ -60,3 +71,8 @@ def pack_samples(lengths: list[int], seq: int, n: int) -> list[list[int]]:
 def segment_ids(lengths: list[int]) -> torch.Tensor:
     """``(sum(lengths),)`` int64 ids: document i's tokens carry i."""
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def sample_segment_ids(mix: str, seq: int, seed: int = 0) -> torch.Tensor:
+    """``(seq,)`` segment ids of the first packed sample of a ``mix`` stream."""
+    return segment_ids(pack_samples(stream(mix, seq, seed), seq, 1)[0])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megaring.plan.memory import Hardware
 from megaring.ulysses.heads import head_problems, kv_heads_per_rank
 
 SEG_BYTES = 8  # int64 segment ids
@@ -53,17 +54,6 @@ class Workload:
     @property
     def heads(self) -> tuple[int, int]:
         return self.n_heads // self.tp, self.n_kv_heads // self.tp
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """Links and kernels: GB/s per GPU per direction inside a node and across nodes."""
-
-    gpus_per_node: int = 8
-    intra_gbps: float = 450.0
-    inter_gbps: float = 50.0
-    kernel_tflops: float = 400.0
-    latency_us: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -120,13 +110,13 @@ def _spread(group: int, stride: int, gpus_per_node: int) -> float:
     return (group - in_node) / (group - 1)
 
 
-def predict(w: Workload, c: Cluster, cp: int, ulysses: int) -> Prediction:
+def predict(w: Workload, c: Hardware, cp: int, ulysses: int) -> Prediction:
     ring = cp // ulysses
     h, h_kv = w.heads
     problems = tuple(head_problems(h, h_kv, ulysses, where="per-tp-rank")) if cp % ulysses == 0 else (
         f"ulysses={ulysses} does not divide cp={cp}",)
     fwd_flops = 2 * w.batch * w.seq_len**2 * h * w.head_dim / cp * (1 if w.causal else 2)
-    fwd_s, bwd_s = fwd_flops / (c.kernel_tflops * 1e12), 2.5 * fwd_flops / (c.kernel_tflops * 1e12)
+    fwd_s, bwd_s = fwd_flops / (c.tflops * 1e12), 2.5 * fwd_flops / (c.tflops * 1e12)
     lat = c.latency_us * 1e-6
     a2a = a2a_bytes(w, cp, ulysses)
     inter = _spread(ulysses, w.tp, c.gpus_per_node)
@@ -146,7 +136,7 @@ def predict(w: Workload, c: Cluster, cp: int, ulysses: int) -> Prediction:
     return Prediction(ulysses, ring, a2a, ring_bytes(w, cp, ulysses), fwd_s + bwd_s, a2a_s, ring_s, problems)
 
 
-def plan(w: Workload, c: Cluster, cp: int) -> list[Prediction]:
+def plan(w: Workload, c: Hardware, cp: int) -> list[Prediction]:
     """Every factorisation of cp, best (feasible, fastest) first."""
     preds = [predict(w, c, cp, u) for u in range(1, cp + 1) if cp % u == 0]
     return sorted(preds, key=lambda p: (bool(p.problems), p.time_s))

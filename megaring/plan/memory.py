@@ -63,12 +63,17 @@ class Layout:
 
 @dataclass(frozen=True)
 class Hardware:
+    """One device and its links, for the memory and step model here and the attention cost model of
+    :mod:`megaring.plan.cp`; link speeds are GB/s per device per direction."""
+
     memory_bytes: float = 80e9
     dtype_bytes: int = 2
     tflops: float = 400.0  # sustained matmul throughput per device
     intra_gbps: float = 300.0  # GB/s per device for tp / cp traffic
     inter_gbps: float = 25.0  # GB/s per device for the dp_cp gradient reduce
     reserved_bytes: float = 0.0  # per device, not for the step: CUDA context, or on CPU the host process
+    gpus_per_node: int = 8  # devices that share the fast links (megaring.plan.cp: where a group crosses nodes)
+    latency_us: float = 10.0  # per message
 
 
 @dataclass(frozen=True)

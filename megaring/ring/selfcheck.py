@@ -26,6 +26,7 @@ from megaring.distributed.mesh import Axis
 from megaring.kernels import BlockKernel, select_kernel
 from megaring.layout import shard_positions, shard_ranges
 from megaring.ring.attention import ring_attention
+from megaring.ring.reference import masked_reference
 from megaring.ring.settings import RingSettings
 
 HEAD_DIM, CHUNK = 16, 16  # tokens per zigzag chunk: the sequence is 2 * cp * CHUNK tokens
@@ -68,14 +69,7 @@ def inputs(case: RingCase) -> list[torch.Tensor]:
 def reference(case: RingCase) -> list[torch.Tensor]:
     """Out, dq, dk, dv of float64 causal attention (with the window) over the whole sequence."""
     q, k, v, dout = (t.requires_grad_() if i < 3 else t for i, t in enumerate(inputs(case)))
-    group = case.n_heads // case.n_kv_heads
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(group, 2)) * HEAD_DIM**-0.5
-    pos = torch.arange(case.seq_len)
-    allowed = pos[None, :] <= pos[:, None]  # (query, key)
-    if case.window:
-        allowed &= pos[:, None] - pos[None, :] < case.window
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.repeat_interleave(group, 2))
+    out = masked_reference(q, k, v, causal=True, window=case.window)
     out.backward(dout)
     return [out.detach(), q.grad, k.grad, v.grad]
 

@@ -212,12 +212,10 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     for line in (started, note, run.lr_note, finished_note(start, t.max_steps)):
         if line:
             progress.note(line)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    peak = device_peak_tflops(run.device, cfg.logging.peak_tflops)
-    guard = NumericGuard(t.max_bad_steps, t.loss_spike_factor)
+    meters = StepMeters(StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device),
+                        StepMemory(run.device), NumericGuard(t.max_bad_steps, t.loss_spike_factor),
+                        device_peak_tflops(run.device, cfg.logging.peak_tflops))
     history, exit_code = [], 1
-    profiler = StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device)
-    memory = StepMemory(run.device)
 
     def log_record(record: dict) -> None:
         history.append(record)
@@ -235,29 +233,11 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
         if run.eval_reader is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
             log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
-            FLIGHT.at(step=step, phase="data")
-            maybe_inject(rank, step, run.engine.module)
-            memory.start()
-            began = time.perf_counter()
-            lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
-            batches = run.reader.micro_batches(step - 1)
-            with profiler.around(step):
-                result = train_step(run.engine, batches, run.mesh, run.device, lr)
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)
-            step_time_s = time.perf_counter() - began
-            guarded, guard_note = guard.check(step, result)  # the same on every rank; raises Diverged
-            work = attention_work(visible_pairs(batches, cfg.model.sliding_window), run.traffic.take(),
-                                  run.mesh, run.device)
-            flops_per_token = model_flops_per_token(cfg.model, t.seq_len, work.pairs_total / tokens_per_step)
-            metrics = step_metrics(step, result, step_time_s=step_time_s,
-                                   tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-                                   world_size=run.mesh.dims.world_size, peak_tflops=peak,
-                                   tokens_seen=step * tokens_per_step, memory=memory) | work.metrics() | guarded
+            metrics, guard_note = measured_step(run, step, meters)
             progress.update(metrics)
             if guard_note:
                 progress.note(guard_note)
-            if step % t.log_every == 0 or step == t.max_steps or guarded:
+            if step % t.log_every == 0 or step == t.max_steps or guard_note is not None:
                 log_record(metrics)
             else:
                 history.append(metrics)
@@ -282,6 +262,40 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
             metrics_file.close()
         run.engine.destroy()
     return history
+
+
+@dataclass(frozen=True)
+class StepMeters:
+    """What :func:`measured_step` measures a step with; one set per run."""
+
+    profiler: StepProfiler
+    memory: StepMemory
+    guard: NumericGuard
+    peak_tflops: float | None
+
+
+def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | None]:
+    """Train ``step``; its metrics record and the numeric guard's note (None when the step was healthy)."""
+    cfg, t = run.cfg, run.cfg.trainer
+    FLIGHT.at(step=step, phase="data")
+    maybe_inject(run.mesh.rank, step, run.engine.module)
+    meters.memory.start()
+    began = time.perf_counter()
+    lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
+    batches = run.reader.micro_batches(step - 1)
+    with meters.profiler.around(step):
+        result = train_step(run.engine, batches, run.mesh, run.device, lr)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    step_time_s = time.perf_counter() - began
+    guarded, note = meters.guard.check(step, result)  # the same on every rank; raises Diverged
+    work = attention_work(visible_pairs(batches, cfg.model.sliding_window), run.traffic.take(), run.mesh, run.device)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    flops_per_token = model_flops_per_token(cfg.model, t.seq_len, work.pairs_total / tokens_per_step)
+    metrics = step_metrics(step, result, step_time_s=step_time_s, tokens_per_step=tokens_per_step,
+                           flops_per_token=flops_per_token, world_size=run.mesh.dims.world_size,
+                           peak_tflops=meters.peak_tflops, tokens_seen=step * tokens_per_step, memory=meters.memory)
+    return metrics | work.metrics() | guarded, note
 
 
 def stop_on_signal(run: Run, step: int, signum: int, saved: bool, progress: ProgressBar) -> None:

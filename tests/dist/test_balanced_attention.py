@@ -9,7 +9,8 @@ import torch.distributed as dist
 from megaring import ring_attention, shard_sequence, unshard_sequence
 from megaring.distributed.mesh import Traffic
 from megaring.ring.settings import RingSettings
-from tests.helpers.attention_ref import document_mix, document_positions, make_inputs, masked_reference
+from megaring.data.doc_mixes import sample_segment_ids
+from tests.helpers.attention_ref import document_positions, make_inputs, masked_reference
 
 SEQ = 48  # divisible by W and 2W for W in 1..4
 MIXES = ("one", "tiny", "huge", "awkward")
@@ -17,7 +18,7 @@ MIXES = ("one", "tiny", "huge", "awkward")
 
 def _inputs(mix, heads, kv_heads, seed=3):
     q, k, v, dout, _ = make_inputs(seed, 2, SEQ, heads, kv_heads, 8, False)
-    seg = torch.stack([document_mix(mix, SEQ, seed), document_mix({"awkward": "one", "short": "short"}.get(mix, "awkward"), SEQ, 1)])
+    seg = torch.stack([sample_segment_ids(mix, SEQ, seed), sample_segment_ids({"awkward": "one", "short": "short"}.get(mix, "awkward"), SEQ, 1)])
     return q, k, v, dout, seg, document_positions(seg)
 
 

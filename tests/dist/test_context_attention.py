@@ -10,7 +10,7 @@ import torch
 from megaring import context_attention, shard_sequence, unshard_sequence
 from megaring.distributed import ParallelDims, build_mesh
 from megaring.layout import shard_ranges, ulysses_gather_order
-from tests.helpers.attention_ref import make_inputs, reference_attention
+from tests.helpers.attention_ref import make_inputs, masked_reference
 
 SEQ = 48  # divisible by 2*cp for cp in (2, 4), and by 2 * ring chunks
 HEAD_DIM = 8
@@ -44,7 +44,7 @@ def _reference(name, with_seg, causal):
     h, hk = HEADS[name]
     q, k, v, dout, seg = make_inputs(11, 2, SEQ, h, hk, HEAD_DIM, with_seg)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    out = reference_attention(q, k, v, causal=causal, segment_ids=seg)
+    out = masked_reference(q, k, v, causal=causal, segment_ids=seg)
     out.backward(dout.double())
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -140,7 +140,7 @@ def test_dp2_ulysses2_tp2_mesh(pools):
     dims = ParallelDims(2, 2, 2, ulysses=2)
     q, k, v, dout, seg = make_inputs(5, 2, SEQ, 8, 4, HEAD_DIM, True)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    out = reference_attention(q, k, v, causal=True, segment_ids=seg)
+    out = masked_reference(q, k, v, causal=True, segment_ids=seg)
     out.backward(dout.double())
     for rank, r in enumerate(results):
         dp, cp, tp = r["coords"]

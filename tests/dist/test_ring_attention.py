@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megaring import RingSettings, ring_attention, shard_sequence, unshard_sequence
 from megaring.ring import comm as ring_comm
-from tests.helpers.attention_ref import make_inputs, reference_attention
+from tests.helpers.attention_ref import make_inputs, masked_reference
 
 SEQ = 24  # divisible by 2*W for W in 1..4
 HEAD_DIM = 16
@@ -43,7 +43,7 @@ def _reference(name, with_seg, causal, seed=7):
     h, hk = HEADS[name]
     q, k, v, dout, seg = make_inputs(seed, 2, SEQ, h, hk, HEAD_DIM, with_seg)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    out = reference_attention(q, k, v, causal=causal, segment_ids=seg)
+    out = masked_reference(q, k, v, causal=causal, segment_ids=seg)
     out.backward(dout.double())
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -195,7 +195,7 @@ def test_blocks_masked_by_segments_are_skipped(pools):
         assert calls == ["fwd", "bwd"]
     q, k, v, dout, _ = make_inputs(5, 2, SEQ, 4, 2, HEAD_DIM, False)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(q, k, v, causal=False, segment_ids=results[0][2])
+    ref = masked_reference(q, k, v, causal=False, segment_ids=results[0][2])
     ref.backward(dout.double())
     for i, want in enumerate((ref.detach(), q.grad, k.grad, v.grad)):
         got = unshard_sequence([r[1][i] for r in results], dim=1, layout="contiguous")

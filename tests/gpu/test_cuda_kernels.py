@@ -7,7 +7,7 @@ import torch
 
 from megaring import ring_attention
 from megaring.kernels import KERNELS
-from tests.helpers.attention_ref import make_inputs, reference_attention
+from tests.helpers.attention_ref import make_inputs, masked_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,7 @@ def test_cuda_kernel_matches_reference(name, dtype, causal, with_seg):
     out = ring_attention(q, k, v, causal=causal, segment_ids=seg, kernel=name)
     out.backward(dout)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(qr, kr, vr, causal=causal, segment_ids=seg)
+    ref = masked_reference(qr, kr, vr, causal=causal, segment_ids=seg)
     ref.backward(dout.double())
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for got, want in ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):

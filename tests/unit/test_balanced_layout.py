@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from megaring.data.doc_mixes import pack_samples, stream
+from megaring.data.doc_mixes import pack_samples, sample_segment_ids, stream
 from megaring.data.reader import sample_doc_lengths
 from megaring.layout import balanced_ranges, document_lengths, ranges_work, shard_sequence, unshard_sequence
 from megaring.ring.route import build_route, local_runs
-from tests.helpers.attention_ref import document_mix, document_positions
+from tests.helpers.attention_ref import document_positions
 
 MIXES = ("one", "tiny", "huge", "awkward", "short")
 
@@ -18,7 +18,7 @@ MIXES = ("one", "tiny", "huge", "awkward", "short")
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
 def test_plan_covers_every_token_once_with_equal_shards(mix, cp):
-    seg = document_mix(mix, 96 * cp, seed=cp)
+    seg = sample_segment_ids(mix, 96 * cp, seed=cp)
     lengths = document_lengths(seg)
     plan = balanced_ranges(lengths, cp)
     assert plan == balanced_ranges(list(lengths), cp)  # deterministic, plain integers
@@ -39,7 +39,7 @@ def test_plan_balances_lognormal_documents():
 
 
 def test_reader_and_attention_compute_the_same_plan():
-    seg = document_mix("awkward", 240, seed=0)
+    seg = sample_segment_ids("awkward", 240, seed=0)
     lengths = document_lengths(seg)
     doc_starts = np.concatenate([[0, 5], 5 + np.cumsum(lengths)])  # a 5-token document before the sample
     assert sample_doc_lengths(doc_starts, 5, 240) == lengths
@@ -50,7 +50,7 @@ def test_route_sends_only_rows_a_later_rank_sees():
     """From the plan alone: every row range a block carries at hop t is needed at hop >= t (its
     first and last rows are seen there), and no rank past the block's last hop sees any of it."""
     seq, cp, window = 192, 4, 9
-    seg = torch.stack([document_mix("huge", seq, 1), document_mix("awkward", seq, 2)])
+    seg = torch.stack([sample_segment_ids("huge", seq, 1), sample_segment_ids("awkward", seq, 2)])
     pos = document_positions(seg)
     shard = dict(dim=1, world_size=cp, layout="balanced", segment_ids=seg)
     runs = [local_runs(shard_sequence(seg, rank=r, **shard), shard_sequence(pos, rank=r, **shard)) for r in range(cp)]

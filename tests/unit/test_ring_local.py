@@ -10,7 +10,7 @@ from megaring.kernels import KERNELS, select_kernel
 from megaring.layout import shard_positions, shard_ranges
 from megaring.ring.merge import merge_into
 from megaring.ring.plan import plan_block
-from tests.helpers.attention_ref import make_inputs, reference_attention
+from tests.helpers.attention_ref import make_inputs, masked_reference
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
@@ -88,7 +88,7 @@ def test_single_process_equals_plain_attention(kernel, causal):
     out = ring_attention(q, k, v, causal=causal, segment_ids=seg, kernel=kernel)
     out.backward(dout)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(qr, kr, vr, causal=causal, segment_ids=seg)
+    ref = masked_reference(qr, kr, vr, causal=causal, segment_ids=seg)
     ref.backward(dout.double())
     assert (out.double() - ref).abs().max() < 1e-5
     for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from megaring import shard_sequence
+from megaring.data.doc_mixes import sample_segment_ids
 from megaring.ring.pieces import block_boxes
 from megaring.ring.route import build_route, local_runs
 from megaring.ring.settings import RingSettings
-from tests.helpers.attention_ref import document_mix, document_positions
+from tests.helpers.attention_ref import document_positions
 
 SEQ = 48
 
@@ -28,7 +29,7 @@ def _visible(sq, pq, sk, pk, causal, window):
 
 def _coverage(world, mixes, layout, causal, window, settings, same_samples=False):
     """Per (rank, block): how often each visible pair is computed, and the visible pairs."""
-    seg = torch.stack([document_mix(m, SEQ, 5 + i) for i, m in enumerate(mixes)])
+    seg = torch.stack([sample_segment_ids(m, SEQ, 5 + i) for i, m in enumerate(mixes)])
     if same_samples:
         seg = seg[:1].expand(len(mixes), -1)
     pos = document_positions(seg)
@@ -75,7 +76,7 @@ def test_route_cache_reuses_the_route_of_the_same_id_tensors():
     from megaring.ring.attention import sparse_ring
     from megaring.ring.route import RouteCache
 
-    seg = document_mix("awkward", SEQ, 1)[None]
+    seg = sample_segment_ids("awkward", SEQ, 1)[None]
     pos = document_positions(seg)
     q = torch.zeros(1, SEQ, 2, 4)
     routes, axis = RouteCache(), Axis.single("cp")
