@@ -176,7 +176,7 @@ def longest_runs_table(rows: list[dict]) -> str:
            "all ranks | KiB per token (step) | step time | loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["cp"], list(FEATURES).index(r["features"]))):
         cp, n = r["cp"], r["seq_len"]
-        hw = _host_share(r["memory_gib"], r.get("reserved_gib", 0.45), cp)
+        hw = _host_share(r["memory_gib"], r["reserved_gib"], cp)
         est = estimate(load_config(r["model"]), n, 1, Layout(cp=cp, **FEATURES[r["features"]]), hw)
         cells = [f"{cp}", r["features"], f"{n:,}", f"{(est.peak + hw.reserved_bytes) / 2**30:.2f} GiB"]
         if r["measured_gib"] is None:
@@ -192,11 +192,10 @@ def longest_runs_table(rows: list[dict]) -> str:
 def longest_table(model: str, memory_gib: float, reserved_gib: float) -> str:
     """Longest sequence per (cp, memory per rank) and features, from megaring.plan.longest_seq_len."""
     cfg = load_config(model)
-    feats = FEATURES
-    out = ["| cp | memory per rank | " + " | ".join(feats) + " |", "|---|---|" + "---|" * len(feats)]
+    out = ["| cp | memory per rank | " + " | ".join(FEATURES) + " |", "|---|---|" + "---|" * len(FEATURES)]
     for cp, share in ((1, 1), (4, 4), (4, 1)):
         hw, per_rank = _host_share(memory_gib, reserved_gib, share), memory_gib / share
-        cells = [f"{longest_seq_len(cfg, Layout(cp=cp, **kw), hw):,}" for kw in feats.values()]
+        cells = [f"{longest_seq_len(cfg, Layout(cp=cp, **kw), hw):,}" for kw in FEATURES.values()]
         out.append(f"| {cp} | {per_rank:.1f} GiB | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -109,8 +109,12 @@ def state_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
 
 def grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     """The weight gradients: the part of the states a step allocates (none exist between steps)."""
-    n = lay.dp * lay.cp
-    return num_params(cfg) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
+    return num_params(cfg) / lay.tp * b / _grad_shards(lay)
+
+
+def _grad_shards(lay: Layout) -> int:
+    """Ranks the gradients are partitioned over: dp x cp from ZeRO-2."""
+    return lay.dp * lay.cp if lay.zero_stage >= 2 else 1
 
 
 def live_grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
@@ -119,8 +123,7 @@ def live_grad_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:
     as the activations are freed."""
     embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     layer = (num_params(cfg) - embeddings - cfg.dim) / cfg.n_layers
-    n = lay.dp * lay.cp
-    return (cfg.vocab_size * cfg.dim + layer + cfg.dim) / lay.tp * b / (n if lay.zero_stage >= 2 else 1)
+    return (cfg.vocab_size * cfg.dim + layer + cfg.dim) / lay.tp * b / _grad_shards(lay)
 
 
 def norm_bytes(cfg: ModelConfig, lay: Layout, b: int) -> float:

@@ -10,7 +10,8 @@ from megaring import ring_attention, shard_sequence, unshard_sequence
 from megaring.distributed.mesh import Traffic
 from megaring.ring.settings import RingSettings
 from megaring.data.doc_mixes import sample_segment_ids
-from tests.helpers.attention_ref import document_positions, make_inputs, masked_reference
+from tests.helpers.attention_ref import document_positions, make_inputs
+from megaring.ring.reference import masked_reference
 
 SEQ = 48  # divisible by W and 2W for W in 1..4
 MIXES = ("one", "tiny", "huge", "awkward")

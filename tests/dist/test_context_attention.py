@@ -10,7 +10,8 @@ import torch
 from megaring import context_attention, shard_sequence, unshard_sequence
 from megaring.distributed import ParallelDims, build_mesh
 from megaring.layout import shard_ranges, ulysses_gather_order
-from tests.helpers.attention_ref import make_inputs, masked_reference
+from tests.helpers.attention_ref import make_inputs
+from megaring.ring.reference import masked_reference
 
 SEQ = 48  # divisible by 2*cp for cp in (2, 4), and by 2 * ring chunks
 HEAD_DIM = 8

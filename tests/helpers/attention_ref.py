@@ -1,11 +1,10 @@
-"""Test inputs for attention, and the float64 reference they are checked against (megaring.ring.reference)."""
+"""Test inputs for attention (the float64 reference they are checked against: megaring.ring.reference)."""
 
 from __future__ import annotations
 
 import torch
 
 from megaring.layout import document_positions  # noqa: F401 - the tests' name for it
-from megaring.ring.reference import masked_reference  # noqa: F401 - the tests import it from here
 
 
 def make_inputs(seed: int, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, with_segments: bool):

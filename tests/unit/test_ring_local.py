@@ -10,7 +10,8 @@ from megaring.kernels import KERNELS, select_kernel
 from megaring.layout import shard_positions, shard_ranges
 from megaring.ring.merge import merge_into
 from megaring.ring.plan import plan_block
-from tests.helpers.attention_ref import make_inputs, masked_reference
+from megaring.ring.reference import masked_reference
+from tests.helpers.attention_ref import make_inputs
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
