@@ -120,9 +120,9 @@ def _zero3_worker(rank: int, world: int, port: int, ckpt: str, mode: str, result
 
     from megaring.distributed import build_mesh
     from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
+    from megaring.engine.deepspeed_engine import deepspeed_config, partition_for_zero3, partitioned_construction
     from megaring.hf import load_hf_weights
     from megaring.model import ParallelContext, Transformer
-    from megaring.train.engine import deepspeed_config, partition_for_zero3, partitioned_construction
     from tests.helpers.train_cfg import compose_cfg
 
     torch.set_num_threads(1)
@@ -255,7 +255,7 @@ def export(args) -> None:
 
 def _export_once(tree: Path, run: Path, out: Path) -> dict:
     """``megaring-export`` of ``run`` with the megaring code in ``tree``, in a fresh process."""
-    code = ("import json, resource, time; from megaring.train.export import main; t = time.perf_counter(); "
+    code = ("import json, resource, time; from megaring.cli.export import main; t = time.perf_counter(); "
             f"main(['input={run}', 'output={out}']); print(json.dumps({{'wall_s': time.perf_counter() - t, "
             "'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")
     env = {**os.environ, "PYTHONPATH": str(tree)}

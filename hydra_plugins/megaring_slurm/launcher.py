@@ -1,10 +1,10 @@
 """``hydra/launcher=slurm`` / ``slurm_cpu``: Hydra instantiates launchers only from ``hydra_plugins``.
 
 The launcher itself (job sizes per layout, the partition check) is
-:class:`megaring.train.slurm_launcher.LayoutSlurmLauncher`.
+:class:`megaring.ops.slurm_launcher.LayoutSlurmLauncher`.
 """
 
-from megaring.train.slurm_launcher import LayoutSlurmLauncher
+from megaring.ops.slurm_launcher import LayoutSlurmLauncher
 
 
 class MegaringSlurmLauncher(LayoutSlurmLauncher):

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megaring.distributed.launch_env import LaunchEnv, read_launch_env
+from megaring.distributed.env import LaunchEnv, read_launch_env
 
 
 def default_backend() -> str:

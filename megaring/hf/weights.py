@@ -13,7 +13,7 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
 - norms and row-parallel biases: the whole (small) tensor.
 
 No rank holds more than its shard of a parameter. With a ``writer`` that stores only part of
-each shard (ZeRO-3's partition: ``megaring.train.engine.ZeroPartitionWriter``) a rank reads only
+each shard (ZeRO-3's partition: ``megaring.engine.deepspeed_engine.ZeroPartitionWriter``) a rank reads only
 the rows of its shard that hold its flat elements, so it holds its partition plus one partition's
 worth of one tensor. Every problem (missing config.json, file,
 tensor, wrong shape, unreadable header, unsupported architecture, config mismatch) is checked

@@ -17,7 +17,7 @@ import torch
 from megaring.kernels.base import BlockKernel
 from megaring.kernels.cpu_flash import CpuFlashKernel
 from megaring.kernels.cuda import FlashAttnKernel, TorchCudaKernel
-from megaring.kernels.reference import TorchKernel
+from megaring.kernels.torch_kernel import TorchKernel
 
 # Read-only: a test or benchmark that wants another kernel passes an instance to ring_attention.
 KERNELS: MappingProxyType[str, BlockKernel] = MappingProxyType({

@@ -16,9 +16,9 @@ from megaring.kernels import BlockKernel, select_kernel
 from megaring.layout import LAYOUTS, chunks_per_rank, shard_positions
 from megaring.ring.agree import CallSignature, check_agreement
 from megaring.ring.backward import BACKWARDS, Saved
+from megaring.ring.block_plan import Ring
 from megaring.ring.comm import KV_TAG, RingComm, dense
 from megaring.ring.merge import merge_into
-from megaring.ring.plan import Ring
 from megaring.ring.route import RouteCache, build_route, gather_runs, local_runs
 from megaring.ring.settings import RingSettings
 from megaring.ring.sparse import SparseRing, sparse_backward, sparse_forward

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from megaring.kernels import BlockKernel
+from megaring.ring.block_plan import ALL, Ring
 from megaring.ring.chunks import GradStream, KVStream, backward_chunks
 from megaring.ring.comm import GRAD_TAG, KV_TAG, SEG_TAG, RingComm
 from megaring.ring.masks import BlockCall
-from megaring.ring.plan import ALL, Ring
 
 
 @dataclass(frozen=True)

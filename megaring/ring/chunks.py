@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megaring.ring.block_plan import Ring
 from megaring.ring.comm import GRAD_TAG, KV_TAG, RingComm
-from megaring.ring.plan import Ring
 from megaring.ring.settings import RingSettings
 
 

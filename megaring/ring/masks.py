@@ -1,6 +1,6 @@
 """Document masks of a planned block, built lazily in query-row tiles (never ``S x S``).
 
-:func:`block_calls` turns a block plan (:mod:`megaring.ring.plan`) into kernel calls. Without
+:func:`block_calls` turns a block plan (:mod:`megaring.ring.block_plan`) into kernel calls. Without
 segment ids, or when a tile's queries and keys are one document, a call carries no mask. Otherwise
 the same-document mask (causality folded in) is built in sub-tiles of query rows under the
 ``mask_entries`` budget of :class:`~megaring.ring.settings.RingSettings`; sub-tiles that see no
@@ -19,7 +19,7 @@ import torch
 from megaring.ring.settings import RingSettings
 
 if TYPE_CHECKING:
-    from megaring.ring.plan import BlockPlan
+    from megaring.ring.block_plan import BlockPlan
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ one random sequence in the case's layout, and runs :func:`megaring.ring_attentio
 kernel, ring backward, ring settings, sliding window and dtype. The parent gathers the output and
 the gradients of q, k and v and compares them with plain float64 attention over the whole
 sequence; it returns the largest error of each relative to the largest reference value.
-``megaring-verify`` runs it at the configured cp (:func:`megaring.train.verify.ring_check`): a
+``megaring-verify`` runs it at the configured cp (:func:`megaring.cli.verify.ring_check`): a
 layout or kernel whose ring drops or misplaces a block fails there even when a few training
 steps hide it. This module imports no trainer code, so its workers start quickly.
 """
@@ -26,7 +26,7 @@ from megaring.distributed.mesh import Axis
 from megaring.kernels import BlockKernel, select_kernel
 from megaring.layout import shard_positions, shard_ranges
 from megaring.ring.attention import ring_attention
-from megaring.ring.reference import masked_reference
+from megaring.ring.dense_reference import masked_reference
 from megaring.ring.settings import RingSettings
 
 HEAD_DIM, CHUNK = 16, 16  # tokens per zigzag chunk: the sequence is 2 * cp * CHUNK tokens

@@ -1,7 +1,7 @@
 """Mask-aware ring attention: masks from document positions, K/V sent only where a query sees it.
 
 Used whenever the mask is not the zigzag/contiguous structure the block plan knows
-(:mod:`megaring.ring.plan`): the balanced layout, explicit ``positions``, or a sliding window.
+(:mod:`megaring.ring.block_plan`): the balanced layout, explicit ``positions``, or a sliding window.
 The route (:mod:`megaring.ring.route`) says, identically on every rank, which rows of which block
 travel at each step; this module only orchestrates it.
 

@@ -1,3 +1,3 @@
-from megaring.train.main import main
+from megaring.cli.train import main
 
 main()

@@ -165,7 +165,7 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("megaring_run_name"):
         OmegaConf.register_new_resolver("megaring_run_name", run_name)
     try:
-        from megaring.train.slurm_launcher import register_launcher
+        from megaring.ops.slurm_launcher import register_launcher
     except ImportError:  # hydra-submitit-launcher not installed: no hydra/launcher=slurm
         return
     register_launcher()

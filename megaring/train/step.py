@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from megaring.distributed.flight import FLIGHT
 from megaring.distributed.mesh import Axis, ParallelMesh
+from megaring.engine.deepspeed_engine import TrainEngine
 from megaring.model import count_valid_tokens, local_loss
-from megaring.train.engine import TrainEngine
 
 
 @dataclass(frozen=True)

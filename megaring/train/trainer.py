@@ -21,18 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader, build_eval_reader, describe_data
-from megaring.data.tokenizer import MODEL_FILES
-from megaring.data.tokenizer.conventions import SIDE_FILES
-from megaring.distributed import ParallelMesh, build_mesh, init_distributed
-from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
-from megaring.distributed.init import device_for
-from megaring.distributed.launch_env import read_launch_env
-from megaring.distributed.mesh import Traffic
-from megaring.hf import load_hf_weights
-from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
-from megaring.train.attention_work import attention_work, visible_pairs
-from megaring.train.checkpoint import (
+from megaring.checkpoint.rundir import RunLock, lr_horizon, result_config
+from megaring.checkpoint.steps import (
     CheckpointError,
     TrainerState,
     load_latest,
@@ -40,10 +30,24 @@ from megaring.train.checkpoint import (
     save_checkpoint,
     tag_for,
 )
+from megaring.checkpoint.universal import UniversalState, load_optimizer, load_weights
+from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader, build_eval_reader, describe_data
+from megaring.data.tokenizer import MODEL_FILES
+from megaring.data.tokenizer.conventions import SIDE_FILES
+from megaring.distributed import ParallelMesh, build_mesh, init_distributed
+from megaring.distributed.env import read_launch_env
+from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
+from megaring.distributed.init import device_for
+from megaring.distributed.mesh import Traffic
+from megaring.engine.deepspeed_engine import TrainEngine, build_engine, partitioned_construction, resolve_dtype
+from megaring.hf import load_hf_weights
+from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
+from megaring.ops.faults import maybe_inject
+from megaring.ops.preempt import Preempted, PreemptWatch
+from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.config import TrainConfig
-from megaring.train.engine import TrainEngine, build_engine, partitioned_construction, resolve_dtype
-from megaring.train.evaluate import evaluate
-from megaring.train.faults import maybe_inject
+from megaring.train.config_checks import validate
+from megaring.train.eval_loss import evaluate
 from megaring.train.guards import NumericGuard
 from megaring.train.metrics import (
     MetricsFile,
@@ -53,14 +57,10 @@ from megaring.train.metrics import (
     log_to_run_dir,
     step_metrics,
 )
-from megaring.train.preempt import Preempted, PreemptWatch
 from megaring.train.profile import StepProfiler
-from megaring.train.rundir import RunLock, lr_horizon, result_config
 from megaring.train.schedule import learning_rate
 from megaring.train.step import train_step
 from megaring.train.tracking import Tracker, mesh_record
-from megaring.train.universal import UniversalState, load_optimizer, load_weights
-from megaring.train.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
 def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
     """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics.
 
-    Raises :class:`~megaring.train.preempt.Preempted` after a signal and a checkpoint, and
+    Raises :class:`~megaring.ops.preempt.Preempted` after a signal and a checkpoint, and
     :class:`~megaring.train.guards.Diverged` after too many non-finite steps.
     """
     run_dir = Path(run_dir)

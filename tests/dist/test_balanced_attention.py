@@ -11,7 +11,7 @@ from megaring.distributed.mesh import Traffic
 from megaring.ring.settings import RingSettings
 from megaring.data.doc_mixes import sample_segment_ids
 from tests.helpers.attention_ref import document_positions, make_inputs
-from megaring.ring.reference import masked_reference
+from megaring.ring.dense_reference import masked_reference
 
 SEQ = 48  # divisible by W and 2W for W in 1..4
 MIXES = ("one", "tiny", "huge", "awkward")

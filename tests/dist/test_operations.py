@@ -139,7 +139,7 @@ def assert_submitit_accepts(launcher: dict) -> None:
     """The launcher's parameters, as MegaringSlurmLauncher hands them over, are parameters submitit's slurm knows."""
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    from megaring.train.slurm_launcher import INIT_KEYS, OWN_KEYS
+    from megaring.ops.slurm_launcher import INIT_KEYS, OWN_KEYS
 
     params = {k: v for k, v in launcher.items() if k not in ("_target_", *INIT_KEYS, *OWN_KEYS) and v is not None}
     executor = SlurmExecutor(folder="unused")

@@ -72,7 +72,7 @@ def _zero3_load(rank: int, world_size: int, cfg, hf: str) -> dict:
     from megaring.distributed import build_mesh
     from megaring.hf import load_hf_weights
     from megaring.model import ParallelContext
-    from megaring.train.engine import ZeroPartitionWriter, build_engine
+    from megaring.engine.deepspeed_engine import ZeroPartitionWriter, build_engine
     from megaring.train.trainer import build_weights
 
     mesh, device = build_mesh(cfg.parallel.dims()), torch.device("cpu")
@@ -113,7 +113,7 @@ def test_zero3_partitions_the_parameters_as_it_loads_them(pools, hf_dir):
 def _bf16_masters(rank: int, world_size: int, cfg) -> list[str]:
     from megaring.distributed import build_mesh
     from megaring.model import ParallelContext, build_model
-    from megaring.train.engine import build_engine
+    from megaring.engine.deepspeed_engine import build_engine
 
     mesh = build_mesh(cfg.parallel.dims())
     engine = build_engine(build_model(cfg.model, ParallelContext.from_mesh(mesh), seed=0), cfg, mesh,
@@ -139,7 +139,7 @@ EXPORT_LAYOUTS = [(1, 1, 1, 0), (1, 1, 2, 1), (2, 1, 1, 2), (2, 1, 2, 3)]  # ZeR
 
 @pytest.mark.parametrize("layout", EXPORT_LAYOUTS, ids=lambda t: "dp{}cp{}tp{}z{}".format(*t))
 def test_export_after_zero_updates_is_bit_identical_to_the_input(pools, hf_dir, tmp_path, layout):
-    from megaring.train.export import ExportConfig, export
+    from megaring.cli.export import ExportConfig, export
 
     dp, cp, tp, zero = layout
     cfg = pretrained_cfg(hf_dir, dp=dp, cp=cp, tp=tp, zero_stage=zero, extra=("optim.lr=0", "trainer.max_steps=1"))
@@ -157,8 +157,8 @@ def test_export_after_training_gives_megarings_logits_in_transformers(pools, hf_
     import transformers
 
     from megaring.model import ParallelContext, Transformer
-    from megaring.train.export import ExportConfig, export
-    from megaring.train.universal import UniversalState, load_weights
+    from megaring.cli.export import ExportConfig, export
+    from megaring.checkpoint.universal import UniversalState, load_weights
 
     cfg = pretrained_cfg(hf_dir, dp=2, tp=2, zero_stage=3, extra=("trainer.max_steps=2",))
     pools(4).run(_train, cfg, str(tmp_path / "run"))
@@ -208,9 +208,9 @@ def test_resume_on_another_layout_continues_the_run(pools, tmp_path, before, aft
 
 def test_bad_pretrained_input_is_one_clear_error(hf_dir, tmp_path):
     from megaring.errors import ConfigError
-    from megaring.train.export import ExportConfig, ExportError, export
-    from megaring.train.universal import UniversalError
-    from megaring.train.validate import collect_problems
+    from megaring.cli.export import ExportConfig, ExportError, export
+    from megaring.checkpoint.universal import UniversalError
+    from megaring.train.config_checks import collect_problems
 
     with pytest.raises(ConfigError, match=r"model.dim=48.*conflicts with the checkpoint"):
         compose_cfg(*DATA, f"model.init_from={hf_dir}", "model.dim=48")

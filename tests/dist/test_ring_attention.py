@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megaring import RingSettings, ring_attention, shard_sequence, unshard_sequence
 from megaring.ring import comm as ring_comm
 from tests.helpers.attention_ref import make_inputs
-from megaring.ring.reference import masked_reference
+from megaring.ring.dense_reference import masked_reference
 
 SEQ = 24  # divisible by 2*W for W in 1..4
 HEAD_DIM = 16

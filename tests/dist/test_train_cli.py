@@ -92,14 +92,14 @@ def test_torchrun_matches_self_spawn(reference, tmp_path):
 
 KILL_IN_SECOND_SAVE = """
 import os, sys
-import megaring.train.checkpoint as ckpt
+import megaring.checkpoint.steps as ckpt
 write = ckpt._write_json
 def dying_write(path, obj):
     if path.name == "trainer_state.json" and "step_00000002" in str(path):
         os._exit(9)  # killed after DeepSpeed's and the RNG files, before the checkpoint is complete
     write(path, obj)
 ckpt._write_json = dying_write
-from megaring.train.main import main
+from megaring.cli.train import main
 sys.argv = ["megaring-train", *sys.argv[1:]]
 main()
 """

@@ -68,7 +68,7 @@ def test_training_evaluates_every_n_steps_and_at_the_end(pools, tmp_path):
 
 
 def test_eval_without_validation_data_is_a_config_error():
-    from megaring.train.validate import collect_problems
+    from megaring.train.config_checks import collect_problems
 
     cfg = make_cfg(extra=("eval.every=5",))
     problems = collect_problems(cfg, 1)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def megaring_verify(tmp_path, *overrides: str, env: dict[str, str] | None = None):
-    cmd = [sys.executable, "-m", "megaring.train.verify", *overrides, "parallel.timeout_s=60",
+    cmd = [sys.executable, "-m", "megaring.cli.verify", *overrides, "parallel.timeout_s=60",
            f"hydra.run.dir={tmp_path}"]
     return subprocess.run(cmd, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=400)
 
@@ -39,7 +39,7 @@ def test_ring_check_passes_and_fails_on_a_dropped_ring_block(monkeypatch):
     when a test hook drops rank 1's second block (its first remote K/V block)."""
     import torch
 
-    from megaring.train.verify import ring_check
+    from megaring.cli.verify import ring_check
     from tests.helpers.train_cfg import compose_cfg
 
     cfg = compose_cfg("model=tiny", "parallel.cp=2", "parallel.attn_kernel=cpu_flash")

@@ -7,7 +7,7 @@ import torch
 
 from megaring import ring_attention
 from megaring.kernels import KERNELS
-from megaring.ring.reference import masked_reference
+from megaring.ring.dense_reference import masked_reference
 from tests.helpers.attention_ref import make_inputs
 
 pytestmark = pytest.mark.gpu

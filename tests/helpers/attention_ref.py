@@ -1,4 +1,4 @@
-"""Test inputs for attention (the float64 reference they are checked against: megaring.ring.reference)."""
+"""Test inputs for attention (the float64 reference they are checked against: megaring.ring.dense_reference)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Everything lives in one directory (``slurm.conf``, munge key and socket, state, 
 daemons run as the current user (root on CI) in the foreground, without systemd or cgroups
 (``proctrack/linuxproc``, ``task/none``), on free ports, so the cluster does not touch a system
 slurm. Accounting is off; ``sacct`` does not work here (the Hydra launcher watches jobs with
-``squeue`` then, see ``megaring/train/slurm_launcher.py``). Client commands find the cluster
+``squeue`` then, see ``megaring/ops/slurm_launcher.py``). Client commands find the cluster
 through ``SLURM_CONF`` (:attr:`SlurmCluster.env`).
 
 When slurm or munge are missing they are installed with apt-get, and only when this process is

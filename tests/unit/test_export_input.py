@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from megaring.cli.export import main
 from megaring.hf.weights import CheckpointError, read_weight_map
-from megaring.train.export import main
 from tests.helpers.hf_models import llama_dir
 
 

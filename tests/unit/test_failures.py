@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megaring.checkpoint.rundir import RunDirBusy, RunLock, config_change_problems, lr_horizon, result_config
+from megaring.checkpoint.steps import TrainerState, tag_for
 from megaring.data import write_tokenized
-from megaring.train.checkpoint import TrainerState, tag_for
-from megaring.train.faults import parse_fault
+from megaring.ops.faults import parse_fault
+from megaring.ops.preempt import PreemptWatch
+from megaring.train.config_checks import ConfigError, validate
 from megaring.train.guards import Diverged, NumericGuard
 from megaring.train.metrics import MetricsFile, read_metrics
-from megaring.train.preempt import PreemptWatch
-from megaring.train.rundir import RunDirBusy, RunLock, config_change_problems, lr_horizon, result_config
 from megaring.train.step import StepResult
-from megaring.train.validate import ConfigError, validate
 from tests.helpers.train_cfg import TINY_RUN, compose_cfg
 
 # ---------------------------------------------------------------- the table of bad inputs

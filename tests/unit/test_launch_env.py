@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megaring.distributed.launch_env import first_host, read_launch_env
+from megaring.distributed.env import first_host, read_launch_env
 
 
 @pytest.mark.parametrize("nodelist,host", [

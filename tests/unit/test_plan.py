@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from megaring.cli.plan import main
 from megaring.model import ModelConfig, num_params
 from megaring.plan import Hardware, Layout, describe, estimate, longest_seq_len, plan, state_bytes
-from megaring.plan.cli import main
 
 TINY = ModelConfig()  # vocab 256, dim 64, 2 layers, 8 heads (4 kv), ffn 192: 107,712 parameters
 

@@ -8,9 +8,9 @@ import torch
 from megaring import ring_attention, shard_sequence, unshard_sequence
 from megaring.kernels import KERNELS, select_kernel
 from megaring.layout import shard_positions, shard_ranges
+from megaring.ring.block_plan import plan_block
+from megaring.ring.dense_reference import masked_reference
 from megaring.ring.merge import merge_into
-from megaring.ring.plan import plan_block
-from megaring.ring.reference import masked_reference
 from tests.helpers.attention_ref import make_inputs
 
 
@@ -133,7 +133,7 @@ def test_unknown_layout():
 @pytest.mark.parametrize("causal,with_seg", [(True, False), (True, True), (False, True)])
 def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, kernel, dtype, causal, with_seg):
     from megaring.distributed.mesh import Axis
-    from megaring.ring.plan import Ring
+    from megaring.ring.block_plan import Ring
     from megaring.ring.settings import RingSettings
 
     q, k, v, dout, seg = make_inputs(3, 2, 64, 4, 2, 16, with_seg)
@@ -156,8 +156,8 @@ def test_single_rank_fast_path_is_bit_identical_to_the_ring_path(monkeypatch, ke
 
 
 def test_block_calls_one_document_needs_no_mask():
+    from megaring.ring.block_plan import ALL, BlockPlan
     from megaring.ring.masks import block_calls
-    from megaring.ring.plan import ALL, BlockPlan
     from megaring.ring.settings import RingSettings
 
     seg = torch.full((2, 16), 3)
@@ -168,8 +168,8 @@ def test_block_calls_one_document_needs_no_mask():
 @pytest.mark.parametrize("ids", ["sorted", "unsorted"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_calls_tile_document_masks_under_the_budget(causal, ids):
+    from megaring.ring.block_plan import ALL, BlockPlan
     from megaring.ring.masks import block_calls
-    from megaring.ring.plan import ALL, BlockPlan
     from megaring.ring.settings import RingSettings
 
     g = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megaring.train.slurm_launcher import (
+from megaring.ops.slurm_launcher import (
     Partition,
     SqueueWatcher,
     fit_problems,
@@ -81,7 +81,7 @@ def test_submission_asks_for_usr1_before_the_time_limit_and_submitit_handles_usr
     saves on it; USR2 is its hang report), and submitit's requeue handler in the job listens to USR1."""
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    from megaring.train.slurm_launcher import submitit_parameters
+    from megaring.ops.slurm_launcher import submitit_parameters
 
     (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit's executor looks for srun
     (tmp_path / "srun").chmod(0o755)

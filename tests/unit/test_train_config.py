@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from megaring.checkpoint.steps import TrainerState, prune, read_latest, rng_state, set_rng_state, tag_for
+from megaring.cli.train import strip_launcher_args
 from megaring.data import write_tokenized
-from megaring.train.checkpoint import TrainerState, prune, read_latest, rng_state, set_rng_state, tag_for
+from megaring.engine.deepspeed_engine import deepspeed_config
 from megaring.train.config import OptimConfig, TrainConfig, experiment_id, run_name
-from megaring.train.engine import deepspeed_config
-from megaring.train.main import strip_launcher_args
+from megaring.train.config_checks import ConfigError, collect_problems, resume_problems, validate
 from megaring.train.metrics import MetricsFile, read_metrics
 from megaring.train.schedule import learning_rate, lr_factor
-from megaring.train.validate import ConfigError, collect_problems, resume_problems, validate
 from tests.helpers.train_cfg import compose_cfg, make_cfg
 
 # ---------------------------------------------------------------- schema

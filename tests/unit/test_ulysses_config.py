@@ -6,7 +6,7 @@ import pytest
 
 from megaring.errors import ConfigError
 from megaring.model import ModelConfig, validate_model_config
-from megaring.train.validate import validate
+from megaring.train.config_checks import validate
 from tests.helpers.train_cfg import make_cfg
 
 

@@ -4,7 +4,7 @@
         [dtype=bfloat16|float32] [max_shard_size=5GB]
 
 Runs in one process without torch.distributed, whatever layout (dp, cp, tp, ZeRO 0-3) wrote the
-checkpoint: it reads the checkpoint's layout-independent state (:mod:`megaring.train.universal`,
+checkpoint: it reads the checkpoint's layout-independent state (:mod:`megaring.checkpoint.universal`,
 full fp32 weights under (1, 1) names, safetensors only, no pickle) and writes ``config.json``,
 ``generation_config.json``, safetensors shards with their index, and the tokenizer files the run
 trained with. The weights stream, a chunk of rows (64 MiB) in memory at a time, whatever the
@@ -22,9 +22,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megaring.checkpoint.steps import PARTIAL, read_latest, tag_for
+from megaring.checkpoint.universal import UniversalError, UniversalState, UniversalWeights
 from megaring.errors import problem_list
-from megaring.train.checkpoint import PARTIAL, read_latest, tag_for
-from megaring.train.universal import UniversalError, UniversalState, UniversalWeights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

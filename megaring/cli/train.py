@@ -16,9 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megaring.config_dir import CONFIG_DIR
+from megaring.ops.spawn import WorkerFailed, launch
 from megaring.train.config import register_configs, to_train_config
-from megaring.train.launch import WorkerFailed, launch
-from megaring.train.validate import ConfigError
+from megaring.train.config_checks import ConfigError
 
 register_configs()
 

@@ -113,7 +113,7 @@ class TrainEngine:
     def destroy(self) -> None:
         self.ds.destroy()
 
-    # Layout-independent optimizer state (megaring.train.universal): per parameter, this tp rank's
+    # Layout-independent optimizer state (megaring.checkpoint.universal): per parameter, this tp rank's
     # shard of the fp32 master weight and Adam moments, whole over ZeRO's partitions.
 
     def master_state(self, param: nn.Parameter, key: str) -> torch.Tensor:

@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from megaring.checkpoint.steps import TrainerState
 from megaring.errors import ConfigError
-from megaring.train.checkpoint import TrainerState
 from megaring.train.config import RUN_NEUTRAL_KEYS, TrainConfig
 
 LOCK_FILE = "megaring.lock"

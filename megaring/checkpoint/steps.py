@@ -6,7 +6,7 @@ Layout of ``ckpt_dir``::
     step_00000012/           the engine's model / optimizer files (:meth:`TrainEngine.save`),
                              trainer_state.json (step, consumed samples, layout), rng/rank_*.json,
                              universal/ (full fp32 weights and Adam moments: any layout resumes
-                             from it and megaring-export reads it, see megaring.train.universal)
+                             from it and megaring-export reads it, see megaring.checkpoint.universal)
     step_00000016.partial/   a save in progress (or killed): never read, removed by the next save
 
 Every rank writes its own files into the ``.partial`` directory; after a barrier rank 0 renames it
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaring.train.faults import in_save
-from megaring.train.universal import save_universal
+from megaring.checkpoint.universal import save_universal
+from megaring.ops.faults import in_save
 
 PARTIAL = ".partial"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -44,7 +44,7 @@ class TrainerState:
     tokens_seen: int
     layout: dict  # dp, cp, tp, zero_stage (ParallelConfig.layout_key)
     lr_horizon: int | None = None  # the schedule's decay horizon (kept on resume); None: older checkpoints
-    config: dict | None = None  # megaring.train.rundir.result_config at the save; None: older checkpoints
+    config: dict | None = None  # megaring.checkpoint.rundir.result_config at the save; None: older checkpoints
 
 
 class CheckpointError(ValueError):

@@ -10,6 +10,9 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from megaring.checkpoint.rundir import config_change_problems, history_problems, result_config
+from megaring.checkpoint.steps import CheckpointError, read_trainer_state
+from megaring.checkpoint.universal import UniversalError, UniversalState
 from megaring.data import describe_data, eval_data_problems, tokenizer_vocab_problems
 from megaring.errors import ConfigError
 from megaring.hf.config import checkpoint_signature
@@ -17,11 +20,8 @@ from megaring.kernels import KERNELS
 from megaring.layout import LAYOUTS
 from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
-from megaring.train.checkpoint import CheckpointError, read_trainer_state
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 from megaring.train.profile import profile_steps_problems
-from megaring.train.rundir import config_change_problems, history_problems, result_config
-from megaring.train.universal import UniversalError, UniversalState
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
 OWNED_DEEPSPEED_KEYS = (

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 def parse_fault(spec: str) -> tuple[str, dict[str, int]]:
     kind, *fields = spec.split(":")
     if kind not in KINDS:
-        raise ValueError(f"{ENV}={spec!r}: the kind must be one of {KINDS} (see megaring/train/faults.py)")
+        raise ValueError(f"{ENV}={spec!r}: the kind must be one of {KINDS} (see megaring/ops/faults.py)")
     return kind, {k: int(v) for k, v in (f.split("=", 1) for f in fields)}
 
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from megaring.data import EvalReader
 from megaring.distributed.mesh import ParallelMesh
+from megaring.engine.deepspeed_engine import TrainEngine
 from megaring.model import IGNORE_INDEX
-from megaring.train.engine import TrainEngine
 
 
 def eval_batches(reader: EvalReader, batches: int) -> int:

@@ -7,7 +7,7 @@ with an error naming the rank, so a single command works on a laptop and inside 
 and never hangs on a lost rank.
 
 Signals: the parent forwards SIGTERM, SIGUSR1 and SIGINT to the workers (which save at the next
-step boundary, see :mod:`megaring.train.preempt`) and exits with their status. A worker that
+step boundary, see :mod:`megaring.ops.preempt`) and exits with their status. A worker that
 stops on purpose (config error 2, diverged 3, preempted: ``trainer.preempt_exit_code``) prints its
 own one-line reason; the parent adds no traceback.
 """
@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from megaring.checkpoint.rundir import check_free
+from megaring.checkpoint.steps import CheckpointError
 from megaring.data.store import StoreError
+from megaring.distributed.env import read_launch_env
 from megaring.distributed.flight import REPORT_NAME, write_hang_line
-from megaring.distributed.launch_env import read_launch_env
-from megaring.train.checkpoint import CheckpointError
+from megaring.ops.preempt import SIGNALS, Preempted
 from megaring.train.config import TrainConfig
+from megaring.train.config_checks import ConfigError, validate
 from megaring.train.guards import DIVERGED_EXIT_CODE, Diverged
-from megaring.train.preempt import SIGNALS, Preempted
-from megaring.train.rundir import check_free
 from megaring.train.trainer import train
-from megaring.train.validate import ConfigError, validate
 
 CONFIG_EXIT_CODE = 2
 HANG_EXIT_CODE = 4  # a collective timed out (hang_report.json names the stalled rank)

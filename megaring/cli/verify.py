@@ -31,10 +31,10 @@ from omegaconf import DictConfig
 
 from megaring.config_dir import CONFIG_DIR
 from megaring.errors import ConfigError
+from megaring.ops.faults import ring_drop
+from megaring.ops.spawn import launch
 from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
-from megaring.train.faults import ring_drop
-from megaring.train.launch import launch
 from megaring.train.metrics import read_metrics
 
 register_configs()

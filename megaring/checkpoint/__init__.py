@@ -1,0 +1,1 @@
+"""Checkpoints: atomic step directories and resume, the layout-independent state, run-directory safety."""
