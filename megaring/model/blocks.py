@@ -93,7 +93,8 @@ class Attention(nn.Module):
         if c.cp_ulysses is not None and c.cp_ulysses.size > 1:  # Ulysses inside, the ring across
             out = context_attention(q, k, v, ulysses_group=c.cp_ulysses, ring_group=c.cp_ring, causal=True,
                                     segment_ids=segment_ids, layout=c.layout, kernel=c.attn_kernel,
-                                    backward=c.ring_backward, settings=c.ring_settings)  # (B, S, H_l, D)
+                                    backward=c.ring_backward, settings=c.ring_settings,
+                                    traffic=c.traffic)  # (B, S, H_l, D)
             return self.wo(out.reshape(b, s, h * hd))  # (B, S[/tp], dim)
         window = self.window if self.window is not None and self.window < s * c.cp.size else None
         out = ring_attention(q, k, v, group=c.cp, causal=True, segment_ids=segment_ids,

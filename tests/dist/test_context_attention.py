@@ -9,9 +9,10 @@ import torch
 
 from megaring import context_attention, shard_sequence, unshard_sequence
 from megaring.distributed import ParallelDims, build_mesh
+from megaring.distributed.mesh import Traffic
 from megaring.layout import shard_ranges, ulysses_gather_order
 from tests.helpers.attention_ref import make_inputs
-from megaring.ring.reference import masked_reference
+from megaring.ring.dense_reference import masked_reference
 
 SEQ = 48  # divisible by 2*cp for cp in (2, 4), and by 2 * ring chunks
 HEAD_DIM = 8
@@ -103,9 +104,11 @@ def _bytes_task(rank, world, cp, ulysses, heads, kv_heads, with_seg):
     shard = dict(dim=1, rank=mesh.cp.rank, world_size=cp, layout="zigzag")
     ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
     seg_l = None if seg is None else shard_sequence(seg, **shard)
-    out = context_attention(ql, kl, vl, ulysses_group=mesh.cp_ulysses, ring_group=mesh.cp_ring, segment_ids=seg_l)
+    traffic = Traffic()  # the caller's counter (the trainer's kv_bytes_sent_*) sees both kinds
+    out = context_attention(ql, kl, vl, ulysses_group=mesh.cp_ulysses, ring_group=mesh.cp_ring, segment_ids=seg_l,
+                            traffic=traffic)
     out.backward(shard_sequence(dout, **shard))
-    return mesh.cp_ulysses.traffic.bytes_sent, mesh.cp_ring.traffic.bytes_sent
+    return mesh.cp_ulysses.traffic.bytes_sent, mesh.cp_ring.traffic.bytes_sent, traffic.bytes_sent
 
 
 @pytest.mark.parametrize("heads,kv_heads,with_seg", [(4, 4, False), (4, 1, True), (8, 2, True)])
@@ -115,7 +118,8 @@ def test_bytes_sent_match_the_cost_model(pools, heads, kv_heads, with_seg):
 
     w = Workload(SEQ, heads, kv_heads, HEAD_DIM, batch=2, dtype_bytes=4, segment_ids=with_seg)
     for ulysses in (1, 2, 4):
-        for a2a, ring in pools(4).run(_bytes_task, 4, ulysses, heads, kv_heads, with_seg):
+        for a2a, ring, caller in pools(4).run(_bytes_task, 4, ulysses, heads, kv_heads, with_seg):
+            assert caller == {k: v for k, v in (a2a | ring).items() if v}, (ulysses, caller)
             assert sum(a2a.values()) == a2a_bytes(w, 4, ulysses), (ulysses, a2a)
             assert sum(ring.values()) == ring_bytes(w, 4, ulysses), (ulysses, ring)
             assert set(a2a) <= {"all_to_all"} and set(ring) <= {"ring_p2p"}
