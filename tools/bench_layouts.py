@@ -11,7 +11,7 @@ printed before it starts; the figures come from its ``metrics.jsonl``.
         ``peak = a + b * seq_len`` per cp, and from it the longest sequence that fits this machine's
         memory (all cp ranks on this host) and one device of that memory per rank.
 
-``--model`` picks a configs/model name (default tiny); trailing arguments are more ``megaring-train``
+``--model`` picks a megaring/configs/model name (default tiny); trailing arguments are more ``megaring-train``
 overrides, e.g. ``model.activation_checkpointing=true``.
 
 Peak memory is rank 0's: peak resident set size on CPU (torch, DeepSpeed and the interpreter
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     m.add_argument("--budget-gib", type=float, default=None, help="memory to fit into (default: this machine's)")
     for sp in (t, m):
         sp.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_layouts")
-        sp.add_argument("--model", default="tiny", help="a configs/model name")
+        sp.add_argument("--model", default="tiny", help="a megaring/configs/model name")
         sp.add_argument("--json", type=Path, default=None)
         sp.add_argument("extra", nargs="*", help="more megaring-train overrides")
     args = p.parse_args(argv)

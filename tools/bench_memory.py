@@ -73,7 +73,7 @@ def model_overrides(name: str, chunk: int) -> dict:
 
 
 def load_model_config(model: str):
-    """A configs/model name, or "small" (tools.bench_plan's 4-layer model with a 32000 vocabulary)."""
+    """A megaring/configs/model name, or "small" (tools.bench_plan's 4-layer model with a 32000 vocabulary)."""
     from tools.bench_model import load_config
     from tools.bench_plan import SMALL
 

@@ -92,7 +92,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--only", type=int, nargs="*", help="indices into the point list")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
-    p.add_argument("--longest", default=None, help="a configs/model name: print the longest sequences instead")
+    p.add_argument("--longest", default=None, help="a megaring/configs/model name: print the longest sequences instead")
     p.add_argument("--memory-gib", type=float, default=23.5, help="with --longest: the host's memory")
     p.add_argument("--reserved-gib", type=float, default=0.45, help="with --longest: per process, not for the step")
     p.add_argument("--confirm", action="store_true",

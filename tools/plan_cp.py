@@ -17,7 +17,7 @@ from megaring.plan.memory import Hardware
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a configs/model name (n_heads, n_kv_heads, head_dim from it)")
+    p.add_argument("--model", default=None, help="a megaring/configs/model name (its heads and head_dim)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=64)

@@ -8,4 +8,4 @@ from megaring.ops.slurm_launcher import LayoutSlurmLauncher
 
 
 class MegaringSlurmLauncher(LayoutSlurmLauncher):
-    """The slurm sweep launcher under the name Hydra accepts (configs/hydra/launcher/slurm.yaml)."""
+    """The slurm sweep launcher under the name Hydra accepts (megaring/configs/hydra/launcher/slurm.yaml)."""

@@ -1,6 +1,6 @@
 """``megaring-plan model=125m trainer.seq_len=131072 trainer.micro_batch_size=1 devices=8 memory_gb=80``.
 
-Key=value arguments like the trainer's: ``model=<name>`` (configs/model) or ``model.init_from=<dir>``
+Key=value arguments like the trainer's: ``model=<name>`` (megaring/configs/model) or ``model.init_from=<dir>``
 (a Hugging Face checkpoint), ``trainer.seq_len``, ``trainer.micro_batch_size``, ``devices``,
 ``memory_gb`` (per device), and optionally ``dtype_bytes`` (2), ``tflops`` (per device),
 ``intra_gbps`` (tp / cp links), ``inter_gbps`` (dp links), ``reserved_gb`` (per device, not for

@@ -1,7 +1,7 @@
 """Typed configs of the data package: the ``data`` group (:class:`DataConfig`) and the
 ``megaring-preprocess`` command (:class:`PreprocessConfig`).
 
-Dataclasses are the schema; Hydra YAML under ``configs/`` composes and overrides them.
+Dataclasses are the schema; Hydra YAML under ``megaring/configs/`` composes and overrides them.
 """
 
 from __future__ import annotations

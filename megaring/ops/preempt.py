@@ -96,7 +96,7 @@ class PreemptWatch:
 
     def hand_on(self) -> None:
         """After the save: the signal's previous Python handler, if it had one (submitit's requeue on
-        its preemption signal, see configs/hydra/launcher/slurm.yaml). Ctrl-C's KeyboardInterrupt and
+        its preemption signal, see megaring/configs/hydra/launcher/slurm.yaml). Ctrl-C's KeyboardInterrupt and
         the default actions are not repeated: the run has already stopped as they asked."""
         previous = self.previous.get(self.signum) if self.signum else None
         if callable(previous) and previous is not signal.default_int_handler:

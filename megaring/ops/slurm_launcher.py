@@ -3,7 +3,7 @@
 hydra-submitit-launcher resolves its parameters once, from the sweep's base config, so every job
 of ``parallel.cp=1,2,4`` would ask for the same number of tasks. :class:`LayoutSlurmLauncher`
 resolves ``hydra.launcher`` again in each job's own config, where
-``configs/hydra/launcher/slurm.yaml`` computes the size from the layout (the resolvers below):
+``megaring/configs/hydra/launcher/slurm.yaml`` computes the size from the layout (the resolvers below):
 
     ranks = dp * cp * tp,  nodes = ceil(ranks / ranks_per_node),  tasks_per_node = ranks / nodes
 

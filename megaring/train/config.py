@@ -1,6 +1,6 @@
-"""The training config: dataclasses are the schema, Hydra YAML under ``configs/`` composes them.
+"""The training config: dataclasses are the schema, Hydra YAML under ``megaring/configs/`` composes them.
 
-``TrainConfig`` is registered in Hydra's ConfigStore as ``base_config``; ``configs/config.yaml``
+``TrainConfig`` is registered in Hydra's ConfigStore as ``base_config``; ``megaring/configs/config.yaml``
 lists it first in its defaults, so every group file (``model/``, ``parallel/``, ``data/``,
 ``optim/``, ``trainer/``, ``logging/``) is type-checked against these classes. The entry point
 converts the composed config once (:func:`to_train_config`); everything below it takes the typed

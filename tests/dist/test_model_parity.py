@@ -36,7 +36,7 @@ from megaring.tensor_parallel.mappings import all_gather_list
 WORLD = 4
 SEQ, BATCH, SEED = 32, 2, 1234
 RTOL = 1e-5
-TINY = ModelConfig()  # the defaults are configs/model/tiny.yaml
+TINY = ModelConfig()  # the defaults are megaring/configs/model/tiny.yaml
 
 
 def packed_batch(seq_len: int = SEQ, vocab: int = 256, seed: int = 0, valid: str = "all") -> dict:

@@ -1,4 +1,4 @@
-"""Tiny training configs for the trainer's tests, composed from the real ``configs/`` tree."""
+"""Tiny training configs for the trainer's tests, composed from the shipped ``megaring/configs/`` tree."""
 
 from __future__ import annotations
 
