@@ -7,7 +7,7 @@ layout), the attention kernel, the ring backward schedule and the precision. It 
 (1, 1, 1) from the same seed, on the same mock data, and compares every step's loss and gradient
 norm within a tolerance for the dtype. Then it checks ring attention's forward and backward at the
 configured cp (kernel, layout, ring backward, window, dtype) against float64 attention over the
-whole sequence (:mod:`megaring.train.verify_ring`). Prints one row per step and one for the ring
+whole sequence (:mod:`megaring.ring.selfcheck`). Prints one row per step and one for the ring
 check; exit 0 when all pass, 1 naming the first failing step or the ring check, 2 on a config error.
 
 Run it after changing the layout, the attention kernel or the backward schedule, and after
