@@ -4,13 +4,15 @@ import torch
 from tests.helpers.pool import WorkerPool
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pools():
-    """Module-scoped gloo worker pools, one per world size, created on first use."""
+    """Session-scoped gloo worker pools, one per world size, created on first use and made again
+    when a test broke one (a timeout tears a pool down): starting a rank (spawn, import torch and
+    DeepSpeed, join the group) costs seconds, paid once per size for the whole suite."""
     made: dict[int, WorkerPool] = {}
 
     def get(world_size: int) -> WorkerPool:
-        if world_size not in made:
+        if world_size not in made or not made[world_size].healthy():
             made[world_size] = WorkerPool(world_size)
         return made[world_size]
 

@@ -1,6 +1,6 @@
-"""A pool of gloo worker processes that stays up for a whole test module.
+"""A pool of gloo worker processes that stays up for the whole test session.
 
-Spawning processes and importing torch costs seconds per rank; a module-scoped pool pays
+Spawning processes and importing torch costs seconds per rank; a session-scoped pool pays
 it once and then runs many small distributed cases. Each task is a picklable module-level
 function ``fn(rank, world_size, *args)``; every rank runs it and the pool returns the list
 of per-rank results. A failing rank raises in the test with its traceback; a hang ends
@@ -50,7 +50,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 class WorkerPool:
     def __init__(self, world_size: int, timeout_s: float = 180.0):
         ctx = mp.get_context("spawn")
-        self.world_size, self.timeout_s = world_size, timeout_s
+        self.world_size, self.timeout_s, self.closed = world_size, timeout_s, False
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
@@ -77,10 +77,17 @@ class WorkerPool:
             else:
                 errors.append(f"rank {rank}:\n{value}")
         if errors:
+            if len(errors) < self.world_size:  # ranks that succeeded may have left a collective half-done
+                self.close(force=True)
             raise RuntimeError(f"{fn.__name__} failed\n" + "\n".join(errors))
         return [out[r] for r in range(self.world_size)]
 
+    def healthy(self) -> bool:
+        """Every rank alive and the pool not torn down: safe to run the next task."""
+        return not self.closed and all(p.is_alive() for p in self.procs)
+
     def close(self, force: bool = False) -> None:
+        self.closed = True
         for p, q in zip(self.procs, self.tasks):
             if not force and p.is_alive():
                 q.put(None)
