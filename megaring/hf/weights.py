@@ -261,9 +261,10 @@ def _config_problems(model_cfg: ModelConfig, directory: Path) -> list[str]:
 
 def _nonfinite_error(names: list[str], weight_map: dict[str, str], directory: Path) -> CheckpointError:
     files = sorted({str(directory / weight_map[name]) for name in names})
+    many = len(names) > 1
     return CheckpointError(
-        f"cannot load the Hugging Face checkpoint: {len(names)} tensor{'s' * (len(names) > 1)} "
-        f"of {', '.join(files)} hold NaN or inf values: {name_list(names)}. The checkpoint is damaged "
+        f"cannot load the Hugging Face checkpoint: {len(names)} tensor{'s' * many} of {', '.join(files)} "
+        f"{'hold' if many else 'holds'} NaN or inf values: {name_list(names)}. The checkpoint is damaged "
         "(no learning rate gives finite losses from it): download or export it again")
 
 

@@ -229,7 +229,8 @@ def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> Mod
     try:
         checkpoint = model_config_from_hf(model.init_from)
     except (ValueError, OSError) as err:
-        raise ConfigError.listing([f"model.init_from={model.init_from}: {err}"]) from None
+        nested = str(err).replace("\n  - ", "\n      - ")  # its own list, under this problem
+        raise ConfigError.listing([f"model.init_from={model.init_from}: {nested}"]) from None
     given = {k: getattr(model, k) for k in named if hasattr(model, k)}
     problems = override_problems(checkpoint, given)
     if problems:
