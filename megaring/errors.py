@@ -8,7 +8,13 @@ def problem_list(title: str, problems: list[str]) -> str:
     return f"{title}:\n  - " + "\n  - ".join(problems)
 
 
-class ConfigError(ValueError):
+class BadInput(ValueError):
+    """Input the user must fix (a config value, a checkpoint or data file): the commands print the
+    message without a traceback and exit with status 2. Derive an input error from it so that every
+    command and the local spawner report it that way."""
+
+
+class ConfigError(BadInput):
     """A training config that cannot run; the message lists every problem (exit status 2)."""
 
     @classmethod

@@ -11,12 +11,13 @@ from megaring.hf.build import build_model_from_hf, hf_model_config
 from megaring.hf.config import hf_config_dict, model_config_from_hf, override_problems
 from megaring.hf.export import write_hf_checkpoint
 from megaring.hf.names import hf_llama_config_kwargs, to_hf_llama_state_dict, to_hf_state_dict
-from megaring.hf.weights import CheckpointError, LoadReport, load_hf_weights
+from megaring.hf.weights import CheckpointError, LoadReport, checkpoint_problems, load_hf_weights
 
 __all__ = [
     "CheckpointError",
     "LoadReport",
     "build_model_from_hf",
+    "checkpoint_problems",
     "hf_config_dict",
     "hf_llama_config_kwargs",
     "hf_model_config",

@@ -21,8 +21,31 @@ ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausa
 # Overrides that may differ from the checkpoint: they change neither a shape nor a learned value.
 ALLOWED_OVERRIDES = ("rope_theta", "rope_scaling", "activation_checkpointing", "max_position_embeddings",
                      "init_std", "name", "init_from", "bos_token_id", "eos_token_id",
-                     "checkpoint_offload", "loss_chunk", "mlp_chunk", "compile")
+                     "checkpoint_offload", "loss_chunk", "mlp_chunk", "compile", "allow_unused_weights")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Every config.json value that is read: (test, the type to write). null is fine for the optional keys.
+_INT, _NUMBER = (_is_int, "an integer"), (_is_number, "a number")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+VALUE_TYPES = {
+    **dict.fromkeys((*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                     "bos_token_id"), _INT),
+    **dict.fromkeys(("rms_norm_eps", "initializer_range", "rope_theta", "partial_rotary_factor"), _NUMBER),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"), _BOOL),
+    "eos_token_id": (lambda v: _is_int(v) or isinstance(v, list) and all(map(_is_int, v)),
+                     "an integer or a list of integers"),
+    "hidden_act": (lambda v: isinstance(v, str), "a string"),
+    **dict.fromkeys(("rope_parameters", "rope_scaling"), (lambda v: isinstance(v, dict), "a mapping")),
+    "architectures": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of class names"),
+}
 
 
 def read_hf_config(source: str | Path | dict) -> tuple[dict, str]:
@@ -35,9 +58,26 @@ def read_hf_config(source: str | Path | dict) -> tuple[dict, str]:
     if not path.is_file():
         raise ValueError(f"{path}: no such file (a Hugging Face checkpoint directory needs a config.json)")
     try:
-        return json.loads(path.read_text()), str(path)
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a JSON config ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a JSON config (a {type(raw).__name__}, not an object of keys)")
+    return raw, str(path)
+
+
+def type_problems(raw: dict) -> list[str]:
+    """One line per value of the wrong JSON type: the key, the value and the type expected."""
+    out = []
+    for key, (ok, expected) in VALUE_TYPES.items():
+        value = raw.get(key)
+        if (value is not None or key in _REQUIRED and key in raw) and not ok(value):
+            out.append(f"{key}={json.dumps(value)} must be {expected}" + ("" if key in _REQUIRED else " (or null)"))
+    for key in ("rope_parameters", "rope_scaling"):
+        theta = raw[key].get("rope_theta") if isinstance(raw.get(key), dict) else None
+        if theta is not None and not _is_number(theta):
+            out.append(f"{key}.rope_theta={json.dumps(theta)} must be a number")
+    return out
 
 
 def _architecture(raw: dict, problems: list[str]) -> str:
@@ -83,10 +123,14 @@ def model_config_from_hf(source: str | Path | dict) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face checkpoint (directory, ``config.json`` or dict).
 
     ``init_from`` is set to the directory when one is given. Raises one ``ValueError`` naming the
-    file and listing every problem (unsupported architecture or RoPE, missing keys, head_dim).
+    file and listing every problem (missing keys and values of the wrong type first; then unsupported
+    architecture or RoPE, head_dim).
     """
     raw, where = read_hf_config(source)
     problems = [f"missing key {k!r}" for k in _REQUIRED if k not in raw]
+    if type_problems(raw):  # (the checks below read these values)
+        problems += type_problems(raw)
+        raise ValueError(f"{where}: cannot map to a megaring model (fix config.json):\n  - " + "\n  - ".join(problems))
     arch = _architecture(raw, problems)
     theta, scaling = rope_from_hf(raw, problems)
     if problems:

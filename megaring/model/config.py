@@ -31,7 +31,8 @@ class ModelConfig:
     as in Hugging Face's ``rope_parameters`` (without ``rope_theta``). ``sliding_window``: Mistral-style
     window (a query sees the ``W`` latest keys of its document, itself included); ring attention
     computes it from document positions and stops the ring where the window ends. ``init_from``: a
-    Hugging Face checkpoint directory to start from (``megaring.hf``); ``bos_token_id`` /
+    Hugging Face checkpoint directory to start from (``megaring.hf``); a tensor there that the model
+    has no parameter for is an error unless ``allow_unused_weights``. ``bos_token_id`` /
     ``eos_token_id`` (an int or a list) are carried for export.
 
     Memory and speed (none changes a result beyond float rounding): ``loss_chunk`` tokens per chunk
@@ -67,6 +68,7 @@ class ModelConfig:
     sliding_window: int | None = None
     architecture: str = "llama"
     init_from: str | None = None
+    allow_unused_weights: bool = False
     bos_token_id: int | None = None
     eos_token_id: Any = None
 

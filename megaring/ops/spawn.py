@@ -8,8 +8,11 @@ and never hangs on a lost rank.
 
 Signals: the parent forwards SIGTERM, SIGUSR1 and SIGINT to the workers (which save at the next
 step boundary, see :mod:`megaring.ops.preempt`) and exits with their status. A worker that
-stops on purpose (config error 2, diverged 3, preempted: ``trainer.preempt_exit_code``) prints its
-own one-line reason; the parent adds no traceback.
+stops on purpose (bad input 2, diverged 3) writes its one-line reason to a file of the parent's,
+which prints it once however many ranks said it, and adds no traceback; an input error on one rank
+also outranks the crashes it causes on the others (their peer left). A preempted worker
+(``trainer.preempt_exit_code``) has said where it saved. Under an external launcher each rank
+prints its own reason (a config error: rank 0 only, it is every rank's).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pickle
 import signal
 import socket
 import sys
+import tempfile
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from megaring.checkpoint.steps import CheckpointError
 from megaring.data.store import StoreError
 from megaring.distributed.env import read_launch_env
 from megaring.distributed.flight import REPORT_NAME, write_hang_line
+from megaring.errors import BadInput
 from megaring.ops.preempt import SIGNALS, Preempted
 from megaring.train.config import TrainConfig
 from megaring.train.config_checks import ConfigError, validate
@@ -57,9 +62,14 @@ def launch(cfg: TrainConfig, run_dir: Path) -> int:
 
 
 def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="megaring-reasons-") as reasons:
+        return _spawn_and_join(cfg, run_dir, nprocs, Path(reasons))
+
+
+def _spawn_and_join(cfg: TrainConfig, run_dir: Path, nprocs: int, reasons: Path) -> int:
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nprocs)
-    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir), nprocs=nprocs,
+    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir, reasons), nprocs=nprocs,
                                  join=False, start_method="spawn")
     signalled: list[int] = []
 
@@ -78,11 +88,37 @@ def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> int:
             signal.signal(sig, handler)
     if failure is None:
         return 0
-    rank, code = failure
+    rank, code = blamed_failure(failure, [p.exitcode for p in context.processes], reasons)
+    said = worker_reasons(reasons, rank, nprocs)
+    if said:
+        print("\n".join(said), file=sys.stderr, flush=True)
     if code in (CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE, HANG_EXIT_CODE, cfg.trainer.preempt_exit_code) or signalled:
         return code if code > 0 else 128 - code  # the worker said why; -N: killed by signal N
     raise WorkerFailed(f"training worker rank {rank} failed ({describe_exit(code)}) and the other workers were "
                        f"stopped{worker_traceback(context.error_files[rank])}")
+
+
+def reason_file(reasons: Path, rank: int) -> Path:
+    return reasons / f"rank{rank}.txt"
+
+
+def blamed_failure(first: tuple[int, int], exit_codes: list[int | None], reasons: Path) -> tuple[int, int]:
+    """``(rank, exit code)`` to report: the first failure, unless it crashed (exit status 1: an exception
+    escaped) and a rank stopped for bad input (a rank that leaves on an input error breaks its peers'
+    next collective)."""
+    if first[1] != 1:
+        return first
+    for other, other_code in enumerate(exit_codes):
+        if other_code == CONFIG_EXIT_CODE and reason_file(reasons, other).is_file():
+            return other, other_code
+    return first
+
+
+def worker_reasons(reasons: Path, rank: int, nprocs: int) -> list[str]:
+    """The reasons the workers wrote, each once: ``rank``'s first, then any other rank's that differ."""
+    order = [rank, *(r for r in range(nprocs) if r != rank)]
+    said = [reason_file(reasons, r).read_text().rstrip("\n") for r in order if reason_file(reasons, r).is_file()]
+    return list(dict.fromkeys(said))
 
 
 def join_workers(processes: list, deliberate: set[int]) -> tuple[int, int] | None:
@@ -122,30 +158,37 @@ def worker_traceback(error_file: str) -> str:
         return ""
 
 
-def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path) -> None:
+def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path,
+            reasons: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    sys.exit(run_and_report(cfg, run_dir, rank))
+    sys.exit(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank)))
 
 
-def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int) -> int:
-    """Train; a deliberate stop becomes its exit status and one message (rank 0's, or the only rank's)."""
+def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | None = None) -> int:
+    """Train; a deliberate stop becomes its exit status and one message, written to ``reason`` (a
+    spawned worker: the parent prints it) or printed (rank 0's, or every rank's when it may differ)."""
+
+    def say(message: str, every_rank: bool) -> None:
+        if reason is not None:
+            reason.write_text(message + "\n")
+        elif rank == 0 or every_rank:
+            print(message, file=sys.stderr, flush=True)
+
     try:
         train(cfg, run_dir)
         return 0
     except Preempted as err:
         return err.exit_code  # rank 0 has said where it saved
-    except (ConfigError, CheckpointError, StoreError) as err:
-        if rank == 0 or not isinstance(err, ConfigError):  # (config errors are every rank's)
-            print(f"megaring-train: {err}", file=sys.stderr, flush=True)
+    except (BadInput, CheckpointError, StoreError) as err:  # the user's to fix: the message, no traceback
+        say(f"megaring-train: {err}", every_rank=not isinstance(err, ConfigError))  # (config errors: every rank's)
         return CONFIG_EXIT_CODE
     except Diverged as err:
-        if rank == 0:
-            print(f"megaring-train: training diverged: {err}", file=sys.stderr, flush=True)
+        say(f"megaring-train: training diverged: {err}", every_rank=False)
         return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
         return 128 + signal.SIGINT

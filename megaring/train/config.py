@@ -176,7 +176,7 @@ def register_configs() -> None:
 RUN_NEUTRAL_KEYS = (
     "trainer.max_steps", "trainer.resume", "trainer.profile_steps", "trainer.log_every", "trainer.checkpoint_every",
     "trainer.keep_last", "trainer.preempt_exit_code", "trainer.preempt_grace_s", "trainer.max_bad_steps",
-    "trainer.loss_spike_factor", "trainer.resume_allow_changes",
+    "trainer.loss_spike_factor", "trainer.resume_allow_changes", "model.allow_unused_weights",
     "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
     "logging.wandb.mode", "logging.wandb.tags", "logging.progress_bar", "hydra/launcher",
 )
@@ -229,7 +229,8 @@ def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> Mod
     try:
         checkpoint = model_config_from_hf(model.init_from)
     except (ValueError, OSError) as err:
-        raise ConfigError.listing([f"model.init_from={model.init_from}: {err}"]) from None
+        nested = str(err).replace("\n  - ", "\n      - ")  # its own list, under this problem
+        raise ConfigError.listing([f"model.init_from={model.init_from}: {nested}"]) from None
     given = {k: getattr(model, k) for k in named if hasattr(model, k)}
     problems = override_problems(checkpoint, given)
     if problems:

@@ -16,6 +16,7 @@ from megaring.checkpoint.universal import UniversalError, UniversalState
 from megaring.data import describe_data, eval_data_problems, tokenizer_vocab_problems
 from megaring.errors import ConfigError
 from megaring.hf.config import checkpoint_signature
+from megaring.hf.weights import checkpoint_problems
 from megaring.kernels import KERNELS
 from megaring.layout import LAYOUTS
 from megaring.model import validate_model_config
@@ -124,11 +125,15 @@ def optim_problems(cfg: TrainConfig) -> list[str]:
 
 
 def model_problems(cfg: TrainConfig) -> list[str]:
+    """The model at this layout and, with ``model.init_from``, the checkpoint's files (headers only)."""
     p = cfg.parallel
     if min(p.tp, p.cp, p.ulysses) < 1 or p.layout not in LAYOUTS:
         return []  # reported by parallel_problems; the model checks would divide by them
-    return validate_model_config(cfg.model, tp=p.tp, cp=p.cp, ulysses=p.ulysses, seq_len=cfg.trainer.seq_len,
-                                 sequence_parallel=p.sequence_parallel, layout=p.layout)
+    out = validate_model_config(cfg.model, tp=p.tp, cp=p.cp, ulysses=p.ulysses, seq_len=cfg.trainer.seq_len,
+                                sequence_parallel=p.sequence_parallel, layout=p.layout)
+    if cfg.model.init_from and not out:  # (a model that fails its own checks may not even build)
+        out = [f"model.init_from: {problem}" for problem in checkpoint_problems(cfg.model, cfg.model.init_from)]
+    return out
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:
