@@ -32,7 +32,8 @@ from megaring.train.config import TrainConfig
 from megaring.train.guards import DIVERGED_EXIT_CODE, Diverged
 from megaring.train.preempt import SIGNALS, Preempted
 from megaring.train.rundir import check_free
-from megaring.train.trainer import train
+from megaring.train.trainer import checkpoint_dir, train
+from megaring.train.universal import UniversalError
 from megaring.train.validate import ConfigError, validate
 
 CONFIG_EXIT_CODE = 2
@@ -43,23 +44,26 @@ class WorkerFailed(RuntimeError):
     """A spawned worker exited with an error; the others were stopped."""
 
 
-def launch(cfg: TrainConfig, run_dir: Path) -> int:
-    """Run (or spawn) the training; returns the exit status (see docs/training.md, "When things go wrong")."""
+def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None = None) -> int:
+    """Run (or spawn) the training; returns the exit status (see docs/training.md, "When things go wrong").
+
+    ``hydra_files``: Hydra's record of the command, written into the run directory by rank 0 once it
+    holds the locks (:func:`megaring.train.rundir.write_hydra_files`)."""
     try:
         n = cfg.parallel.local_workers()
     except ValueError as err:
         raise ConfigError.listing([str(err)]) from None
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
-        check_free(run_dir)
-        return spawn_workers(cfg, run_dir, n)
-    return run_and_report(cfg, run_dir, read_launch_env().rank)
+        check_free(run_dir, checkpoint_dir(cfg, run_dir))
+        return spawn_workers(cfg, run_dir, n, hydra_files)
+    return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files)
 
 
-def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> int:
+def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int, hydra_files: dict[str, str] | None = None) -> int:
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nprocs)
-    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir), nprocs=nprocs,
+    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir, hydra_files), nprocs=nprocs,
                                  join=False, start_method="spawn")
     signalled: list[int] = []
 
@@ -122,24 +126,25 @@ def worker_traceback(error_file: str) -> str:
         return ""
 
 
-def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path) -> None:
+def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path,
+            hydra_files: dict[str, str] | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    sys.exit(run_and_report(cfg, run_dir, rank))
+    sys.exit(run_and_report(cfg, run_dir, rank, hydra_files))
 
 
-def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int) -> int:
+def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, hydra_files: dict[str, str] | None = None) -> int:
     """Train; a deliberate stop becomes its exit status and one message (rank 0's, or the only rank's)."""
     try:
-        train(cfg, run_dir)
+        train(cfg, run_dir, hydra_files)
         return 0
     except Preempted as err:
         return err.exit_code  # rank 0 has said where it saved
-    except (ConfigError, CheckpointError, StoreError) as err:
+    except (ConfigError, CheckpointError, StoreError, UniversalError) as err:
         if rank == 0 or not isinstance(err, ConfigError):  # (config errors are every rank's)
             print(f"megaring-train: {err}", file=sys.stderr, flush=True)
         return CONFIG_EXIT_CODE
