@@ -18,7 +18,16 @@ import torch
 from safetensors.torch import save_file
 
 from megaring.data import store_identity, write_tokenized
-from megaring.train.checkpoint import TrainerState, find_latest, prune, read_trainer_state, tag_for
+from megaring.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    find_latest,
+    load_latest,
+    prune,
+    read_trainer_state,
+    tag_for,
+)
+from megaring.train.main import run_dir_problem
 from megaring.train.rundir import RunDirBusy, RunLock, RunLocks, data_identity_problems, write_problem
 from megaring.train.validate import ConfigError, validate
 from tests.helpers.train_cfg import TINY_RUN, compose_cfg
@@ -207,3 +216,28 @@ def test_a_model_shape_change_advises_a_new_run_not_resume_false(tmp_path):
     assert "model.n_layers=3 differs from the checkpoint" in message, message
     assert "start a new run in another directory (hydra.run.dir=... or trainer.ckpt_dir=...)" in message
     assert "trainer.resume=false" not in message
+
+
+def test_an_engine_file_that_fails_inside_the_load_is_named_with_the_older_checkpoint(tmp_path):
+    class TruncatedEngine:
+        def load(self, directory, tag):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    whole_checkpoint(tmp_path, 2)
+    whole_checkpoint(tmp_path, 4)
+    with pytest.raises(CheckpointError) as err:
+        load_latest(TruncatedEngine(), tmp_path)
+    assert str(err.value) == (f"cannot load {tmp_path / tag_for(4)} (RuntimeError: PytorchStreamReader failed reading "
+                              f"zip archive: failed finding central directory). The newest older checkpoint is "
+                              f"{tag_for(2)}: to resume from it, write {tag_for(2)} into {tmp_path / 'latest'}")
+
+
+def test_a_run_directory_through_a_file_is_refused_before_hydra_creates_it(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("")
+    assert run_dir_problem(blocker) == (f"hydra.run.dir={blocker} names a file, not a directory: choose a directory "
+                                        "(a new one starts a new run)")
+    assert run_dir_problem(blocker / "run") == (f"the run directory {blocker / 'run'} cannot be written ({blocker} is "
+                                                "a file, not a directory): make it writable, or choose another "
+                                                "hydra.run.dir")
+    assert run_dir_problem(tmp_path / "new" / "run") is None and (tmp_path / "new" / "run").is_dir()
