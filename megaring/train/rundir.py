@@ -5,8 +5,8 @@
   stale lock). The file names the holder (host, pid, start time) for the run that finds it taken.
   :class:`CheckpointDirLock` does the same on ``trainer.ckpt_dir``, so two runs in different run
   directories cannot share one checkpoint directory; both check that their directory can be written.
-- :class:`RunLocks`: both locks, then Hydra's record of the command (``.hydra/``, see
-  :func:`write_hydra_files`), written only once the locks are held.
+- :class:`RunLocks`: both locks, taken by global rank 0 before anything is read or written;
+  :func:`write_hydra_files` writes Hydra's record of the command (``.hydra/``) only once they are held.
 - :func:`data_identity_problems`: resuming on another token store than the checkpoint's.
 - :func:`history_problems`: ``trainer.resume=false`` where checkpoints already exist is refused.
 - :func:`config_change_problems`: resuming with a config whose results differ from the checkpoint's
