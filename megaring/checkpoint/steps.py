@@ -8,11 +8,18 @@ Layout of ``ckpt_dir``::
                              universal/ (full fp32 weights and Adam moments: any layout resumes
                              from it and megaring-export reads it, see megaring.checkpoint.universal)
     step_00000016.partial/   a save in progress (or killed): never read, removed by the next save
+    megaring.lock            held by the run that writes here (megaring.checkpoint.rundir.CheckpointDirLock)
 
 Every rank writes its own files into the ``.partial`` directory; after a barrier rank 0 renames it
 (atomic on one file system), then points ``latest`` at it and prunes to ``keep_last``. A save
 killed at any point leaves ``latest`` on the previous complete checkpoint. Our files are JSON and
 the engine reads its own with ``torch.load(weights_only=True)``.
+
+A ``step_*`` directory exists only once complete, so when ``latest`` is gone (deleted by hand) the
+newest one is the checkpoint to resume from (:func:`find_latest` says so), never a fresh start.
+Before a resume :func:`step_dir_problems` checks, without any collective, that the checkpoint's
+files are whole: the engine's zip archives end in their central directory (a truncated file does
+not) and every rank's RNG file parses; each problem names the file and the newest older checkpoint.
 """
 
 from __future__ import annotations
@@ -20,15 +27,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from megaring.checkpoint.universal import save_universal
 from megaring.ops.faults import in_save
@@ -45,6 +55,7 @@ class TrainerState:
     layout: dict  # dp, cp, tp, zero_stage (ParallelConfig.layout_key)
     lr_horizon: int | None = None  # the schedule's decay horizon (kept on resume); None: older checkpoints
     config: dict | None = None  # megaring.checkpoint.rundir.result_config at the save; None: older checkpoints
+    data: dict | None = None  # the token store's identity (megaring.data.store_identity); None: mock, older
 
 
 class CheckpointError(ValueError):
@@ -55,13 +66,45 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def read_latest(ckpt_dir: Path) -> str | None:
+@dataclass(frozen=True)
+class Latest:
+    """The checkpoint to resume from: its tag, and a note when ``latest`` was missing."""
+
+    tag: str
+    note: str | None = None
+
+
+def step_tags(ckpt_dir: Path) -> list[str]:
+    """The complete checkpoints' tags, oldest first (``.partial`` directories are not)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def find_latest(ckpt_dir: Path) -> Latest | None:
+    """What ``latest`` names or, when that file is missing, the newest complete step directory."""
     latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not TAG_RE.match(tag) or not (ckpt_dir / tag).is_dir():
+            older = step_tags(ckpt_dir)
+            raise CheckpointError(f"{latest} names {tag!r}, which is not a checkpoint in {ckpt_dir}: write the tag "
+                                  f"of one that is into it ({', '.join(older) or 'there is none'}), or remove it"
+                                  + (" to resume from the newest" if older else ""))
+        return Latest(tag)
+    tags = step_tags(ckpt_dir)
+    if not tags:
+        return None
+    return Latest(tags[-1], f"{latest} is missing: resuming from the newest complete checkpoint, {tags[-1]}")
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    found = find_latest(ckpt_dir)
+    return found.tag if found else None
 
 
 def read_trainer_state(ckpt_dir: Path) -> tuple[str, TrainerState] | None:
-    """``(tag, state)`` of the checkpoint ``latest`` names, or None when there is none yet."""
+    """``(tag, state)`` of the checkpoint to resume from (:func:`find_latest`), or None when there is none."""
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
@@ -73,6 +116,54 @@ def read_trainer_state(ckpt_dir: Path) -> tuple[str, TrainerState] | None:
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path} is corrupted ({err}); remove that checkpoint or point "
                               f"{ckpt_dir / 'latest'} at an older one") from None
+
+
+def older_advice(ckpt_dir: Path, tag: str) -> str:
+    """How to resume from the newest checkpoint older than ``tag`` (or that there is none)."""
+    older = [t for t in step_tags(ckpt_dir) if t < tag]
+    if not older:
+        return (f"There is no older checkpoint in {ckpt_dir}: start a new run in another directory "
+                "(hydra.run.dir=... or trainer.ckpt_dir=...)")
+    return (f"The newest older checkpoint is {older[-1]}: to resume from it, write {older[-1]} into "
+            f"{ckpt_dir / 'latest'}")
+
+
+def universal_file_problems(ckpt_dir: Path, tag: str) -> list[str]:
+    """The layout-independent state files (``universal/**.safetensors``) whose header does not read
+    (a truncated file does not), each named: checked before a resume on another layout."""
+    broken = []
+    for path in sorted((ckpt_dir / tag / "universal").rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for bad files
+            broken.append(f"{path} is truncated or corrupted ({err})")
+    if not broken:
+        return []
+    return [f"cannot resume from {ckpt_dir / tag} on another layout: {'; '.join(broken)}. "
+            f"{older_advice(ckpt_dir, tag)}"]
+
+
+def step_dir_problems(ckpt_dir: Path, tag: str, world_size: int) -> list[str]:
+    """The files of a same-layout resume that are missing or cut short, each named (no collective)."""
+    step_dir = ckpt_dir / tag
+    broken = [f"{path} is truncated (no zip central directory)" for path in sorted(step_dir.rglob("*.pt"))
+              if not zipfile.is_zipfile(path)]
+    rng_dir = step_dir / "rng"
+    for rank in range(world_size):
+        path = rng_dir / f"rank_{rank:05d}.json"
+        if not rng_dir.is_dir():
+            broken.append(f"{rng_dir} is missing (the RNG state of every rank)")
+            break
+        try:
+            json.loads(path.read_text())
+        except FileNotFoundError:
+            broken.append(f"{path} is missing")
+        except ValueError as err:
+            broken.append(f"{path} is corrupted ({err})")
+    if not broken:
+        return []
+    return [f"cannot resume from {step_dir}: {'; '.join(broken)}. {older_advice(ckpt_dir, tag)}"]
 
 
 def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int, universal: dict) -> Path:
@@ -123,21 +214,31 @@ def agree_files_written(failed: OSError | None, partial: Path) -> None:
 
 
 def load_latest(engine, ckpt_dir: Path) -> TrainerState | None:
-    """Restore engine, RNG and trainer state from ``ckpt_dir/latest``; ``None`` when there is none."""
+    """Restore engine, RNG and trainer state from the checkpoint to resume from; ``None`` when there is none.
+
+    A file the engine cannot read (:func:`step_dir_problems` catches the truncated ones before any
+    collective) is a :class:`CheckpointError` naming the checkpoint and the newest older one."""
     found = read_trainer_state(ckpt_dir)
     if found is None:
         return None
     tag, state = found
-    engine.load(ckpt_dir, tag)
-    set_rng_state(json.loads((ckpt_dir / tag / "rng" / f"rank_{dist.get_rank():05d}.json").read_text()))
+    try:
+        engine.load(ckpt_dir, tag)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"cannot load {ckpt_dir / tag} ({type(err).__name__}: {err}). "
+                              f"{older_advice(ckpt_dir, tag)}") from None
+    rng_file = ckpt_dir / tag / "rng" / f"rank_{dist.get_rank():05d}.json"
+    try:
+        set_rng_state(json.loads(rng_file.read_text()))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {rng_file} ({err}). {older_advice(ckpt_dir, tag)}") from None
     return state
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Remove all but the newest ``keep_last`` complete checkpoints (never the latest)."""
     latest = read_latest(ckpt_dir)
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-    for tag in tags[:-keep_last]:
+    for tag in step_tags(ckpt_dir)[:-keep_last]:
         if tag != latest:
             shutil.rmtree(ckpt_dir / tag)
 

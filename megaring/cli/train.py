@@ -2,6 +2,12 @@
 
 The composed config is converted once to :class:`~megaring.train.config.TrainConfig`; the run
 directory is Hydra's output directory (``hydra.run.dir=...`` to choose it).
+
+Nothing is written into a run directory before its lock is held: :class:`RunDirCheck` (a Hydra
+callback, before Hydra creates the directory) refuses a ``hydra.run.dir`` that names a file or
+cannot be written, with exit status 2; Hydra itself writes no ``.hydra/`` (``hydra.output_subdir:
+null`` in configs/config.yaml), and global rank 0 writes the same files (:func:`hydra_files`) once it
+holds the run's locks (:func:`megaring.checkpoint.rundir.write_hydra_files`).
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
+from megaring.checkpoint.rundir import unwritable, write_problem
 from megaring.config_dir import CONFIG_DIR
 from megaring.ops.spawn import WorkerFailed, launch
 from megaring.train.config import register_configs, to_train_config
@@ -43,6 +51,37 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+class RunDirCheck(Callback):
+    """Before Hydra creates the run directory: it is a directory (or can be made one) that can be
+    written; else one line naming it and exit status 2 (Hydra would fail with a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # hydra.run.dir interpolates ${hydra:...}
+        problem = run_dir_problem(Path(str(config.hydra.run.dir)))
+        if problem:
+            print(f"megaring: {problem}", file=sys.stderr)
+            sys.exit(2)
+
+
+def run_dir_problem(run_dir: Path) -> str | None:
+    if run_dir.exists() and not run_dir.is_dir():
+        return (f"hydra.run.dir={run_dir} names a file, not a directory: choose a directory (a new one starts a "
+                "new run)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return unwritable("run directory", run_dir, err, "hydra.run.dir")
+    return write_problem(run_dir, "run directory", "hydra.run.dir")
+
+
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """The files Hydra writes into ``<run dir>/.hydra`` when ``hydra.output_subdir`` is set: the job's
+    config, Hydra's own and the command line's overrides."""
+    hydra_cfg = HydraConfig.instance().cfg
+    return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -52,7 +91,7 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"megaring-train: {err}", file=sys.stderr)
         sys.exit(2)
     try:
-        status = launch(train_cfg, Path(hydra_cfg.runtime.output_dir))
+        status = launch(train_cfg, Path(hydra_cfg.runtime.output_dir), hydra_files(cfg))
     except ConfigError as err:
         print(f"megaring-train: {err}", file=sys.stderr)
         sys.exit(2)

@@ -2,8 +2,9 @@
 
 The trainer uses :class:`DataConfig`, :func:`describe_data`, :func:`build_batch_reader`,
 :func:`build_eval_reader` and the pre-flight checks :func:`eval_data_problems` and
-:func:`tokenizer_vocab_problems`; :func:`open_dataset` opens a preprocessed directory for
-inspection and :func:`load_tokenizer` a sentencepiece model or Hugging Face tokenizer.
+:func:`tokenizer_vocab_problems`; checkpoints record :func:`store_identity`; :func:`open_dataset`
+opens a preprocessed directory for inspection and :func:`load_tokenizer` a sentencepiece model or
+Hugging Face tokenizer.
 """
 
 from megaring.data.checks import eval_data_problems, tokenizer_vocab_problems
@@ -19,6 +20,7 @@ from megaring.data.reader import (
     build_batch_reader,
     describe_data,
     read_shard,
+    store_identity,
 )
 from megaring.data.store import StoreError
 from megaring.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -28,5 +30,5 @@ __all__ = [
     "RankShard",
     "StoreError", "Tokenizer", "TokenizerConfig", "TokenizerError", "build_batch_reader", "build_eval_reader",
     "describe_data", "eval_data_problems", "load_tokenizer", "open_dataset", "read_shard",
-    "tokenizer_vocab_problems", "write_tokenized",
+    "store_identity", "tokenizer_vocab_problems", "write_tokenized",
 ]

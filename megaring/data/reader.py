@@ -211,6 +211,20 @@ def source_info(kind: str, source) -> DataInfo:
                    tokenizer_files=tuple(str(p) for p in source.tokenizer_files))
 
 
+def store_identity(cfg: DataConfig) -> dict | None:
+    """What identifies the token store a run trains on (its checkpoints record it): the tokens (count,
+    documents, the index's crc32 of ``tokens.bin``) and the tokenizer (sha256 of its model file,
+    vocabulary, special ids). Cheap: the index and ``metadata.json`` only. None for the mock source,
+    whose ``data.*`` keys are its identity (compared as config)."""
+    if cfg.kind != "files" or not cfg.path:
+        return None
+    ds = open_dataset(cfg.path)
+    tokenizer = ds.metadata["tokenizer"]
+    return {"path": str(Path(cfg.path).resolve()), "documents": ds.num_documents, "tokens": ds.num_tokens,
+            "tokens_crc32": f"{ds.store.bin_crc32:08x}", "tokenizer_sha256": tokenizer.get("sha256"),
+            "vocab_size": ds.vocab_size, "bos_id": ds.bos_id, "eod_id": ds.eod_id}
+
+
 def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, seed: int) -> BatchReader:
     """The reader of this (dp rank, cp rank), with the split's sample index loaded or built."""
     seq_len = shape.seq_len

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 
 from megaring.checkpoint.rundir import check_free
 from megaring.checkpoint.steps import CheckpointError
+from megaring.checkpoint.universal import UniversalError
 from megaring.data.store import StoreError
 from megaring.distributed.env import read_launch_env
 from megaring.distributed.flight import REPORT_NAME, write_hang_line
@@ -38,7 +39,7 @@ from megaring.ops.preempt import SIGNALS, Preempted
 from megaring.train.config import TrainConfig
 from megaring.train.config_checks import ConfigError, validate
 from megaring.train.guards import DIVERGED_EXIT_CODE, Diverged
-from megaring.train.trainer import train
+from megaring.train.trainer import checkpoint_dir, train
 
 CONFIG_EXIT_CODE = 2
 HANG_EXIT_CODE = 4  # a collective timed out (hang_report.json names the stalled rank)
@@ -48,29 +49,33 @@ class WorkerFailed(RuntimeError):
     """A spawned worker exited with an error; the others were stopped."""
 
 
-def launch(cfg: TrainConfig, run_dir: Path) -> int:
-    """Run (or spawn) the training; returns the exit status (see docs/training.md, "When things go wrong")."""
+def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None = None) -> int:
+    """Run (or spawn) the training; returns the exit status (see docs/training.md, "When things go wrong").
+
+    ``hydra_files``: Hydra's record of the command, written into the run directory by rank 0 once it
+    holds the locks (:func:`megaring.checkpoint.rundir.write_hydra_files`)."""
     try:
         n = cfg.parallel.local_workers()
     except ValueError as err:
         raise ConfigError.listing([str(err)]) from None
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
-        check_free(run_dir)
-        return spawn_workers(cfg, run_dir, n)
-    return run_and_report(cfg, run_dir, read_launch_env().rank)
+        check_free(run_dir, checkpoint_dir(cfg, run_dir))
+        return spawn_workers(cfg, run_dir, n, hydra_files)
+    return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files)
 
 
-def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int) -> int:
+def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int, hydra_files: dict[str, str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="megaring-reasons-") as reasons:
-        return _spawn_and_join(cfg, run_dir, nprocs, Path(reasons))
+        return _spawn_and_join(cfg, run_dir, nprocs, Path(reasons), hydra_files)
 
 
-def _spawn_and_join(cfg: TrainConfig, run_dir: Path, nprocs: int, reasons: Path) -> int:
+def _spawn_and_join(cfg: TrainConfig, run_dir: Path, nprocs: int, reasons: Path,
+                    hydra_files: dict[str, str] | None) -> int:
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nprocs)
-    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir, reasons), nprocs=nprocs,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir, reasons, hydra_files),
+                                 nprocs=nprocs, join=False, start_method="spawn")
     signalled: list[int] = []
 
     def forward(signum, frame) -> None:
@@ -159,17 +164,18 @@ def worker_traceback(error_file: str) -> str:
 
 
 def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path,
-            reasons: Path) -> None:
+            reasons: Path, hydra_files: dict[str, str] | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    sys.exit(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank)))
+    sys.exit(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank), hydra_files))
 
 
-def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | None = None) -> int:
+def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | None = None,
+                   hydra_files: dict[str, str] | None = None) -> int:
     """Train; a deliberate stop becomes its exit status and one message, written to ``reason`` (a
     spawned worker: the parent prints it) or printed (rank 0's, or every rank's when it may differ)."""
 
@@ -180,11 +186,11 @@ def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | No
             print(message, file=sys.stderr, flush=True)
 
     try:
-        train(cfg, run_dir)
+        train(cfg, run_dir, hydra_files)
         return 0
     except Preempted as err:
         return err.exit_code  # rank 0 has said where it saved
-    except (BadInput, CheckpointError, StoreError) as err:  # the user's to fix: the message, no traceback
+    except (BadInput, CheckpointError, StoreError, UniversalError) as err:  # the user's to fix: the message only
         say(f"megaring-train: {err}", every_rank=not isinstance(err, ConfigError))  # (config errors: every rank's)
         return CONFIG_EXIT_CODE
     except Diverged as err:

@@ -10,10 +10,23 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from megaring.checkpoint.rundir import config_change_problems, history_problems, result_config
-from megaring.checkpoint.steps import CheckpointError, read_trainer_state
+from megaring.checkpoint.rundir import (
+    DATA_STORE_KEY,
+    config_change_problems,
+    data_identity_problems,
+    history_problems,
+    result_config,
+)
+from megaring.checkpoint.steps import (
+    CheckpointError,
+    TrainerState,
+    older_advice,
+    read_trainer_state,
+    step_dir_problems,
+    universal_file_problems,
+)
 from megaring.checkpoint.universal import UniversalError, UniversalState
-from megaring.data import describe_data, eval_data_problems, tokenizer_vocab_problems
+from megaring.data import describe_data, eval_data_problems, store_identity, tokenizer_vocab_problems
 from megaring.errors import ConfigError
 from megaring.hf.config import checkpoint_signature
 from megaring.hf.weights import checkpoint_problems
@@ -82,11 +95,12 @@ def operations_problems(cfg: TrainConfig) -> list[str]:
         out.append(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: stop at the first non-finite step)")
     if not t.loss_spike_factor >= 0:
         out.append(f"trainer.loss_spike_factor={t.loss_spike_factor} must be >= 0 (0 turns loss spikes off)")
-    known = set(result_config(cfg))
+    known = set(result_config(cfg)) | {DATA_STORE_KEY}
     unknown = [k for k in t.resume_allow_changes if k not in known]
     if unknown:
         out.append(f"trainer.resume_allow_changes names {unknown}, which are not keys a resume compares: "
-                   "give model.*, data.*, optim.* or trainer.* keys as section.key")
+                   f"give model.*, data.*, optim.* or trainer.* keys as section.key ({DATA_STORE_KEY}: another "
+                   "token store)")
     return out
 
 
@@ -175,9 +189,13 @@ def logging_problems(cfg: TrainConfig) -> list[str]:
     return [] if mode in WANDB_MODES else [f"logging.wandb.mode={mode!r} must be one of {WANDB_MODES}"]
 
 
-def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
-    """A checkpoint to resume from: readable, and of this model; on another layout, with the
-    layout-independent state that conversion reads (the new layout's own checks are the model's)."""
+NEW_RUN = "start a new run in another directory (hydra.run.dir=... or trainer.ckpt_dir=...)"
+
+
+def resume_problems(cfg: TrainConfig, ckpt_dir: Path, world_size: int = 1) -> list[str]:
+    """A checkpoint to resume from: readable, whole, of this model and this token store; on another
+    layout, with the layout-independent state that conversion reads (the new layout's own checks are
+    the model's)."""
     try:
         found = read_trainer_state(ckpt_dir)
     except CheckpointError as err:
@@ -185,20 +203,36 @@ def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
     if found is None or not cfg.trainer.resume:
         return history_problems(cfg, found and found[1], ckpt_dir)
     tag, state = found
+    out = data_problems_on_resume(cfg, state, ckpt_dir / tag)
+    same_layout = state.layout == cfg.parallel.layout_key()
+    if same_layout:
+        out += step_dir_problems(ckpt_dir, tag, world_size)
+    else:
+        broken = universal_file_problems(ckpt_dir, tag)
+        if broken:
+            return out + broken  # (the state's index would be read from the broken files)
     try:
         saved_model = UniversalState(ckpt_dir / tag).model_config
     except UniversalError as err:
-        if state.layout == cfg.parallel.layout_key():
-            return config_change_problems(cfg, state.config, ckpt_dir / tag)  # the engine's files suffice
-        return [f"the checkpoint {ckpt_dir / tag} was written with {state.layout}, this run is "
-                f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same layout, "
-                "or set trainer.resume=false / another trainer.ckpt_dir"]
+        if same_layout:
+            return out + config_change_problems(cfg, state.config, ckpt_dir / tag)  # the engine's files suffice
+        return out + [f"the checkpoint {ckpt_dir / tag} was written with {state.layout}, this run is "
+                      f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same "
+                      f"layout ({state.layout}). {older_advice(ckpt_dir, tag)}"]
     theirs, ours = checkpoint_signature(saved_model), checkpoint_signature(cfg.model)
     shape_keys = {f"model.{k}" for k in theirs if theirs[k] != ours[k]}  # said below, with the checkpoint's shapes
-    changed = config_change_problems(cfg, state.config, ckpt_dir / tag, skip=shape_keys)
-    return changed + [f"model.{k}={ours[k]!r} differs from the checkpoint {ckpt_dir / tag} ({theirs[k]!r}): "
-                      "resume with the model it was written with, or set trainer.resume=false / another "
-                      "trainer.ckpt_dir" for k in theirs if theirs[k] != ours[k]]
+    out += config_change_problems(cfg, state.config, ckpt_dir / tag, skip=shape_keys)
+    return out + [f"model.{k}={ours[k]!r} differs from the checkpoint {ckpt_dir / tag} ({theirs[k]!r}): "
+                  f"resume with the model it was written with, or {NEW_RUN}" for k in theirs if theirs[k] != ours[k]]
+
+
+def data_problems_on_resume(cfg: TrainConfig, state: TrainerState, where: Path) -> list[str]:
+    """The token store is the checkpoint's (a store that does not open is data_problems' to say)."""
+    try:
+        identity = store_identity(cfg.data)
+    except (ValueError, OSError):
+        return []
+    return data_identity_problems(cfg, identity, state.data, where)
 
 
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:
@@ -206,7 +240,7 @@ def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = 
     out += operations_problems(cfg)
     out += model_problems(cfg) + data_problems(cfg) + eval_problems(cfg) + logging_problems(cfg)
     if ckpt_dir is not None:
-        out += resume_problems(cfg, ckpt_dir)
+        out += resume_problems(cfg, ckpt_dir, world_size)
     return out
 
 

@@ -21,17 +21,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaring.checkpoint.rundir import RunLock, lr_horizon, result_config
+from megaring.checkpoint.rundir import RunLocks, lr_horizon, result_config, write_hydra_files
 from megaring.checkpoint.steps import (
     CheckpointError,
     TrainerState,
+    find_latest,
     load_latest,
     read_trainer_state,
     save_checkpoint,
     tag_for,
 )
 from megaring.checkpoint.universal import UniversalState, load_optimizer, load_weights
-from megaring.data import BatchReader, EvalReader, RankShard, build_batch_reader, build_eval_reader, describe_data
+from megaring.data import (
+    BatchReader,
+    EvalReader,
+    RankShard,
+    build_batch_reader,
+    build_eval_reader,
+    describe_data,
+    store_identity,
+)
 from megaring.data.tokenizer import MODEL_FILES
 from megaring.data.tokenizer.conventions import SIDE_FILES
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
@@ -73,6 +82,7 @@ class Resume:
     path: Path
     state: TrainerState
     same_layout: bool
+    note: str | None = None  # said when ``latest`` was missing (megaring.checkpoint.steps.find_latest)
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Run:
     reader: BatchReader
     eval_reader: EvalReader | None  # None: eval.every = 0
     resume: Resume | None
+    data_identity: dict | None  # megaring.data.store_identity, recorded in every checkpoint
     traffic: Traffic  # ring attention's K/V bytes sent by this rank, read and reset every step
     lr_horizon: int  # the schedule's decay horizon (the checkpoint's unless changed explicitly)
     lr_note: str | None  # said when the horizon is not the checkpoint's
@@ -97,8 +108,11 @@ def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
     return Path(cfg.trainer.ckpt_dir) if cfg.trainer.ckpt_dir else run_dir / "checkpoints"
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
+def train(cfg: TrainConfig, run_dir: str | Path, hydra_files: dict[str, str] | None = None) -> list[dict]:
     """Train to ``trainer.max_steps`` (resuming when a checkpoint exists); returns this run's metrics.
+
+    Global rank 0 first locks the run and checkpoint directories, and once the config is valid
+    writes ``hydra_files`` (Hydra's record of the command, :func:`megaring.checkpoint.rundir.write_hydra_files`).
 
     Raises :class:`~megaring.ops.preempt.Preempted` after a signal and a checkpoint, and
     :class:`~megaring.train.guards.Diverged` after too many non-finite steps.
@@ -107,14 +121,17 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> list[dict]:
     owns_group = not dist.is_initialized()
     env = read_launch_env()
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if not owns_group else (env.world_size, env.rank)
-    lock = RunLock(run_dir).acquire() if rank == 0 else None  # before reading the run's checkpoints
+    ckpt_dir = checkpoint_dir(cfg, run_dir)
+    lock = RunLocks(run_dir, ckpt_dir).acquire() if rank == 0 else None  # before reading or writing anything
     watch = PreemptWatch(cfg.trainer.preempt_grace_s, rank).install()
     hang = HangWatch(run_dir, rank, world_size, after_s=0.9 * cfg.parallel.timeout_s)
     previous_usr2 = install_hang_signal(hang)
     try:
-        validate(cfg, world_size, checkpoint_dir(cfg, run_dir))  # every rank, before any collective
+        validate(cfg, world_size, ckpt_dir)  # every rank, before any collective
         if rank == 0:
             shutil.rmtree(run_dir / HANG_DIR, ignore_errors=True)  # an earlier hang's lines
+            if hydra_files:
+                write_hydra_files(run_dir, hydra_files)
         p = cfg.parallel
         device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
         run = build_run(cfg, run_dir, device)
@@ -146,7 +163,8 @@ def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
     if found is None:
         return None
     tag, state = found
-    return Resume(ckpt_dir / tag, state, state.layout == cfg.parallel.layout_key())
+    latest = find_latest(ckpt_dir)
+    return Resume(ckpt_dir / tag, state, state.layout == cfg.parallel.layout_key(), latest.note if latest else None)
 
 
 def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None, mesh: ParallelMesh,
@@ -181,7 +199,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
     return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
-               traffic, horizon, lr_note)
+               store_identity(cfg.data), traffic, horizon, lr_note)
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -209,7 +227,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     started = (f"run {run.run_dir}: model {cfg.model.name} ({cfg.model.init_from or 'seed ' + str(t.seed)}), "
                f"{run.mesh.describe()}, ZeRO {cfg.parallel.zero_stage}, seq_len {t.seq_len}, "
                f"global batch {t.global_batch_size}, steps {start + 1}-{t.max_steps}")
-    for line in (started, note, run.lr_note, finished_note(start, t.max_steps)):
+    for line in (started, run.resume and run.resume.note, note, run.lr_note, finished_note(start, t.max_steps)):
         if line:
             progress.note(line)
     meters = StepMeters(StepProfiler(t.profile_steps, run.run_dir / "profile", rank, run.device),
@@ -341,7 +359,7 @@ def save(run: Run, step: int) -> None:
     t = run.cfg.trainer
     state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
                          tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key(),
-                         lr_horizon=run.lr_horizon, config=result_config(run.cfg))
+                         lr_horizon=run.lr_horizon, config=result_config(run.cfg), data=run.data_identity)
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
                  "tokenizer_files": tokenizer_files(run.cfg)}
     try:

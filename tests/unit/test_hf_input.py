@@ -140,7 +140,7 @@ def test_nan_and_inf_weights_are_named_as_they_are_loaded(tmp_path):
 
 
 def test_a_bad_input_error_is_exit_2_and_its_message_without_a_traceback(tmp_path, monkeypatch, capsys):
-    def bad_weights(cfg, run_dir):
+    def bad_weights(cfg, run_dir, hydra_files=None):
         raise CheckpointError("cannot load the Hugging Face checkpoint: /ckpt: missing tensor 'x'")
 
     monkeypatch.setattr(spawn, "train", bad_weights)
