@@ -62,7 +62,7 @@ def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None =
         validate(cfg, n)  # fail fast in the parent; the workers check again
         check_free(run_dir, checkpoint_dir(cfg, run_dir))
         return spawn_workers(cfg, run_dir, n, hydra_files)
-    return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files)
+    return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files=hydra_files)
 
 
 def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int, hydra_files: dict[str, str] | None = None) -> int:
