@@ -4,11 +4,12 @@ import torch
 from tests.helpers.pool import WorkerPool
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pools():
-    """Session-scoped gloo worker pools, one per world size, created on first use and made again
-    when a test broke one (a timeout tears a pool down): starting a rank (spawn, import torch and
-    DeepSpeed, join the group) costs seconds, paid once per size for the whole suite."""
+    """Module-scoped gloo worker pools, one per world size, created on first use and made again when a
+    test broke one (a timeout tears a pool down). Not session-scoped: every mesh a task builds leaves
+    its gloo groups (and their threads) in the workers, so a pool that lived for the whole suite
+    would end with hundreds of threads per rank."""
     made: dict[int, WorkerPool] = {}
 
     def get(world_size: int) -> WorkerPool:

@@ -1,6 +1,6 @@
-"""A pool of gloo worker processes that stays up for the whole test session.
+"""A pool of gloo worker processes that stays up for a whole test module.
 
-Spawning processes and importing torch costs seconds per rank; a session-scoped pool pays
+Spawning processes and importing torch costs seconds per rank; a module-scoped pool pays
 it once and then runs many small distributed cases. Each task is a picklable module-level
 function ``fn(rank, world_size, *args)``; every rank runs it and the pool returns the list
 of per-rank results. A failing rank raises in the test with its traceback; a hang ends
