@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,7 +221,6 @@ def load(args) -> None:
 
 
 def export(args) -> None:
-    import shutil
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="bench-export-", dir=args.tmp))
@@ -255,6 +255,7 @@ def export(args) -> None:
 
 def _export_once(tree: Path, run: Path, out: Path) -> dict:
     """``megaring-export`` of ``run`` with the megaring code in ``tree``, in a fresh process."""
+    shutil.rmtree(out, ignore_errors=True)  # the previous round's export, inside this tool's own temporary dir
     code = ("import json, resource, time; from megaring.cli.export import main; t = time.perf_counter(); "
             f"main(['input={run}', 'output={out}']); print(json.dumps({{'wall_s': time.perf_counter() - t, "
             "'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")

@@ -13,14 +13,19 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from megaring.outdir import OwnOutput, clear_own
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# What a training run directory holds; an earlier demo run is replaced, nothing else (megaring.outdir).
+RUN_OUTPUT = OwnOutput("a megaring training run", markers=(".hydra",),
+                       entries=(".hydra", "*.log", "metrics.jsonl", "megaring.lock", "wandb*", "checkpoints",
+                                "profile", "hang", "hang_report.json", "verify"))
 
 
 def run(cmd: list[str], **kwargs) -> None:
@@ -39,7 +44,7 @@ def preprocess(data_dir: Path, vocab: int, max_mb: int) -> None:
 def train(data_dir: Path, run_dir: Path, args) -> None:
     if run_dir.exists():  # the same command would resume the finished run; the demo trains afresh
         print(f"\nremoving the previous demo run {run_dir}")
-        shutil.rmtree(run_dir)
+        clear_own(run_dir, RUN_OUTPUT)  # refuses a directory holding anything a run does not write
     run([str(BIN / "megaring-train"), "model=tiny", f"model.vocab_size={args.vocab}", "model.dim=128",
          "model.n_layers=4", "data=files", f"data.path={data_dir}", "parallel.cp=2", "parallel.nproc_per_node=2",
          f"trainer.seq_len={args.seq_len}", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",

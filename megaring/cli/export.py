@@ -1,15 +1,17 @@
 """``megaring-export``: a training checkpoint of any layout -> a Hugging Face model directory.
 
     megaring-export input=<run dir | checkpoint dir | step dir> output=<dir> [step=N] \\
-        [dtype=bfloat16|float32] [max_shard_size=5GB]
+        [dtype=bfloat16|float32] [max_shard_size=5GB] [overwrite=true]
 
 Runs in one process without torch.distributed, whatever layout (dp, cp, tp, ZeRO 0-3) wrote the
 checkpoint: it reads the checkpoint's layout-independent state (:mod:`megaring.checkpoint.universal`,
 full fp32 weights under (1, 1) names, safetensors only, no pickle) and writes ``config.json``,
 ``generation_config.json``, safetensors shards with their index, and the tokenizer files the run
 trained with. The weights stream, a chunk of rows (64 MiB) in memory at a time, whatever the
-model's size. Bad input exits with status 2 and one
-message naming the path.
+model's size. ``output`` follows the output-directory rule of :mod:`megaring.outdir`: it may not
+hold or lie inside the input, and only an earlier export is replaced, with ``overwrite=true``.
+Bad input (a key outside :class:`ExportConfig` too) exits with status 2 and one message naming
+every problem.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from megaring.checkpoint.steps import PARTIAL, read_latest, tag_for
 from megaring.checkpoint.universal import UniversalError, UniversalState, UniversalWeights
 from megaring.errors import problem_list
+from megaring.keys import unknown_key_problems
+from megaring.outdir import OutputError, output_problems
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -32,10 +36,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 @dataclass
 class ExportConfig:
     input: str = "???"  # a run directory, its checkpoints directory, or one step_N directory
-    output: str = "???"  # the Hugging Face directory to write (replaced if it exists)
+    output: str = "???"  # the Hugging Face directory to write: new, empty, or an earlier export
     step: int | None = None  # None: the checkpoint "latest" names
     dtype: str | None = None  # None: the training dtype
     max_shard_size: str = "5GB"
+    overwrite: bool = False  # replace an earlier export at output (nothing else is ever replaced)
 
 
 class ExportError(ValueError):
@@ -65,13 +70,13 @@ def find_checkpoint(source: Path, step: int | None) -> Path:
 def export(cfg: ExportConfig) -> Path:
     """Write the Hugging Face directory; returns its path."""
     from megaring.hf import write_hf_checkpoint
+    from megaring.hf.export import HF_OUTPUT
 
     source, output = Path(cfg.input).resolve(), Path(cfg.output).resolve()
     problems = []
     if not source.exists():
         problems.append(f"input={cfg.input} does not exist")
-    if output == source or source in output.parents:
-        problems.append(f"output={cfg.output} is inside input={cfg.input}: write the model elsewhere")
+    problems += output_problems(output, HF_OUTPUT, inputs=[source], overwrite=cfg.overwrite)
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         problems.append(f"dtype={cfg.dtype} must be one of {sorted(DTYPES)}")
     if problems:
@@ -79,21 +84,30 @@ def export(cfg: ExportConfig) -> Path:
     state = UniversalState(find_checkpoint(source, cfg.step))
     dtype = DTYPES[cfg.dtype or state.meta["dtype"]]
     return write_hf_checkpoint(UniversalWeights(state), state.model_config, output, dtype=dtype,
-                               max_shard_size=cfg.max_shard_size, tokenizer_files=state.tokenizer_files)
+                               max_shard_size=cfg.max_shard_size, tokenizer_files=state.tokenizer_files,
+                               overwrite=cfg.overwrite, inputs=[source])
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``megaring-export key=value ...``)."""
+    args = sys.argv[1:] if argv is None else argv
+    usage = ("usage: megaring-export input=<run dir> output=<dir> [step=N] [dtype=bfloat16|float32] "
+             "[max_shard_size=5GB] [overwrite=true]")
+    not_pairs = [a for a in args if "=" not in a]
+    problems = [f"{a!r} is not key=value" for a in not_pairs]
+    problems += unknown_key_problems([a.split("=", 1)[0] for a in args if "=" in a], ExportConfig)
+    if problems:
+        print(f"megaring-export: error: {problem_list('bad arguments', problems)}\n{usage}", file=sys.stderr)
+        sys.exit(2)
     try:
-        given = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
-        cfg: ExportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), given))
+        cfg: ExportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig),
+                                                                OmegaConf.from_dotlist(args)))
     except OmegaConfBaseException as err:
-        print(f"megaring-export: error: {err} (usage: megaring-export input=<run dir> output=<dir> [step=N] "
-              "[dtype=bfloat16|float32] [max_shard_size=5GB])", file=sys.stderr)
+        print(f"megaring-export: error: {err} ({usage})", file=sys.stderr)
         sys.exit(2)
     try:
         out = export(cfg)
-    except (ExportError, UniversalError, ValueError, OSError) as err:
+    except (ExportError, UniversalError, OutputError, ValueError, OSError) as err:
         print(f"megaring-export: error: {err}", file=sys.stderr)
         sys.exit(2)
     files = sorted(p.name for p in out.iterdir())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from megaring.config_dir import CONFIG_DIR
 from megaring.errors import ConfigError
 from megaring.ops.faults import ring_drop
 from megaring.ops.spawn import launch
+from megaring.outdir import OutputError, OwnOutput, clear_own
 from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
 from megaring.train.metrics import read_metrics
@@ -45,6 +45,8 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # Ring attention against float64, relative to the largest value: fp32 reorders sums only; bf16 keeps
 # 8 mantissa bits with fp32 accumulation, a few ulps of the largest value (tests/dist/test_ring_attention.py).
 RING_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# <run dir>/verify holds the two runs and nothing else; it is emptied at each verify (megaring.outdir).
+VERIFY_OUTPUT = OwnOutput("an earlier megaring-verify's runs", markers=(), entries=("reference", "layout"))
 
 
 def shrink(cfg: TrainConfig) -> TrainConfig:
@@ -98,7 +100,7 @@ def verify(cfg: TrainConfig, out_dir: Path) -> int:
     print(f"megaring-verify: dp={p.dp} cp={p.cp} tp={p.tp} zero_stage={p.zero_stage} layout={p.layout} "
           f"kernel={p.attn_kernel or 'auto'} ring_backward={p.ring_backward} dtype={small.trainer.dtype} vs (1, 1, 1); "
           f"{STEPS} steps, seq_len {small.trainer.seq_len}, tolerance {rel:g} (relative)", flush=True)
-    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier verify's runs
+    clear_own(out_dir, VERIFY_OUTPUT)  # an earlier verify's runs; anything else there is refused
     runs = {}
     for name, run_cfg in (("reference", single_process(small)), ("layout", small)):
         status = launch(run_cfg, out_dir / name)
@@ -155,7 +157,7 @@ def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     try:
         status = verify(to_train_config(cfg, hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir) / "verify")
-    except ConfigError as err:
+    except (ConfigError, OutputError) as err:
         print(f"megaring-verify: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status)

@@ -84,7 +84,7 @@ class TokenizerConfig:
     type: str = "bpe"  # "bpe" | "unigram"
     sample_bytes: int = 16 << 20  # at most this much text is used for training
     character_coverage: float = 0.9995
-    max_sentence_bytes: int = 16384  # longer training lines are skipped by sentencepiece
+    max_sentence_bytes: int = 16384  # longer training lines are cut into pieces of at most this size
 
 
 @dataclass
@@ -119,6 +119,8 @@ class PreprocessConfig:
         if tok.model is None:
             if tok.type not in TOKENIZER_TYPES:
                 out.append(f"tokenizer.type must be one of {TOKENIZER_TYPES}, got {tok.type!r}")
+            if tok.max_sentence_bytes < 16:
+                out.append(f"tokenizer.max_sentence_bytes must be >= 16, got {tok.max_sentence_bytes}")
             if not 260 <= tok.vocab_size <= (1 << 32) - 1:
                 out.append(f"tokenizer.vocab_size must be in [260, 2^32) (byte fallback needs 256 ids), "
                            f"got {tok.vocab_size}")

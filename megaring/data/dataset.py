@@ -40,6 +40,8 @@ class Dataset:
 
     def __init__(self, path: str | Path, *, verify: bool = False):
         self.path = Path(path)
+        if self.path.is_file():
+            raise StoreError(_file_not_store(self.path))
         if not self.path.is_dir():
             raise StoreError(f"data directory {self.path} does not exist (write it with megaring-preprocess)")
         meta_path = self.path / METADATA_NAME
@@ -133,6 +135,14 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({str(self.path)!r}, documents={self.num_documents:,}, tokens={self.num_tokens:,}, "
                 f"vocab_size={self.vocab_size:,})")
+
+
+def _file_not_store(path: Path) -> str:
+    """Why a file is not a token store, and what to name instead."""
+    if (path.parent / METADATA_NAME).is_file():
+        return f"{path} is a file of a token store: name its directory {path.parent}"
+    return (f"{path} is a file, not a token store directory: preprocess it first (megaring-preprocess "
+            f"input={path} output=<dir>) and name that directory")
 
 
 def open_dataset(path: str | Path, *, verify: bool = False) -> Dataset:

@@ -5,17 +5,18 @@
 
 Writes ``tokens.bin``, ``tokens.idx`` (:mod:`megaring.data.store`), the tokenizer's files
 (``tokenizer.model``, or ``tokenizer.json`` with ``tokenizer_config.json`` and
-``special_tokens_map.json`` when present) and ``metadata.json`` into a temporary sibling
-directory and renames it to ``output`` only once everything is written, so an interrupted run
-never leaves a directory that looks complete.
+``special_tokens_map.json`` when present) and ``metadata.json`` by the output-directory rule of
+:mod:`megaring.outdir`: into a temporary sibling renamed to ``output`` once everything is written
+(removed on an error, Ctrl-C or SIGTERM); ``output`` may not hold or lie inside the input, and
+an existing one is replaced only if it is an earlier token store (``metadata.json``, nothing the
+command did not write) and ``overwrite=true``. A key outside :class:`PreprocessConfig` (a typo)
+is an error naming the closest known key.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -35,8 +36,13 @@ from megaring.data.store import StoreError, TokenStoreWriter, token_dtype
 from megaring.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 from megaring.data.tokenizer.spm import SPM_NAME
 from megaring.errors import problem_list
+from megaring.keys import override_keys, unknown_key_problems
+from megaring.outdir import OutputError, OwnOutput, writing
 
 MAX_REPORTED_BAD = 20  # skipped-record messages kept in metadata.json
+# What a store directory holds: written here, plus the sample-index cache training adds (data.index_dir).
+STORE_OUTPUT = OwnOutput("a megaring token store", markers=(METADATA_NAME,),
+                         entries=(METADATA_NAME, "tokens.*", "tokenizer*", "special_tokens_map.json", "index"))
 
 
 class PreprocessError(ValueError):
@@ -48,24 +54,21 @@ def preprocess(cfg: PreprocessConfig, command_config: dict | None = None) -> dic
     problems = cfg.problems()
     if problems:
         raise PreprocessError(problem_list("invalid preprocess config", problems))
-    output = Path(cfg.output)
-    if output.exists() and not cfg.overwrite:
-        raise PreprocessError(f"output {output} already exists (pass overwrite=true to replace it)")
     sources = resolve_sources(cfg.input, cfg.max_bytes, text_key=cfg.text_key)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    try:
+    with writing(cfg.output, STORE_OUTPUT, inputs=_input_paths(cfg, sources), overwrite=cfg.overwrite) as tmp:
         tokenizer = _prepare_tokenizer(cfg, sources, tmp)
         summary = _encode_all(cfg, sources, tokenizer, tmp)
         summary["config"] = command_config if command_config is not None else _plain(cfg)
         (tmp / METADATA_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
+
+
+def _input_paths(cfg: PreprocessConfig, sources: list[Source]) -> list[Path]:
+    """What the output must not hold or lie in: every input file, the given directories, the tokenizer."""
+    given = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
+    paths = [Path(str(g)) for g in given if Path(str(g)).exists()]
+    paths += [s.path for s in sources if isinstance(getattr(s, "path", None), Path)]
+    return paths + ([Path(cfg.tokenizer.model)] if cfg.tokenizer.model else [])
 
 
 def _prepare_tokenizer(cfg: PreprocessConfig, sources: list[Source], out: Path) -> Tokenizer:
@@ -167,9 +170,20 @@ def summary_lines(summary: dict, output: str) -> list[str]:
 ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``megaring-preprocess key=value ...``): unknown keys first, then Hydra."""
+    args = sys.argv[1:] if argv is None else argv
+    problems = unknown_key_problems(override_keys(args), PreprocessConfig)
+    if problems:
+        print(f"megaring-preprocess: error: {problem_list('unknown keys', problems)}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = args
+    hydra_main()
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="preprocess")
-def main(cfg: DictConfig) -> None:
-    """Console entry point (``megaring-preprocess``)."""
+def hydra_main(cfg: DictConfig) -> None:
+    """The command, once Hydra composed its config."""
     if cfg.get("verify"):
         sys.exit(verify_main(cfg.verify))
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -180,7 +194,7 @@ def main(cfg: DictConfig) -> None:
     conf: PreprocessConfig = OmegaConf.to_object(cfg)
     try:
         summary = preprocess(conf, command_config=OmegaConf.to_container(cfg))
-    except (PreprocessError, InputError, TokenizerError, OSError) as e:
+    except (PreprocessError, InputError, TokenizerError, OutputError, OSError) as e:
         print(f"megaring-preprocess: error: {e}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(summary_lines(summary, conf.output)))

@@ -5,7 +5,9 @@ Layout, as ``transformers.save_pretrained`` writes it: ``config.json``, ``genera
 ... plus ``model.safetensors.index.json`` (``metadata.total_size`` in bytes and ``weight_map``),
 and the given tokenizer files. Tensors get Hugging Face names (fused ``wqkv`` / ``w13`` split),
 the real vocabulary (full state dicts never carry tp padding) and ``lm_head.weight`` only when the
-embeddings are untied. The directory is written under a temporary name and renamed into place.
+embeddings are untied. The directory is written by the output-directory rule of
+:mod:`megaring.outdir` (:data:`HF_OUTPUT`): under a temporary name, renamed into place, replacing
+only an earlier export and only with ``overwrite=True``.
 
 Weights stream: the source (:class:`TensorSource`, e.g. a checkpoint's layout-independent state)
 hands over rows of one megaring tensor at a time (about ``chunk_bytes``), which are converted and
@@ -20,11 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,12 @@ from megaring.hf.config import hf_config_dict
 from megaring.hf.names import hf_sources
 from megaring.hf.weights import INDEX_FILE, SINGLE_FILE
 from megaring.model.config import ModelConfig
+from megaring.outdir import OwnOutput, writing
 
+# What an exported directory holds (transformers' save_pretrained writes the same names).
+HF_OUTPUT = OwnOutput("an exported Hugging Face model", markers=("config.json", "*.safetensors"),
+                      entries=("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                               "tokenizer*", "special_tokens_map.json"))
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -176,17 +181,6 @@ def _write_weights(outs: list[_Out], source: TensorSource, directory: Path, max_
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an existing ``out`` is moved aside first and then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def write_hf_checkpoint(
     full_state: Mapping[str, torch.Tensor] | TensorSource,
     cfg: ModelConfig,
@@ -197,12 +191,17 @@ def write_hf_checkpoint(
     tokenizer_files: Iterable[str | Path] = (),
     extra_config: dict | None = None,
     chunk_bytes: int = 64 << 20,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Write ``full_state`` (megaring names, see ``gather_full_state_dict``; or a :class:`TensorSource`
     that reads them one at a time) to ``out_dir``; return it.
 
     ``dtype``: cast the weights (default: keep theirs). ``extra_config``: keys added to config.json.
     ``chunk_bytes``: the rows of a tensor read and written at once (the peak memory of the weights).
+    ``overwrite``: replace an earlier export at ``out_dir`` (anything else there is refused,
+    :mod:`megaring.outdir`); ``inputs``: paths ``out_dir`` must not hold or lie in (besides the
+    tokenizer files), e.g. the checkpoint the weights come from.
     """
     out = Path(out_dir)
     source = full_state if isinstance(full_state, TensorSource) else InMemory(full_state)
@@ -215,17 +214,10 @@ def write_hf_checkpoint(
     missing = [str(f) for f in tokenizer_files if not f.is_file()]
     if missing:
         raise ValueError(f"tokenizer files not found: {missing}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
+    with writing(out, HF_OUTPUT, inputs=[*inputs, *tokenizer_files], overwrite=overwrite) as tmp:
         _write_weights(outs, source, tmp, parse_size(max_shard_size), chunk_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2) + "\n")
         for f in tokenizer_files:
             shutil.copy2(f, tmp / f.name)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

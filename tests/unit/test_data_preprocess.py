@@ -16,6 +16,7 @@ from megaring.data.preprocess import PreprocessError, preprocess
 from megaring.data.sources import InputError
 from megaring.data.stdlib_corpus import stdlib_sources
 from megaring.data.tokenizer import TokenizerError
+from megaring.outdir import OutputError
 
 ASCII = "def f(x):\n\treturn  x + 1  # two  spaces\n\n  leading and trailing  \n"
 UNICODE = "naïve café — Grüße, 日本語のテキスト, Ελληνικά, emoji 🚀🦀\n\x00ctrl\r\n"
@@ -117,13 +118,14 @@ def test_bad_paths_give_clear_errors(base, tmp_path, case):
     (tmp_path / "blank" / "x.txt").write_text("")
     (tmp_path / "blank" / "y.jsonl").write_text('{"text": ""}\n')
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("not a store")
     run = lambda src, out="o", **kw: config(src, tmp_path / out, **{"tokenizer": model_of(base), **kw})  # noqa: E731
     cases = {
         "missing": (run(tmp_path / "nope.txt"), InputError, "nope.txt does not exist"),
         "no_glob_match": (run(f"{tmp_path}/*.jsonl"), InputError, "no files match"),
         "empty_dir": (run(tmp_path / "empty"), InputError, "holds no files"),
         "empty_corpus": (run(tmp_path / "blank"), PreprocessError, "empty corpus"),
-        "output_exists": (run(root / "corpus", "exists"), PreprocessError, "already exists"),
+        "output_exists": (run(root / "corpus", "exists"), OutputError, r"not a megaring token store \(it holds notes"),
         "missing_model": (run(root / "corpus", tokenizer={"model": str(tmp_path / "m.model")}),
                           TokenizerError, "m.model does not exist"),
     }

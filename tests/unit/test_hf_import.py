@@ -366,7 +366,7 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, cfg
     model = build_model(cfg, ctx, seed=3)
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in gather_full_state_dict(model, ctx).items()}
     out = write_hf_checkpoint(state, cfg, tmp_path / "out")
-    write_hf_checkpoint(state, cfg, out)  # over an existing directory
+    write_hf_checkpoint(state, cfg, out, overwrite=True)  # over the earlier export
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True,
                                                                  attn_implementation="eager")

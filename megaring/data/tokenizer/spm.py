@@ -83,7 +83,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, model_path: str 
     lines = _training_lines(texts, cfg.max_sentence_bytes)
     first = next(lines, None)
     if first is None:
-        raise TokenizerError("no text to train the tokenizer on")
+        raise TokenizerError("no text to train the tokenizer on: the input sample holds only blank lines")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -103,11 +103,24 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, model_path: str 
 
 
 def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
-    """Non-blank lines short enough for the trainer (sentencepiece trains on lines)."""
+    """Non-blank lines, each at most ``max_bytes`` (sentencepiece trains on lines and skips longer
+    ones: a long line is cut into pieces, so that text without newlines trains too)."""
     for text in texts:
         for line in text.splitlines():
-            if line.strip() and len(line.encode()) <= max_bytes:
-                yield line
+            yield from (piece for piece in _cut(line, max_bytes) if piece.strip())
+
+
+def _cut(line: str, max_bytes: int) -> Iterator[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut after a space where the piece has
+    one, never inside a character."""
+    data = line.encode()
+    while len(data) > max_bytes:
+        cut = data.rfind(b" ", 0, max_bytes) + 1 or max_bytes
+        while cut > 1 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back to its character's start
+            cut -= 1
+        yield data[:cut].decode()
+        data = data[cut:]
+    yield data.decode()
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
