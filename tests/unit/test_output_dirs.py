@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from megaring.data import PreprocessConfig, StoreError, TokenizerConfig, open_da
 from megaring.data import preprocess as pp_module
 from megaring.data.preprocess import preprocess
 from megaring.model import ModelConfig, ParallelContext, build_model, gather_full_state_dict
-from megaring.outdir import OutputError, OwnOutput, writing
+from megaring.outdir import OutputError, OwnOutput, clear_own, writing
 from tests.helpers.cli import ROOT, clean_env
 
 OWN = OwnOutput("a test output", markers=("data.txt",), entries=("data.txt", "extra.txt"))
@@ -71,6 +72,27 @@ def test_writing_refuses_foreign_and_input_dirs_and_replaces_only_its_own(tmp_pa
         raise RuntimeError("failed half way")
     assert (out / "data.txt").read_text() == "two"
     assert entries(tmp_path) == ["foreign", "out", "src"]  # no temporary or moved-aside directory left
+
+
+def test_in_place_writers_empty_only_their_own_earlier_runs(tmp_path):
+    from megaring.cli.verify import VERIFY_OUTPUT
+    from tools.demo import RUN_OUTPUT
+
+    directory = tmp_path / "d"
+    for own, subdirs, files in ((VERIFY_OUTPUT, ["reference", "layout"], []),
+                                (RUN_OUTPUT, [".hydra", "checkpoints"], ["metrics.jsonl", "train.log"])):
+        for name in subdirs:
+            (directory / name).mkdir(parents=True)
+        for name in files:
+            (directory / name).write_text("")
+        clear_own(directory, own)
+        assert not directory.exists()
+        (directory / subdirs[0]).mkdir(parents=True)
+        (directory / "notes.txt").write_text("keep me")
+        with pytest.raises(OutputError, match=r"is not empty and is not .*\(it holds notes.txt\)"):
+            clear_own(directory, own)
+        assert entries(directory) == sorted([subdirs[0], "notes.txt"])
+        shutil.rmtree(directory)
 
 
 # ---- megaring-export ----
