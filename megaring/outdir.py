@@ -77,9 +77,12 @@ def _listing(names: list[str]) -> str:
 def input_problems(output: Path, inputs: Iterable[str | Path]) -> list[str]:
     """The output is an input, holds one, or lies inside an input directory."""
     out = output.resolve()
-    problems = []
+    problems, seen = [], set()
     for given in inputs:
         path = Path(given).resolve()
+        if path in seen:
+            continue
+        seen.add(path)
         if out == path or out in path.parents:
             problems.append(f"output={output} holds input {given}: replacing it would delete the input; "
                             "write the output to a new directory elsewhere")
@@ -184,25 +187,28 @@ class Terminated(SystemExit):
     """SIGTERM arrived while an output was being written (exit status 128 + 15, as the signal's)."""
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated(128 + signum)
+
+
+def _default_sigterm_in_child() -> None:
+    """A process forked while an output is written (an encoding worker) keeps SIGTERM's default
+    action: a handler that must run Python code cannot stop a worker blocked in C, and the pool
+    that terminates it would wait for it forever."""
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` here, so the temporary is removed as on Ctrl-C.
-
-    Forked workers inherit the handler; in them the signal keeps its default action.
-    """
+    """SIGTERM raises :class:`Terminated` here, so the temporary is removed as on Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    owner = os.getpid()
-
-    def on_sigterm(signum, frame):
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     finally:

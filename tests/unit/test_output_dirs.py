@@ -6,6 +6,7 @@ typo'd key is an error naming the close key. Single process, except the SIGTERM 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -72,6 +73,21 @@ def test_writing_refuses_foreign_and_input_dirs_and_replaces_only_its_own(tmp_pa
         raise RuntimeError("failed half way")
     assert (out / "data.txt").read_text() == "two"
     assert entries(tmp_path) == ["foreign", "out", "src"]  # no temporary or moved-aside directory left
+
+
+def _sigterm_is_default() -> bool:
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_cleans_up_in_the_writer_and_kills_forked_workers_as_before(tmp_path):
+    """Workers forked while an output is written keep SIGTERM's default: a Python handler inherited
+    by a worker blocked in C made Pool.terminate() wait for it forever."""
+    with writing(tmp_path / "out", OWN) as tmp:
+        (tmp / "data.txt").write_text("x")
+        assert not _sigterm_is_default()
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply(_sigterm_is_default)
+    assert _sigterm_is_default()  # restored
 
 
 def test_in_place_writers_empty_only_their_own_earlier_runs(tmp_path):
