@@ -227,3 +227,22 @@ def test_the_time_limit_warning_saves_requeues_and_the_job_ends_like_an_uninterr
     assert "megaring: USR1 received" in output and "megaring: saved after USR1; requeueing job" in output, output
     assert "restarts=2" not in output
     assert losses(run_dir) == losses(spawned_8_steps)
+
+
+def test_usr1_to_the_script_in_torchrun_mode_saves_requeues_and_ends_like_an_uninterrupted_run(
+        slurm_cluster, spawned_8_steps, tmp_path):
+    """torchrun mode: the script's TERM to the step reaches torchrun too (slurm signals every process of
+    the step), which must leave it to the workers (``--signals-to-handle`` without SIGTERM): they save,
+    exit 0, torchrun exits 0, and the script requeues; the second attempt resumes and ends like an
+    uninterrupted run, bit for bit."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(slurm_cluster, "torchrun", tmp_path, [*LONG, f"hydra.run.dir={run_dir}"],
+                    MEGARING_TEST_FAULT="sleep:rank=0:step=3:until=6:seconds=4")
+    wait_until(lambda: logged_steps(run_dir) >= 2, 180, "two steps")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id, timeout=30)
+    assert slurm_cluster.wait_job(job_id, 300) == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
+    output = job_output(tmp_path, job_id)
+    assert "restarts=1" in output and "restarts=2" not in output, output[-4000:]
+    assert "megaring: saved after USR1; requeueing job" in output and "training failed" not in output, output[-4000:]
+    assert "SIGTERM: stopped after step" in output and "Traceback" not in output, output[-4000:]
+    assert losses(run_dir) == losses(spawned_8_steps)
