@@ -20,14 +20,18 @@ PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 # Preemption (docs/training.md, "When things go wrong"): TERM, INT (Ctrl-C) or USR1 to this script
 # goes to the workers (torchrun's children, each in its own session), which agree on a step, save
 # and exit 0 (trainer.preempt_exit_code); torchrun then exits 0 as after a finished run. torchrun
-# itself ignores them (it would stop the workers and exit 1 however cleanly they saved); if torchrun
-# is signalled directly anyway, the workers get TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds to save.
+# itself ignores them (it would stop the workers and exit 1 however cleanly they saved), also when
+# they reach it directly (slurm signals every process of a job step): it inherits them ignored and
+# handles only TORCHELASTIC_SIGNALS_TO_HANDLE. torchrun reads that list from --signals-to-handle
+# (default SIGTERM,SIGINT,SIGHUP,SIGQUIT) and overwrites the variable with it, so the option is
+# passed. For the signals it does handle, the workers get TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to save.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGHUP,SIGQUIT}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 trap '' TERM INT USR1  # inherited by torchrun as ignored; the workers install their own handlers
 "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-megaring}" \
+  --signals-to-handle="$TORCHELASTIC_SIGNALS_TO_HANDLE" \
   -m megaring.train "$@" &
 TORCHRUN=$!
 forward() { pkill "-$1" -P "$TORCHRUN" || true; }

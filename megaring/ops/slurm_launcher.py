@@ -127,6 +127,19 @@ def fit_problems(job: str, params: dict[str, Any], part: Partition) -> list[str]
     return [f"job {job} needs {', '.join(out)} (partition {part.name})"] if out else []
 
 
+def warning_problems(job: str, params: dict[str, Any]) -> list[str]:
+    """Why slurm would warn this job (``--signal=USR1@signal_delay_s``) at its start: slurmctld warns
+    once at most ``signal_delay_s`` + 60 s are left, so a limit that short gets the warning at once,
+    and submitit would requeue the job ``max_num_timeout`` times without progress (empty: it would not)."""
+    delay, limit_min = params.get("signal_delay_s"), params.get("timeout_min")
+    if delay is None or not limit_min or delay + 60 < limit_min * 60:
+        return []
+    return [f"job {job}: hydra.launcher.signal_delay_s={delay} is not 60 s shorter than hydra.launcher.timeout_min="
+            f"{limit_min} ({limit_min * 60} s), so slurm would warn it at its start and every requeued attempt "
+            f"again; set signal_delay_s to about a quarter of the limit (e.g. {limit_min * 15}) or a longer "
+            "timeout_min"]
+
+
 class SqueueWatcher(SlurmInfoWatcher):
     """Job states from ``squeue``, for clusters without accounting (``sacct`` fails there).
 
@@ -193,6 +206,7 @@ class LayoutSlurmLauncher(SlurmLauncher):
         jobs = [SweepJob(idx, list(o), self.job_params(o)) for idx, o in enumerate(job_overrides, initial_job_idx)]
         for job in jobs:
             log.info(f"\t{job.describe()}: {job.params['nodes']} node(s) x {job.params['tasks_per_node']} task(s)")
+        self.check_warning(jobs)
         self.check_fit(jobs)
         groups: dict[str, list[SweepJob]] = {}
         for job in jobs:
@@ -207,6 +221,14 @@ class LayoutSlurmLauncher(SlurmLauncher):
                 submitted[job.index] = executor.job_class(folder=executor.folder, job_id=array_job.job_id,
                                                           tasks=list(range(array_job.num_tasks)))
         return [submitted[job.index].results()[0] for job in jobs]
+
+    def check_warning(self, jobs: list[SweepJob]) -> None:
+        """Exit (code 2, one line per job) before submitting when slurm would warn a job at its start."""
+        problems = [p for job in jobs for p in warning_problems(job.describe(), job.params)]
+        if problems:
+            print("megaring-train: nothing submitted, these jobs would be warned of their time limit at their "
+                  "start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+            raise SystemExit(2)
 
     def check_fit(self, jobs: list[SweepJob]) -> None:
         """Exit (code 2, one line per job) before submitting when a job can never start."""

@@ -205,25 +205,61 @@ def test_usr1_to_the_steps_then_to_the_script_saves_requeues_and_ends_like_an_un
     assert "SIGTERM: stopped after step" in output  # the second: the script's TERM to the step
 
 
+def test_a_short_time_limit_is_not_warned_at_its_start(slurm_cluster, spawned_8_steps, tmp_path):
+    """``--time=5``, shorter than the script's WARN_S=600: slurm's ``--signal=B:USR1@600`` would warn
+    at slurmctld's first time-limit check and every requeued attempt again (save, requeue, over and
+    over); the script warns 25 % of the limit, 75 s, before the end instead. Rank 0 sleeps 30 s before
+    step 2, so the job lives through slurmctld's first check (every 30 s), and ends well before the
+    warning (225 s after the start): one attempt, no USR1, the losses of an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(slurm_cluster, "task", tmp_path, [*LONG, f"hydra.run.dir={run_dir}"], "--time=5",
+                    MEGARING_TEST_FAULT="sleep:rank=0:step=2:seconds=30")
+    assert slurm_cluster.wait_job(job_id, 200) == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
+    output = job_output(tmp_path, job_id)
+    assert "megaring: time limit 300 s: warning the job step 75 s before it" in output, output[-4000:]
+    assert "restarts=1" not in output and "USR1" not in output, output[-4000:]
+    assert losses(run_dir) == losses(spawned_8_steps)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MEGARING_SLURM_TIME_LIMIT_TEST") != "1",
-                    reason="about 2 minutes, most of it waiting for slurmctld's time-limit check (every 30 s, not "
-                           "configurable); MEGARING_SLURM_TIME_LIMIT_TEST=1 runs it")
+                    reason="about 2.5 minutes, most of it waiting for the time-limit warning 60 s after the start; "
+                           "MEGARING_SLURM_TIME_LIMIT_TEST=1 runs it")
 def test_the_time_limit_warning_saves_requeues_and_the_job_ends_like_an_uninterrupted_run(
         slurm_cluster, spawned_8_steps, tmp_path):
-    """``--time=2 --signal=B:USR1@50``: slurmctld checks time limits every 30 s and warns at the
-    first check within 50 + 30 s of the limit, so 40-70 s after the start (rank 0 sleeps through that
-    window before step 2, well after the trainer handles signals). The step saves, the script
+    """``--time=2`` and WARN_MAX_PERCENT=50: the script warns itself 60 s (half the limit) before it,
+    60 s after the start (rank 0 sleeps through that moment before step 2, well after the trainer
+    handles signals; 60 s leave a busy machine time to save and exit). The step saves, the script
     requeues the job, and the requeued attempt resumes and ends bit-identical to an uninterrupted run."""
     run_dir = tmp_path / "run"
     # parallel.timeout_s above the sleep: rank 1 waits on rank 0 in a collective meanwhile.
     job_id = sbatch(slurm_cluster, "task", tmp_path, [*LONG, "parallel.timeout_s=120", f"hydra.run.dir={run_dir}"],
-                    "--time=2", "--signal=B:USR1@50", MEGARING_TEST_FAULT="sleep:rank=0:step=2:seconds=55")
-    wait_until(lambda: "restarts=1" in job_output(tmp_path, job_id), 200, "the requeued attempt")
-    # slurm warns every attempt anew; a longer limit for this one keeps it to one warning.
+                    "--time=2", WARN_MAX_PERCENT="50", MEGARING_TEST_FAULT="sleep:rank=0:step=2:seconds=55")
+    wait_until(lambda: "restarts=1" in job_output(tmp_path, job_id), 240, "the requeued attempt")
+    # Every attempt is warned anew; a longer limit for this one keeps it to one warning.
     ok(slurm_cluster.run("scontrol", "update", f"jobid={job_id}", "TimeLimit=10"))
     assert slurm_cluster.wait_job(job_id, 240) == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
     output = job_output(tmp_path, job_id)
+    assert "megaring: time limit 120 s: warning the job step 60 s before it" in output, output
+    assert "(warning 60 s before it): asking the job step to save" in output, output
     assert "megaring: USR1 received" in output and "megaring: saved after USR1; requeueing job" in output, output
     assert "restarts=2" not in output
+    assert losses(run_dir) == losses(spawned_8_steps)
+
+def test_usr1_to_the_script_in_torchrun_mode_saves_requeues_and_ends_like_an_uninterrupted_run(
+        slurm_cluster, spawned_8_steps, tmp_path):
+    """torchrun mode: the script's TERM to the step reaches torchrun too (slurm signals every process of
+    the step), which must leave it to the workers (``--signals-to-handle`` without SIGTERM): they save,
+    exit 0, torchrun exits 0, and the script requeues; the second attempt resumes and ends like an
+    uninterrupted run, bit for bit."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(slurm_cluster, "torchrun", tmp_path, [*LONG, f"hydra.run.dir={run_dir}"],
+                    MEGARING_TEST_FAULT="sleep:rank=0:step=3:until=6:seconds=4")
+    wait_until(lambda: logged_steps(run_dir) >= 2, 180, "two steps")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id, timeout=30)
+    assert slurm_cluster.wait_job(job_id, 300) == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
+    output = job_output(tmp_path, job_id)
+    assert "restarts=1" in output and "restarts=2" not in output, output[-4000:]
+    assert "megaring: saved after USR1; requeueing job" in output and "training failed" not in output, output[-4000:]
+    assert "SIGTERM: stopped after step" in output and "Traceback" not in output, output[-4000:]
     assert losses(run_dir) == losses(spawned_8_steps)

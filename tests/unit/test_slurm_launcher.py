@@ -13,6 +13,7 @@ from megaring.ops.slurm_launcher import (
     job_nodes,
     job_tasks_per_node,
     parse_sinfo,
+    warning_problems,
 )
 from tests.helpers.train_cfg import launcher_params
 
@@ -64,6 +65,19 @@ def test_fit_problems_name_the_job_and_every_shortfall():
                                                  "gpus_per_node": 4}, part)
     assert msg.startswith("job #1 (parallel.cp=4) needs 2 nodes, the partition has 1, ")
     assert "4 tasks x 1 CPUs = 4 CPUs per node, its nodes have 2" in msg and "4 GPUs per node" in msg
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm_cpu"])
+def test_a_time_limit_too_short_for_the_warning_is_refused_and_the_stock_profiles_pass(profile):
+    """slurm warns once signal_delay_s + 60 s are left: a 10-minute job with the stock 600-s delay would
+    be warned at its start and requeued without progress."""
+    assert warning_problems("#0", launcher_params(f"hydra/launcher={profile}")) == []
+    (msg,) = warning_problems("#1 (parallel.cp=2)", launcher_params(f"hydra/launcher={profile}",
+                                                                    "hydra.launcher.timeout_min=10"))
+    assert msg.startswith("job #1 (parallel.cp=2): hydra.launcher.signal_delay_s=600 is not 60 s shorter than "
+                          "hydra.launcher.timeout_min=10 (600 s)"), msg
+    assert "(e.g. 150)" in msg
+    assert warning_problems("#2", {"timeout_min": 10, "signal_delay_s": 150}) == []
 
 
 def test_squeue_watcher_reads_states_and_takes_unlisted_jobs_as_gone():
