@@ -117,9 +117,11 @@ def write_problem(directory: Path, what: str, change: str) -> str | None:
 class RunLocks:
     """The run directory's and the checkpoint directory's locks, held by global rank 0 for the run."""
 
-    def __init__(self, run_dir: Path, ckpt_dir: Path):
+    def __init__(self, run_dir: Path, ckpt_dir: Path, saves: bool = True):
         self.locks = [RunLock(run_dir)]
-        if Path(ckpt_dir).resolve() != Path(run_dir).resolve():  # one lock file: the run lock covers it
+        # One lock file when they coincide (the run lock covers it); a run that saves nothing (an
+        # eval-only run) locks only a checkpoint directory that exists, and creates none.
+        if Path(ckpt_dir).resolve() != Path(run_dir).resolve() and (saves or Path(ckpt_dir).is_dir()):
             self.locks.append(CheckpointDirLock(ckpt_dir, owner=run_dir))
 
     def acquire(self) -> RunLocks:
@@ -137,10 +139,10 @@ class RunLocks:
             lock.release()
 
 
-def check_free(run_dir: Path, ckpt_dir: Path | None = None) -> None:
+def check_free(run_dir: Path, ckpt_dir: Path | None = None, saves: bool = True) -> None:
     """Fail now if another run holds ``run_dir`` or ``ckpt_dir``, or either cannot be written (the
     spawner's early check; rank 0 locks them)."""
-    RunLocks(run_dir, ckpt_dir if ckpt_dir is not None else run_dir).acquire().release()
+    RunLocks(run_dir, ckpt_dir if ckpt_dir is not None else run_dir, saves).acquire().release()
 
 
 HYDRA_DIR = ".hydra"

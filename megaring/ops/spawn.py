@@ -60,7 +60,7 @@ def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None =
         raise ConfigError.listing([str(err)]) from None
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
-        check_free(run_dir, checkpoint_dir(cfg, run_dir))
+        check_free(run_dir, checkpoint_dir(cfg, run_dir), cfg.trainer.max_steps > 0)
         return spawn_workers(cfg, run_dir, n, hydra_files)
     return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files=hydra_files)
 

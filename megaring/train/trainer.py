@@ -122,7 +122,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, hydra_files: dict[str, str] | N
     env = read_launch_env()
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if not owns_group else (env.world_size, env.rank)
     ckpt_dir = checkpoint_dir(cfg, run_dir)
-    lock = RunLocks(run_dir, ckpt_dir).acquire() if rank == 0 else None  # before reading or writing anything
+    saves = cfg.trainer.max_steps > 0
+    lock = RunLocks(run_dir, ckpt_dir, saves).acquire() if rank == 0 else None  # before reading or writing anything
     watch = PreemptWatch(cfg.trainer.preempt_grace_s, rank).install()
     hang = HangWatch(run_dir, rank, world_size, after_s=0.9 * cfg.parallel.timeout_s)
     previous_usr2 = install_hang_signal(hang)
