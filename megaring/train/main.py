@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megaring.config_dir import CONFIG_DIR
-from megaring.train.config import register_configs, to_train_config
+from megaring.train.config import override_key_problems, register_configs, to_train_config
 from megaring.train.launch import WorkerFailed, launch
 from megaring.train.validate import ConfigError
 
@@ -43,6 +43,15 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def refuse_unknown_keys(prog: str, args: list[str]) -> None:
+    """Exit 2 naming every command-line key the schema does not have, before Hydra composes
+    (``+`` or not: a typo never trains with the defaults)."""
+    problems = override_key_problems(args)
+    if problems:
+        print(f"{prog}: {ConfigError.listing(problems)}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -65,6 +74,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     sys.argv = strip_launcher_args(sys.argv)
+    refuse_unknown_keys("megaring-train", sys.argv[1:])
     hydra_main()
 
 

@@ -35,6 +35,7 @@ from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
 from megaring.train.faults import ring_drop
 from megaring.train.launch import launch
+from megaring.train.main import refuse_unknown_keys
 from megaring.train.metrics import read_metrics
 
 register_configs()
@@ -162,6 +163,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    refuse_unknown_keys("megaring-verify", sys.argv[1:])
     hydra_main()
 
 
