@@ -86,8 +86,11 @@ def model_config_from_hf(source: str | Path | dict) -> ModelConfig:
     file and listing every problem (unsupported architecture or RoPE, missing keys, head_dim).
     """
     raw, where = read_hf_config(source)
-    problems = [f"missing key {k!r}" for k in _REQUIRED if k not in raw]
+    problems: list[str] = []
     arch = _architecture(raw, problems)
+    if problems:  # another model family: its keys would only bury the one line that matters
+        raise ValueError(f"{where}: {problems[0]}")
+    problems = [f"missing key {k!r}" for k in _REQUIRED if k not in raw]
     theta, scaling = rope_from_hf(raw, problems)
     if problems:
         raise ValueError(f"{where}: cannot map to a megaring model:\n  - " + "\n  - ".join(problems))
