@@ -246,7 +246,7 @@ def _schema_keys(node: DictConfig, prefix: str = "") -> dict[str, DictConfig | N
 
 
 def _unknown_key(path: str, known: dict) -> str:
-    values = [k for k, v in known.items() if v is None]
+    values = {k for k, v in known.items() if v is None} | set(FREE_FORM_KEYS)
     return (f"{path} is not a config key: did you mean {closest_name(path, values)}? "
             "(docs/training.md, \"Config errors\")")
 
