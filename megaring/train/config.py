@@ -357,6 +357,9 @@ def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> Mod
     except (ValueError, OSError) as err:
         raise ConfigError.listing([f"model.init_from={model.init_from}: {err}"]) from None
     given = {k: getattr(model, k) for k in named if hasattr(model, k)}
+    parts = {k.split(".", 1)[1] for k in named if k.startswith("rope_scaling.")}
+    if parts and "rope_scaling" not in given:  # model.rope_scaling.factor=32: the checkpoint's, one key changed
+        given["rope_scaling"] = {**(checkpoint.rope_scaling or {}), **{k: model.rope_scaling[k] for k in parts}}
     problems = override_problems(checkpoint, given)
     if problems:
         raise ConfigError.listing(problems)

@@ -127,6 +127,9 @@ def test_rope_scaling_of_docs_pretrained_md_composes(tmp_path):
     pretrained = compose_cfg(f"model.init_from={tmp_path}", override)
     assert pretrained.model.rope_scaling == yarn and pretrained.model.dim == 64  # the checkpoint's, yarn on top
     assert compose_cfg(f"model.init_from={tmp_path}").model.rope_scaling["rope_type"] == "llama3"
+    one_key = compose_cfg(f"model.init_from={tmp_path}", "model.rope_scaling.factor=32").model.rope_scaling
+    assert one_key == {"rope_type": "llama3", "factor": 32, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 1024}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="nccl is available with CUDA")
