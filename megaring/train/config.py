@@ -270,14 +270,16 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
-def override_key_problems(args: Sequence[str]) -> list[str]:
+def command_line_problems(args: Sequence[str]) -> list[str]:
     """One line per command-line override whose key the schema does not have, with or without
     ``+`` (checked before Hydra composes: its own error for an unknown key suggests the ``+`` that
-    would add it unchecked). Options (``-m``, ``--cfg job``) and what Hydra cannot parse are Hydra's."""
+    would add it unchecked), or whose value its field cannot hold. Options (``-m``, ``--cfg job``),
+    sweeps and what Hydra cannot parse are left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    parser, known, out = OverridesParser.create(), _schema_keys(schema_node()), []
+    parser, schema, out = OverridesParser.create(), schema_node(), []
+    known = _schema_keys(schema)
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -289,9 +291,23 @@ def override_key_problems(args: Sequence[str]) -> list[str]:
         if override.package is not None or "/" in path or path.split(".")[0] == "hydra" or path in CONFIG_GROUPS:
             continue  # a config group choice or Hydra's own settings
         problem = _path_problem(path, known)
+        a_field = path in known and known[path] is None  # a value of the schema, not a section
+        if problem is None and a_field and not (override.is_delete() or override.is_sweep_override()):
+            problem = _value_problem(schema, path, override.value())
         if problem:
             out.append(problem)
     return out
+
+
+def _value_problem(schema: DictConfig, path: str, value: Any) -> str | None:
+    """Why the schema's field ``path`` cannot hold ``value`` (``parallel.dp=two``), in one line."""
+    from omegaconf.errors import ValidationError
+
+    try:
+        OmegaConf.update(schema, path, value, merge=True)
+    except ValidationError as err:
+        return f"{path}={value!r}: {str(err).splitlines()[0]}"
+    return None
 
 
 def _path_problem(path: str, known: dict[str, DictConfig | None]) -> str | None:

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megaring.config_dir import CONFIG_DIR
-from megaring.train.config import override_key_problems, register_configs, to_train_config
+from megaring.train.config import command_line_problems, register_configs, to_train_config
 from megaring.train.launch import WorkerFailed, launch
 from megaring.train.validate import ConfigError
 
@@ -46,7 +46,7 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 def refuse_unknown_keys(prog: str, args: list[str]) -> None:
     """Exit 2 naming every command-line key the schema does not have, before Hydra composes
     (``+`` or not: a typo never trains with the defaults)."""
-    problems = override_key_problems(args)
+    problems = command_line_problems(args)
     if problems:
         print(f"{prog}: {ConfigError.listing(problems)}", file=sys.stderr)
         sys.exit(2)

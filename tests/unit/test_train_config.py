@@ -21,8 +21,8 @@ from megaring.train.config import (
     FREE_FORM_KEYS,
     OptimConfig,
     TrainConfig,
+    command_line_problems,
     experiment_id,
-    override_key_problems,
     run_name,
 )
 from megaring.train.engine import deepspeed_config
@@ -77,7 +77,7 @@ def test_every_unknown_key_names_the_closest_one_with_or_without_plus():
     msg = str(err.value)
     assert "(3 problems)" in msg and "optim.learning_rate is not a config key: did you mean optim.lr?" in msg
     assert "trainer.foo is not a config key: did you mean trainer." in msg and "\n  - foo is not a config key" in msg
-    problems = override_key_problems([
+    problems = command_line_problems([
         "optim.learning_rate=1", "+trainer.sequence_length=2", "seq_len=3", "optim.lr.x=1",
         "model=125m", "hydra/launcher=slurm", "hydra.run.dir=/tmp/x", "-m", "parallel.dp=1,2", "~trainer.seed",
         "+parallel.deepspeed.zero_optimization.reduce_bucket_size=5", "model.rope_scaling.factor=2"])
@@ -87,6 +87,11 @@ def test_every_unknown_key_names_the_closest_one_with_or_without_plus():
         "seq_len is not a config key: trainer.seq_len? (docs/training.md, \"Config errors\")"]
     assert problems[3] == "optim.lr.x: optim.lr is a value, not a section: set optim.lr=<value>"
     assert len(problems) == 4
+    # values the field cannot hold, all in the same message (Hydra would stop at the first, exit 1)
+    assert command_line_problems(["parallel.dp=two", "trainer.seq_len=1M", "parallel.dp=1,2", "optim.lr=1e-3",
+                                  "data.vocab_size=${model.vocab_size}", "trainer.ckpt_dir=null"]) == [
+        "parallel.dp='two': Value 'two' of type 'str' could not be converted to Integer",
+        "trainer.seq_len='1M': Value '1M' of type 'str' could not be converted to Integer"]
 
 
 def test_free_form_mappings_take_any_key_and_are_the_only_ones():
@@ -94,7 +99,7 @@ def test_free_form_mappings_take_any_key_and_are_the_only_ones():
                       "+parallel.deepspeed.zero_optimization.reduce_bucket_size=5")
     assert cfg.parallel.deepspeed == {"zero_optimization": {"reduce_bucket_size": 5}}
     assert not hasattr(cfg.data, "sources")  # reserved for the mixtures feature: accepted, not read yet
-    assert override_key_problems(["+data.sources.web={path: x, weight: 1}", "data.sourcez.web=1"]) == [
+    assert command_line_problems(["+data.sources.web={path: x, weight: 1}", "data.sourcez.web=1"]) == [
         "data.sourcez is not a config key: did you mean data.sources? (docs/training.md, \"Config errors\")"]
     # every mapping-typed field of the schema is declared free-form (the allow-list is the whole exception)
     def mappings(cls, prefix):
