@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from megaring.checkpoint.rundir import unwritable, write_problem
 from megaring.config_dir import CONFIG_DIR
 from megaring.ops.spawn import WorkerFailed, launch
-from megaring.train.config import register_configs, to_train_config
+from megaring.train.config import command_line_problems, register_configs, to_train_config
 from megaring.train.config_checks import ConfigError
 
 register_configs()
@@ -82,6 +82,15 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
 
 
+def refuse_unknown_keys(prog: str, args: list[str]) -> None:
+    """Exit 2 naming every command-line key the schema does not have, before Hydra composes
+    (``+`` or not: a typo never trains with the defaults)."""
+    problems = command_line_problems(args)
+    if problems:
+        print(f"{prog}: {ConfigError.listing(problems)}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -104,6 +113,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     sys.argv = strip_launcher_args(sys.argv)
+    refuse_unknown_keys("megaring-train", sys.argv[1:])
     hydra_main()
 
 

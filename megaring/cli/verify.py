@@ -35,7 +35,9 @@ from megaring.ops.spawn import launch
 from megaring.outdir import OutputError, OwnOutput, clear_own
 from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
+from megaring.cli.train import refuse_unknown_keys
 from megaring.train.metrics import read_metrics
+from megaring.train.config_checks import model_problems, parallel_problems
 
 register_configs()
 
@@ -68,8 +70,15 @@ def shrink(cfg: TrainConfig) -> TrainConfig:
 
 
 def single_process(cfg: TrainConfig) -> TrainConfig:
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=1, cp=1, tp=1, nproc_per_node=0,
-                                                                 sequence_parallel=False))
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=1, cp=1, tp=1, ulysses=1,
+                                                                 nproc_per_node=0, sequence_parallel=False))
+
+
+def layout_problems(cfg: TrainConfig) -> list[str]:
+    """The configured layout as training checks it, before :func:`shrink` (whose sizes follow from
+    it): the messages name the keys the user gave, not the shrunk run's."""
+    p = cfg.parallel
+    return parallel_problems(cfg, p.dp * p.cp * p.tp) + model_problems(cfg)
 
 
 def compare(layout: list[dict], reference: list[dict], rel: float) -> tuple[list[str], int | None]:
@@ -92,12 +101,16 @@ def relative(a, b) -> float:
 
 
 def verify(cfg: TrainConfig, out_dir: Path) -> int:
+    problems = layout_problems(cfg)
+    if problems:
+        raise ConfigError.listing(problems)
     small = shrink(cfg)
     p = small.parallel
     dtype = small.trainer.dtype if small.trainer.dtype != "auto" else (
         "bfloat16" if torch.cuda.is_available() else "float32")
     rel = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
-    print(f"megaring-verify: dp={p.dp} cp={p.cp} tp={p.tp} zero_stage={p.zero_stage} layout={p.layout} "
+    print(f"megaring-verify: dp={p.dp} cp={p.cp} tp={p.tp} ulysses={p.ulysses} zero_stage={p.zero_stage} "
+          f"layout={p.layout} "
           f"kernel={p.attn_kernel or 'auto'} ring_backward={p.ring_backward} dtype={small.trainer.dtype} vs (1, 1, 1); "
           f"{STEPS} steps, seq_len {small.trainer.seq_len}, tolerance {rel:g} (relative)", flush=True)
     clear_own(out_dir, VERIFY_OUTPUT)  # an earlier verify's runs; anything else there is refused
@@ -128,12 +141,13 @@ def ring_check(cfg: TrainConfig, dtype: torch.dtype) -> tuple[str, bool]:
     """Ring attention's forward and backward at the configured cp, kernel, layout, ring backward,
     window and dtype against float64 attention: the report line and whether it passed."""
     p, m = cfg.parallel, cfg.model
-    if p.cp == 1:
-        return "  ring attention: cp=1, no ring to check", True
+    ring = p.cp // p.ulysses  # the ring's size; Ulysses' all-to-all is checked by the training comparison
+    if ring == 1:
+        return f"  ring attention: cp={p.cp} with ulysses={p.ulysses}, no ring to check", True
     gpus = torch.cuda.device_count() if p.backend != "gloo" else 0
-    if 0 < gpus < p.cp:
-        return f"  ring attention: cp={p.cp} needs {p.cp} GPUs on this machine, it has {gpus}: not checked", True
-    case = RingCase(p.cp, p.layout, p.attn_kernel, p.ring_backward, m.sliding_window, m.n_heads,
+    if 0 < gpus < ring:
+        return f"  ring attention: a ring of {ring} needs {ring} GPUs on this machine, it has {gpus}: not checked", True
+    case = RingCase(ring, p.layout, p.attn_kernel, p.ring_backward, m.sliding_window, m.n_heads,
                     m.n_kv_heads or m.n_heads, dtype, p.ring(), p.backend, drop_block=ring_drop())
     errors = check_ring(case, timeout_s=p.timeout_s)
     tol = RING_TOLERANCE.get(dtype, RING_TOLERANCE[torch.bfloat16])
@@ -164,6 +178,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    refuse_unknown_keys("megaring-verify", sys.argv[1:])
     hydra_main()
 
 

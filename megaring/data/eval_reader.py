@@ -14,6 +14,9 @@ evaluated: ``num_batches = num_samples // G``.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from megaring.data.config import DataConfig
@@ -80,11 +83,33 @@ def build_eval_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard) -> E
     source, d0, d1, where = open_eval_split(cfg)
     rows = pack_samples(source.doc_starts, d0, d1, seq_len)  # (n, 2) in index order
     if rows.shape[0] < global_batch_size:
-        tokens = int(source.doc_starts[d1]) - int(source.doc_starts[d0])
-        raise ValueError(f"validation data ({where}) holds {tokens} tokens: {rows.shape[0]} samples of "
-                         f"seq_len + 1 = {seq_len + 1} tokens, fewer than one eval batch of {global_batch_size}; "
-                         "use more validation data (a larger data.valid_fraction or data.valid_path store) "
-                         "or a smaller eval batch")
+        raise ValueError(_too_small(cfg, source.doc_starts, (d0, d1), where, shape))
     index = SampleIndex(rows, seed=0)  # ordinals below n are epoch 0: rows in order, no permutation
     reader = BatchReader(source, index, shape, shard, reset_positions=cfg.reset_positions)
     return EvalReader(reader, where)
+
+
+def eval_batch_problems(cfg: DataConfig, shape: BatchShape) -> list[str]:
+    """Why the validation data gives no full eval batch of ``shape`` (checked before training starts)."""
+    source, d0, d1, where = open_eval_split(cfg)
+    if pack_samples(source.doc_starts, d0, d1, shape.seq_len).shape[0] >= shape.global_batch_size:
+        return []
+    return [_too_small(cfg, source.doc_starts, (d0, d1), where, shape)]
+
+
+def _too_small(cfg: DataConfig, doc_starts: np.ndarray, docs: tuple[int, int], where: str, shape: BatchShape) -> str:
+    """What the validation data holds, and the fix: with ``valid_fraction``, the smallest that works."""
+    seq_len, batch = shape.seq_len, shape.global_batch_size
+    tokens = int(doc_starts[docs[1]]) - int(doc_starts[docs[0]])
+    said = (f"validation data ({where}) holds {tokens} tokens: {max(0, (tokens - 1) // seq_len)} samples of "
+            f"trainer.seq_len + 1 = {seq_len + 1} tokens, fewer than one eval batch of "
+            f"{batch} (trainer.global_batch_size)")
+    if cfg.valid_path or cfg.valid_fraction <= 0:
+        return said + "; use a larger data.valid_path store, or a smaller trainer.seq_len / global_batch_size"
+    n = len(doc_starts) - 1
+    last = doc_starts[-1] - doc_starts[n - np.arange(1, n + 1)]  # (n,) tokens of the last 1, 2, ... documents
+    enough = np.flatnonzero((last - 1) // seq_len >= batch)
+    if enough.size == 0 or enough[0] + 1 >= n:
+        return said + "; no data.valid_fraction below 1 is enough: use data.valid_path, or a smaller trainer.seq_len"
+    minimum = math.ceil((enough[0] + 1) / n * 1e4) / 1e4  # the last enough[0] + 1 documents
+    return said + f"; the minimum is data.valid_fraction={minimum:g} (the last {enough[0] + 1} of {n} documents)"

@@ -14,9 +14,27 @@ import torch.distributed as dist
 
 from megaring.distributed.env import LaunchEnv, read_launch_env
 
+BACKENDS = ("nccl", "gloo")  # parallel.backend: null picks nccl on CUDA, gloo on CPU
+
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def backend_problems(backend: str | None) -> list[str]:
+    """Why this machine cannot start ``backend`` (``parallel.backend``), saying what to set instead."""
+    choices = "parallel.backend=gloo (CPU) or null (nccl on CUDA, gloo on CPU)"
+    if backend is None:
+        return []
+    if backend not in BACKENDS:
+        return [f"parallel.backend={backend!r} is not a backend megaring runs on ({', '.join(BACKENDS)}): "
+                f"set parallel.backend=nccl (CUDA GPUs), {choices}"]
+    if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        why = "no CUDA device is visible" if not torch.cuda.is_available() else "this torch was built without NCCL"
+        return [f"parallel.backend=nccl needs CUDA GPUs and NCCL, and {why}: set {choices}"]
+    if backend == "gloo" and not dist.is_gloo_available():
+        return ["parallel.backend=gloo: this torch was built without gloo; set parallel.backend=nccl or null"]
+    return []
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,

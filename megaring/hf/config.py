@@ -123,15 +123,18 @@ def model_config_from_hf(source: str | Path | dict) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face checkpoint (directory, ``config.json`` or dict).
 
     ``init_from`` is set to the directory when one is given. Raises one ``ValueError`` naming the
-    file and listing every problem (missing keys and values of the wrong type first; then unsupported
-    architecture or RoPE, head_dim).
+    file: an unsupported architecture alone (another model family's keys would bury it), else every
+    problem (missing keys and values of the wrong type first; then RoPE, head_dim).
     """
     raw, where = read_hf_config(source)
+    problems: list[str] = []
+    arch = _architecture(raw, problems)
+    if problems:  # another model family: its keys would only bury the one line that matters
+        raise ValueError(f"{where}: {problems[0]}")
     problems = [f"missing key {k!r}" for k in _REQUIRED if k not in raw]
     if type_problems(raw):  # (the checks below read these values)
         problems += type_problems(raw)
         raise ValueError(f"{where}: cannot map to a megaring model (fix config.json):\n  - " + "\n  - ".join(problems))
-    arch = _architecture(raw, problems)
     theta, scaling = rope_from_hf(raw, problems)
     if problems:
         raise ValueError(f"{where}: cannot map to a megaring model:\n  - " + "\n  - ".join(problems))

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megaring.data import BatchShape, DataConfig
 from megaring.distributed.mesh import ParallelDims
-from megaring.errors import ConfigError
+from megaring.errors import ConfigError, closest_name
 from megaring.model import ModelConfig
 from megaring.ring.settings import RingSettings
 
@@ -158,10 +158,35 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+# Every key of a composed config is a field of the schema above, except below these free-form
+# mappings, whose keys are the user's (anything else is a ConfigError naming the closest key).
+# A path without a field yet is reserved: accepted, and left out of TrainConfig until a feature reads it.
+FREE_FORM_KEYS = {
+    "parallel.deepspeed": "extra DeepSpeed config merged into the generated one",
+    "model.rope_scaling": "RoPE parameters as in a transformers config: {rope_type: ..., <parameters>}",
+    "data.sources": "named data sources of a mixture, {<name>: {path: ..., weight: ...}} (reserved)",
+}
+# Config groups (configs/<group>/*.yaml): ``model=125m`` selects a file, it is not a key.
+CONFIG_GROUPS = ("model", "parallel", "data", "optim", "trainer", "eval", "logging")
+
+
+def schema_node() -> DictConfig:
+    """``TrainConfig`` as the node Hydra composes onto. ``model.rope_scaling`` is an empty mapping
+    there (plain RoPE, converted back to ``None``), since omegaconf cannot merge a mapping given on
+    the command line into a ``None`` one; the free-form mappings take new keys without ``+``."""
+    node = OmegaConf.structured(TrainConfig)
+    node.model.rope_scaling = {}
+    for key in FREE_FORM_KEYS:
+        child = OmegaConf.select(node, key)
+        if isinstance(child, DictConfig):
+            OmegaConf.set_struct(child, False)
+    return node
+
+
 def register_configs() -> None:
     """Make ``base_config`` (the schema), the run-name resolver and, with the ``slurm`` extra, the
     slurm launcher's schema and job-size resolvers known to Hydra."""
-    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+    ConfigStore.instance().store(name="base_config", node=schema_node())
     if not OmegaConf.has_resolver("megaring_run_name"):
         OmegaConf.register_new_resolver("megaring_run_name", run_name)
     try:
@@ -204,9 +229,121 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def _free_form(path: str) -> bool:
+    return any(path == k or path.startswith(k + ".") for k in FREE_FORM_KEYS)
+
+
+def _schema_keys(node: DictConfig, prefix: str = "") -> dict[str, DictConfig | None]:
+    """Every key path of the schema: a section's node (a dataclass), ``None`` for a value."""
+    out = {}
+    for key in node:
+        path, child = f"{prefix}{key}", node._get_node(key)
+        section = isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child))
+        out[path] = child if section and not _free_form(path) else None
+        if out[path] is not None:
+            out |= _schema_keys(child, f"{path}.")
+    return out
+
+
+def _unknown_key(path: str, known: dict) -> str:
+    values = {k for k, v in known.items() if v is None} | set(FREE_FORM_KEYS)
+    return (f"{path} is not a config key: did you mean {closest_name(path, values)}? "
+            "(docs/training.md, \"Config errors\")")
+
+
+def unknown_key_problems(cfg: DictConfig) -> list[str]:
+    """One line per key of the composed ``cfg`` that the schema does not have (``+`` overrides
+    included, which Hydra adds without a check), naming the closest known key."""
+    known, out = _schema_keys(schema_node()), []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            path = f"{prefix}{key}"
+            if _free_form(path) or path == "hydra":
+                continue
+            if path not in known:
+                out.append(_unknown_key(path, known))
+            elif known[path] is not None and isinstance(node._get_node(key), DictConfig):
+                walk(node._get_node(key), f"{path}.")
+
+    walk(cfg, "")
+    return out
+
+
+def command_line_problems(args: Sequence[str]) -> list[str]:
+    """One line per command-line override whose key the schema does not have, with or without
+    ``+`` (checked before Hydra composes: its own error for an unknown key suggests the ``+`` that
+    would add it unchecked), or whose value its field cannot hold. Options (``-m``, ``--cfg job``),
+    sweeps and what Hydra cannot parse are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, schema, out = OverridesParser.create(), schema_node(), []
+    known = _schema_keys(schema)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue
+        path = override.key_or_group
+        if override.package is not None or "/" in path or path.split(".")[0] == "hydra" or path in CONFIG_GROUPS:
+            continue  # a config group choice or Hydra's own settings
+        problem = _path_problem(path, known)
+        a_field = path in known and known[path] is None  # a value of the schema, not a section
+        if problem is None and a_field and not (override.is_delete() or override.is_sweep_override()):
+            problem = _value_problem(schema, path, override.value())
+        if problem:
+            out.append(problem)
+    return out
+
+
+def _value_problem(schema: DictConfig, path: str, value: Any) -> str | None:
+    """Why the schema's field ``path`` cannot hold ``value`` (``parallel.dp=two``), in one line."""
+    from omegaconf.errors import ValidationError
+
+    try:
+        OmegaConf.update(schema, path, value, merge=True)
+    except ValidationError as err:
+        return f"{path}={value!r}: {str(err).splitlines()[0]}"
+    return None
+
+
+def _path_problem(path: str, known: dict[str, DictConfig | None]) -> str | None:
+    """Why ``path`` is not a key of the schema (``None``: it is, or it lies in a free-form mapping)."""
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if _free_form(prefix):
+            return None
+        if prefix not in known:
+            return _unknown_key(prefix, known)
+        if known[prefix] is None and i < len(parts):
+            return f"{path}: {prefix} is a value, not a section: set {prefix}=<value>"
+    return None
+
+
+def _drop_reserved(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without the free-form keys that have no field yet (:data:`FREE_FORM_KEYS`)."""
+    known = _schema_keys(schema_node())
+    reserved = [k for k in FREE_FORM_KEYS if k not in known and OmegaConf.select(cfg, k) is not None]
+    if not reserved:
+        return cfg
+    plain = OmegaConf.to_container(cfg)  # interpolations kept, resolved by the conversion
+    for key in reserved:
+        parent, _, leaf = key.rpartition(".")
+        node = plain
+        for part in parent.split("."):
+            node = node[part]
+        node.pop(leaf)
+    return OmegaConf.create(plain)
+
+
 def to_train_config(cfg: DictConfig | TrainConfig, overrides: Sequence[str] = ()) -> TrainConfig:
     """The composed Hydra config as typed dataclasses (resolves interpolations), converted once.
 
+    A key the schema does not have is a :class:`~megaring.errors.ConfigError` (all of them in one).
     With ``model.init_from`` the model is the checkpoint's (its ``config.json``), and the ``model.*``
     keys among the command line's ``overrides`` apply on top of it; one that changes the
     checkpoint's shapes is a :class:`~megaring.errors.ConfigError`.
@@ -214,7 +351,12 @@ def to_train_config(cfg: DictConfig | TrainConfig, overrides: Sequence[str] = ()
     if not isinstance(cfg, TrainConfig):
         if "hydra" in cfg:
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+        unknown = unknown_key_problems(cfg)
+        if unknown:
+            raise ConfigError.listing(unknown)
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema_node(), _drop_reserved(cfg)))
+        if cfg.model.rope_scaling == {}:
+            cfg.model.rope_scaling = None  # plain RoPE (see schema_node)
     if cfg.model.init_from:
         cfg.model = pretrained_model_config(cfg.model, overrides)
     return cfg
@@ -232,6 +374,9 @@ def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> Mod
         nested = str(err).replace("\n  - ", "\n      - ")  # its own list, under this problem
         raise ConfigError.listing([f"model.init_from={model.init_from}: {nested}"]) from None
     given = {k: getattr(model, k) for k in named if hasattr(model, k)}
+    parts = {k.split(".", 1)[1] for k in named if k.startswith("rope_scaling.")}
+    if parts and "rope_scaling" not in given:  # model.rope_scaling.factor=32: the checkpoint's, one key changed
+        given["rope_scaling"] = {**(checkpoint.rope_scaling or {}), **{k: model.rope_scaling[k] for k in parts}}
     problems = override_problems(checkpoint, given)
     if problems:
         raise ConfigError.listing(problems)

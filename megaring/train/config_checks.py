@@ -27,6 +27,8 @@ from megaring.checkpoint.steps import (
 )
 from megaring.checkpoint.universal import UniversalError, UniversalState
 from megaring.data import describe_data, eval_data_problems, store_identity, tokenizer_vocab_problems
+from megaring.data.eval_reader import eval_batch_problems
+from megaring.distributed.init import backend_problems
 from megaring.errors import ConfigError
 from megaring.hf.config import checkpoint_signature
 from megaring.hf.weights import checkpoint_problems
@@ -62,6 +64,7 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     out += [f"parallel.ring_settings.{problem}" for problem in p.ring().problems()]
     if p.timeout_s <= 0:
         out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    out += backend_problems(p.backend)
     owned = sorted(set(p.deepspeed) & set(OWNED_DEEPSPEED_KEYS))
     if owned:
         out.append(f"parallel.deepspeed may not set {owned}: they come from trainer.* and optim.*")
@@ -181,7 +184,17 @@ def eval_problems(cfg: TrainConfig) -> list[str]:
                    "megaring-preprocess, or data.valid_fraction > 0 to hold out the last documents")
     elif e.every > 0:  # (the data config's own problems are reported by data_problems)
         out += [p for p in eval_data_problems(cfg.data) if p not in cfg.data.problems()]
+        if not out and not cfg.data.problems() and cfg.trainer.seq_len >= 1 and cfg.trainer.global_batch_size >= 1:
+            out += _eval_batch_problems(cfg)
     return out
+
+
+def _eval_batch_problems(cfg: TrainConfig) -> list[str]:
+    """One full eval batch in the validation data (else every rank fails at the first evaluation)."""
+    try:
+        return eval_batch_problems(cfg.data, cfg.trainer.batch_shape())
+    except (ValueError, OSError):  # unreadable data: said by data_problems
+        return []
 
 
 def logging_problems(cfg: TrainConfig) -> list[str]:

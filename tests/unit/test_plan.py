@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 from megaring.cli.plan import main
 from megaring.model import ModelConfig, num_params
 from megaring.plan import Hardware, Layout, describe, estimate, longest_seq_len, plan, state_bytes
+from tests.helpers.cli import clean_env
 
 TINY = ModelConfig()  # vocab 256, dim 64, 2 layers, 8 heads (4 kv), ffn 192: 107,712 parameters
 
@@ -74,6 +77,35 @@ def test_cli(capsys):
     assert main(["model=7b", "trainer.seq_len=1048576", "devices=1", "memory_gb=24"]) == 1
     assert "fits nowhere" in capsys.readouterr().out
     assert main(["nonsense"]) == 2
+
+
+def test_cli_refuses_unknown_keys_and_bad_values_naming_the_key(capsys):
+    assert main(["devicez=4", "seq_len=1048576", "devices=0", "trainer.seq_len=1M", "memory_gb=nan"]) == 2
+    err = capsys.readouterr().err
+    for line in ("  - devicez is not a megaring-plan key: did you mean devices=?",
+                 "  - seq_len is not a megaring-plan key: did you mean trainer.seq_len=?",
+                 "  - devices=0 must be >= 1", "  - trainer.seq_len='1M' must be an integer >= 1",
+                 "  - memory_gb=nan must be > 0"):
+        assert line in err, err
+    assert err.count("\n  - ") == 5
+
+
+def test_cli_lists_the_models_and_names_an_unsupported_architecture(tmp_path, capsys):
+    assert main(["model=gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "model=gpt2 is not a model of configs/model: use one of ['125m', '1b', '7b', 'llama3_8b', 'tiny']" in err
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64}')
+    assert main([f"model.init_from={tmp_path}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()  # one line: the architecture, not GPT-2's missing Llama keys
+    assert line.startswith(f"megaring-plan: model.init_from={tmp_path}: ")
+    assert "'GPT2LMHeadModel'] is not supported" in line
+
+
+def test_plan_cli_process_exits_2_on_an_unknown_key():
+    proc = subprocess.run([sys.executable, "-m", "megaring.cli.plan", "model=tiny", "devicez=4"], env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "devicez is not a megaring-plan key: did you mean devices=?" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_longest_seq_len_is_the_last_length_that_fits():

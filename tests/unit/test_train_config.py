@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,10 +19,18 @@ from megaring.checkpoint.steps import TrainerState, prune, read_latest, rng_stat
 from megaring.cli.train import strip_launcher_args
 from megaring.data import write_tokenized
 from megaring.engine.deepspeed_engine import deepspeed_config
-from megaring.train.config import OptimConfig, TrainConfig, experiment_id, run_name
+from megaring.train.config import (
+    FREE_FORM_KEYS,
+    OptimConfig,
+    TrainConfig,
+    command_line_problems,
+    experiment_id,
+    run_name,
+)
 from megaring.train.config_checks import ConfigError, collect_problems, resume_problems, validate
 from megaring.train.metrics import MetricsFile, read_metrics
 from megaring.train.schedule import learning_rate, lr_factor
+from tests.helpers.cli import ROOT, clean_env
 from tests.helpers.train_cfg import compose_cfg, make_cfg
 
 # ---------------------------------------------------------------- schema
@@ -56,6 +68,101 @@ def test_schema_rejects_unknown_keys_and_wrong_types():
         compose_cfg("trainer.sequence_length=64")
     with pytest.raises(ConfigCompositionException, match="parallel.dp"):
         compose_cfg("parallel.dp=two")
+
+
+def test_every_unknown_key_names_the_closest_one_with_or_without_plus():
+    """Hydra adds a ``+`` key unchecked and, for one without ``+``, suggests the ``+``: both are errors."""
+    with pytest.raises(ConfigError) as err:
+        compose_cfg("+optim.learning_rate=100.0", "+trainer.foo=1", "+foo=1")
+    msg = str(err.value)
+    assert "(3 problems)" in msg and "optim.learning_rate is not a config key: did you mean optim.lr?" in msg
+    assert "trainer.foo is not a config key: did you mean trainer." in msg and "\n  - foo is not a config key" in msg
+    problems = command_line_problems([
+        "optim.learning_rate=1", "+trainer.sequence_length=2", "seq_len=3", "optim.lr.x=1",
+        "model=125m", "hydra/launcher=slurm", "hydra.run.dir=/tmp/x", "-m", "parallel.dp=1,2", "~trainer.seed",
+        "+parallel.deepspeed.zero_optimization.reduce_bucket_size=5", "model.rope_scaling.factor=2"])
+    assert [p.split(":")[0] + ":" + p.split("mean")[-1] for p in problems[:3]] == [
+        "optim.learning_rate is not a config key: optim.lr? (docs/training.md, \"Config errors\")",
+        "trainer.sequence_length is not a config key: trainer.seq_len? (docs/training.md, \"Config errors\")",
+        "seq_len is not a config key: trainer.seq_len? (docs/training.md, \"Config errors\")"]
+    assert problems[3] == "optim.lr.x: optim.lr is a value, not a section: set optim.lr=<value>"
+    assert len(problems) == 4
+    # values the field cannot hold, all in the same message (Hydra would stop at the first, exit 1)
+    assert command_line_problems(["parallel.dp=two", "trainer.seq_len=1M", "parallel.dp=1,2", "optim.lr=1e-3",
+                                  "data.vocab_size=${model.vocab_size}", "trainer.ckpt_dir=null"]) == [
+        "parallel.dp='two': Value 'two' of type 'str' could not be converted to Integer",
+        "trainer.seq_len='1M': Value '1M' of type 'str' could not be converted to Integer"]
+
+
+def test_free_form_mappings_take_any_key_and_are_the_only_ones():
+    cfg = compose_cfg("+data.sources.web={path: /data/web, weight: 0.7}", "+data.sources.code={path: /c, weight: 0.3}",
+                      "+parallel.deepspeed.zero_optimization.reduce_bucket_size=5")
+    assert cfg.parallel.deepspeed == {"zero_optimization": {"reduce_bucket_size": 5}}
+    assert not hasattr(cfg.data, "sources")  # reserved for the mixtures feature: accepted, not read yet
+    assert command_line_problems(["+data.sources.web={path: x, weight: 1}", "data.sourcez.web=1"]) == [
+        "data.sourcez is not a config key: did you mean data.sources? (docs/training.md, \"Config errors\")"]
+    # every mapping-typed field of the schema is declared free-form (the allow-list is the whole exception)
+    def mappings(cls, prefix):
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(value):
+                yield from mappings(type(value), f"{prefix}{f.name}.")
+            elif "dict[" in str(f.type):
+                yield f"{prefix}{f.name}"
+
+    found = set(mappings(TrainConfig, ""))
+    assert {"parallel.deepspeed", "model.rope_scaling"} <= found <= set(FREE_FORM_KEYS)
+    assert "data.sources" in FREE_FORM_KEYS
+
+
+def test_rope_scaling_of_docs_pretrained_md_composes(tmp_path):
+    """The exact override of docs/pretrained.md, with and without model.init_from (omegaconf could
+    not merge a mapping into the schema's None)."""
+    doc = (ROOT / "docs" / "pretrained.md").read_text()
+    (override,) = set(re.findall(r"model\.rope_scaling=\{[^}]*\}", doc))
+    yarn = {"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": 4096}
+    assert compose_cfg().model.rope_scaling is None  # plain RoPE by default
+    cfg = compose_cfg(override, "trainer.seq_len=64")
+    assert cfg.model.rope_scaling == yarn and collect_problems(cfg, world_size=1) == []
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}}))
+    pretrained = compose_cfg(f"model.init_from={tmp_path}", override)
+    assert pretrained.model.rope_scaling == yarn and pretrained.model.dim == 64  # the checkpoint's, yarn on top
+    assert compose_cfg(f"model.init_from={tmp_path}").model.rope_scaling["rope_type"] == "llama3"
+    one_key = compose_cfg(f"model.init_from={tmp_path}", "model.rope_scaling.factor=32").model.rope_scaling
+    assert one_key == {"rope_type": "llama3", "factor": 32, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 1024}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nccl is available with CUDA")
+def test_backend_nccl_without_cuda_and_an_unknown_backend_are_config_errors():
+    (nccl,) = collect_problems(compose_cfg("parallel.backend=nccl"), world_size=1)
+    assert nccl.startswith("parallel.backend=nccl needs CUDA GPUs") and "set parallel.backend=gloo" in nccl
+    (unknown,) = collect_problems(compose_cfg("parallel.backend=mpi"), world_size=1)
+    assert "parallel.backend='mpi'" in unknown and "(nccl, gloo)" in unknown
+    assert collect_problems(compose_cfg("parallel.backend=gloo"), world_size=1) == []
+
+
+def test_too_small_valid_fraction_is_a_config_error_naming_the_minimum():
+    small = ("data.num_tokens=20000", "data.mean_doc_len=200", "eval.every=1", "trainer.seq_len=64")
+    (problem,) = collect_problems(compose_cfg(*small, "data.valid_fraction=0.001"), world_size=1)
+    assert "fewer than one eval batch of 8 (trainer.global_batch_size)" in problem, problem
+    minimum = re.search(r"the minimum is data\.valid_fraction=([0-9.]+) ", problem).group(1)
+    assert collect_problems(compose_cfg(*small, f"data.valid_fraction={minimum}"), world_size=1) == []
+    below = float(minimum) - 1 / 82  # one document fewer (the mock corpus has 82)
+    assert "82 documents" in problem and collect_problems(compose_cfg(*small, f"data.valid_fraction={below}"), 1)
+
+
+def test_unknown_key_on_the_command_line_exits_2_before_training(tmp_path):
+    cmd = [sys.executable, "-m", "megaring.train", "+optim.learning_rate=100.0", "trainer.foo=1",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "did you mean optim.lr?" in proc.stderr and "trainer.foo is not a config key" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_run_name_is_stable_and_short():
