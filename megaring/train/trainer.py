@@ -343,7 +343,7 @@ def save(run: Run, step: int) -> None:
                          tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key(),
                          lr_horizon=run.lr_horizon, config=result_config(run.cfg))
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
-                 "tokenizer_files": tokenizer_files(run.cfg)}
+                 "tokenizer_files": tokenizer_files(run.cfg)} if t.universal_at(step) else None
     try:
         save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
     except (OSError, RuntimeError) as err:

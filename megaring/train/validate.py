@@ -19,9 +19,11 @@ from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
 from megaring.train.checkpoint import CheckpointError, read_trainer_state
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
+from megaring.train.deepspeed_internals import installed_version
+from megaring.train.deepspeed_internals import version_problem as deepspeed_version_problem
 from megaring.train.profile import profile_steps_problems
 from megaring.train.rundir import config_change_problems, history_problems, result_config
-from megaring.train.universal import UniversalError, UniversalState
+from megaring.train.universal import META, UNIVERSAL, UniversalError, UniversalState
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
 OWNED_DEEPSPEED_KEYS = (
@@ -53,7 +55,8 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append(f"parallel.deepspeed may not set {owned}: they come from trainer.* and optim.*")
     if "stage" in p.deepspeed.get("zero_optimization", {}):
         out.append("parallel.deepspeed.zero_optimization.stage: use parallel.zero_stage")
-    return out
+    version = deepspeed_version_problem(installed_version(), p.allow_untested_deepspeed)
+    return out + ([version] if version else [])
 
 
 def batch_problems(cfg: TrainConfig) -> list[str]:
@@ -79,6 +82,9 @@ def operations_problems(cfg: TrainConfig) -> list[str]:
         out.append(f"trainer.preempt_grace_s={t.preempt_grace_s} must be > 0 seconds")
     if t.max_bad_steps < 0:
         out.append(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: stop at the first non-finite step)")
+    if t.universal_every is not None and t.universal_every < 0:
+        out.append(f"trainer.universal_every={t.universal_every} must be null (every checkpoint), 0 (none) or "
+                   "a number of steps")
     if not t.loss_spike_factor >= 0:
         out.append(f"trainer.loss_spike_factor={t.loss_spike_factor} must be >= 0 (0 turns loss spikes off)")
     known = set(result_config(cfg))
@@ -186,14 +192,22 @@ def resume_problems(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:
         if state.layout == cfg.parallel.layout_key():
             return config_change_problems(cfg, state.config, ckpt_dir / tag)  # the engine's files suffice
         return [f"the checkpoint {ckpt_dir / tag} was written with {state.layout}, this run is "
-                f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same layout, "
-                "or set trainer.resume=false / another trainer.ckpt_dir"]
+                f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same layout"
+                f"{convertible_hint(ckpt_dir)}, or set trainer.resume=false / another trainer.ckpt_dir"]
     theirs, ours = checkpoint_signature(saved_model), checkpoint_signature(cfg.model)
     shape_keys = {f"model.{k}" for k in theirs if theirs[k] != ours[k]}  # said below, with the checkpoint's shapes
     changed = config_change_problems(cfg, state.config, ckpt_dir / tag, skip=shape_keys)
     return changed + [f"model.{k}={ours[k]!r} differs from the checkpoint {ckpt_dir / tag} ({theirs[k]!r}): "
                       "resume with the model it was written with, or set trainer.resume=false / another "
                       "trainer.ckpt_dir" for k in theirs if theirs[k] != ours[k]]
+
+
+def convertible_hint(ckpt_dir: Path) -> str:
+    """The kept checkpoints that carry the layout-independent state, as advice (empty: none)."""
+    kept = sorted(p.name for p in ckpt_dir.glob("step_*") if (p / UNIVERSAL / META).is_file())
+    if not kept:
+        return ""
+    return f", or write {kept[-1]} into {ckpt_dir / 'latest'} to resume from that older checkpoint, which has it"
 
 
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:
