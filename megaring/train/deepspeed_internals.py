@@ -132,6 +132,14 @@ def local_fp32_fragment(param: nn.Parameter, key: str) -> tuple[int, torch.Tenso
     return mapping.lp_fragment_address.start, mapping.get_hp_fragment(state_key).reshape(-1)
 
 
+def full_fp32_state(param: nn.Parameter, key: str) -> torch.Tensor:
+    """``param``'s fp32 ``key``, the whole (tp shard of the) parameter, gathered over ZeRO's partition
+    group (public ``safe_get_full_*``; collective: every rank of the group calls it, same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    return safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
+
+
 def set_full_fp32_state(param: nn.Parameter, key: str, value: torch.Tensor) -> None:
     """Set this rank's fragment of ``param``'s fp32 ``key`` from ``value``, the whole (tp shard of
     the) parameter (public ``safe_set_full_*``; each rank keeps only its own elements)."""

@@ -140,6 +140,16 @@ class TrainEngine:
         value = master if key == "param" else self._torch_optimizer().state[master][key]
         return 0, value.detach().float().reshape(-1)
 
+    def master_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        """``key`` of ``param`` in float32, this tp rank's whole shard, gathered over ZeRO's partitions
+        (collective over ``dp_cp`` under ZeRO: every rank calls it, same order). For checks and
+        tests; checkpoints write :meth:`master_fragment` instead, without communication."""
+        if internals.is_zero_managed(param):
+            return internals.full_fp32_state(param, key).detach().float()
+        master = self._fp32_master(param)
+        value = master if key == "param" else self._torch_optimizer().state[master][key]
+        return value.detach().float()
+
     def set_master_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
         """Set ``key`` of ``param`` from ``value`` (this tp rank's whole shard; each rank keeps its own
         fragment); call :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""
@@ -216,7 +226,7 @@ def grad_divisor(zero_stage: int, mesh: ParallelMesh) -> int:
 
     Stages 0-2 average over the sequence-data-parallel group and multiply back by the sequence
     parallel size (cp): ``/ dp``. Stage 3 reduce-scatters over its partition group (``dp_cp``, see
-    :func:`partition_for_zero3`) and averages over it, ignoring cp: ``/ dp_cp``. The parity tests
+    :func:`partitioned_construction`) and averages over it, ignoring cp: ``/ dp_cp``. The parity tests
     check both at every stage.
     """
     return mesh.dp_cp.size if zero_stage == 3 else mesh.dp.size
@@ -272,24 +282,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, mesh: ParallelMesh) -> None:
-    """Partition the parameters over ``dp_cp`` before ``deepspeed.initialize``.
-
-    Left to itself, ZeRO-3 partitions over ``mpu.get_data_parallel_group()`` (dp only), so cp
-    ranks would neither share parameter shards nor reduce their gradients.
-    """
-    _deepspeed().zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
-                           config_dict_or_path=ds_config, mpu=mpu)
-
-
 @contextmanager
 def partitioned_construction(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> Iterator[ShardWriter]:
     """Build the model inside; yields the :class:`ShardWriter` that fills its parameters.
 
-    Under ZeRO-3 this is ``deepspeed.zero.Init`` over ``dp_cp`` (as :func:`partition_for_zero3`):
-    every module's parameters are partitioned, in the training dtype, as soon as the module is
-    built, so no rank ever holds more than its partition of the model plus one module's shard; the
-    writer is a :class:`ZeroPartitionWriter`. Without ZeRO-3 nothing changes (a plain writer).
+    Under ZeRO-3 this is ``deepspeed.zero.Init`` over ``dp_cp`` (left to itself, ZeRO-3 partitions
+    over ``mpu.get_data_parallel_group()``, dp only, so cp ranks would neither share parameter
+    shards nor reduce their gradients): every module's parameters are partitioned, in the training
+    dtype, as soon as the module is built, so no rank ever holds more than its partition of the
+    model plus one module's shard; the writer is a :class:`ZeroPartitionWriter`. This is the only
+    way a ZeRO-3 model is partitioned. Without ZeRO-3 nothing changes (a plain writer).
     """
     if cfg.parallel.zero_stage != 3:
         yield ShardWriter()
@@ -330,7 +332,7 @@ def _deepspeed():
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> TrainEngine:
-    """The engine around ``model``: built plainly, or under :func:`partitioned_construction`."""
+    """The engine around ``model``, built under :func:`partitioned_construction` (ZeRO-3 needs it)."""
     deepspeed = _deepspeed()
     dtype = resolve_dtype(cfg.trainer.dtype, device)
     partitioned = is_partitioned(model)
@@ -340,8 +342,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     ds_config = deepspeed_config(cfg, dtype)
     mpu = DeepSpeedMPU(mesh)
     if cfg.parallel.zero_stage == 3 and not partitioned:
-        model = model.to(dtype)  # partitioned as they are: stage 3 does not cast converted modules
-        partition_for_zero3(model, ds_config, mpu, mesh)
+        raise ValueError("parallel.zero_stage=3 needs a model built under partitioned_construction "
+                         "(megaring.train.trainer.build_weights does so); this one is not partitioned")
     optimizer = build_optimizer(model, cfg, device)
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                   config=ds_config, dist_init_required=False)

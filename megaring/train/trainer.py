@@ -30,7 +30,8 @@ from megaring.distributed.init import device_for
 from megaring.distributed.launch_env import read_launch_env
 from megaring.distributed.mesh import Traffic
 from megaring.hf import load_hf_weights
-from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
+from megaring.model import ParallelContext, Transformer, model_flops_per_token
+from megaring.model.init import init_weights
 from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.checkpoint import (
     CheckpointError,
@@ -151,18 +152,19 @@ def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
 
 def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None, mesh: ParallelMesh,
                   device: torch.device) -> Transformer:
-    """This rank's model shards: from a checkpoint of another layout, a Hugging Face checkpoint
-    (``model.init_from``), or the seed (also when the engine's own files will overwrite them).
-    The first two load parameter by parameter into a model that ZeRO-3 partitions as it is built."""
-    if (resume is not None and not resume.same_layout) or (cfg.model.init_from and resume is None):
-        with partitioned_construction(cfg, mesh, device) as writer:
-            model = Transformer(cfg.model, ctx)
-        if resume is not None:
-            load_weights(model, UniversalState(resume.path), ctx.tp, writer)
-        else:
-            load_hf_weights(model, ctx, cfg.model.init_from, writer)
-        return model
-    return build_model(cfg.model, ctx, seed=cfg.trainer.seed)
+    """This rank's model shards, built under :func:`partitioned_construction` (ZeRO-3 partitions
+    every module as it is built: the one ZeRO-3 path) and filled parameter by parameter from a
+    checkpoint of another layout, a Hugging Face checkpoint (``model.init_from``), or the seed
+    (also when the engine's own files will overwrite them)."""
+    with partitioned_construction(cfg, mesh, device) as writer:
+        model = Transformer(cfg.model, ctx)
+    if resume is not None and not resume.same_layout:
+        load_weights(model, UniversalState(resume.path), ctx.tp, writer)
+    elif cfg.model.init_from and resume is None:
+        load_hf_weights(model, ctx, cfg.model.init_from, writer)
+    else:
+        init_weights(model, cfg.model, ctx, seed=cfg.trainer.seed, writer=writer)
+    return model
 
 
 def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
