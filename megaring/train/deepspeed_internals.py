@@ -132,6 +132,40 @@ def local_fp32_fragment(param: nn.Parameter, key: str) -> tuple[int, torch.Tenso
     return mapping.lp_fragment_address.start, mapping.get_hp_fragment(state_key).reshape(-1)
 
 
+def local_fp32_range(param: nn.Parameter) -> tuple[int, int] | None:
+    """The flat elements ``[start, stop)`` of ``param`` whose fp32 state this rank's partition keeps,
+    None when it keeps none (the same internals as :func:`local_fp32_fragment`, without reading)."""
+    if hasattr(param, "ds_id"):
+        size = param.ds_tensor.ds_numel
+        start = param.ds_zero_partition_rank * size
+        return min(start, param.ds_numel), min(start + size, param.ds_numel)
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    return address.start, address.start + address.numel
+
+
+def set_local_fp32_fragment(param: nn.Parameter, key: str, flat: torch.Tensor) -> None:
+    """Set this rank's own piece of ``param``'s fp32 ``key`` to ``flat``, the elements
+    :func:`local_fp32_range` names. ZeRO-3: public ``safe_set_local_*``, given the partition padded
+    to its size; ZeRO 1-2: copied into ``_hp_mapping``'s fragment (internal)."""
+    state_key = None if key == "param" else key
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        padded = flat.new_zeros(param.ds_tensor.ds_numel)
+        padded[:flat.numel()] = flat
+        padded = padded.to(param.ds_tensor.device)
+        if state_key is None:
+            safe_set_local_fp32_param(param, padded)
+        else:
+            safe_set_local_optimizer_state(param, padded, key)
+        return
+    fragment = param._hp_mapping.get_hp_fragment(state_key)
+    fragment.data.copy_(flat.view_as(fragment).to(fragment.device))
+
+
 def full_fp32_state(param: nn.Parameter, key: str) -> torch.Tensor:
     """``param``'s fp32 ``key``, the whole (tp shard of the) parameter, gathered over ZeRO's partition
     group (public ``safe_get_full_*``; collective: every rank of the group calls it, same order)."""

@@ -150,6 +150,23 @@ class TrainEngine:
         value = master if key == "param" else self._torch_optimizer().state[master][key]
         return value.detach().float()
 
+    def master_range(self, param: nn.Parameter) -> tuple[int, int] | None:
+        """The flat elements ``[start, stop)`` of ``param``'s tp shard whose fp32 state this rank keeps
+        (ZeRO: its partition; without ZeRO the whole shard), None when it keeps none."""
+        if internals.is_zero_managed(param):
+            return internals.local_fp32_range(param)
+        return 0, internals.unpartitioned_shape(param).numel()
+
+    def set_master_fragment(self, param: nn.Parameter, key: str, flat: torch.Tensor) -> None:
+        """Set ``key`` of ``param`` on the elements :meth:`master_range` names from ``flat`` (as many
+        elements); call :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""
+        if internals.is_zero_managed(param):
+            internals.set_local_fp32_fragment(param, key, flat)
+        elif key == "param":
+            self._fp32_master(param).data.view(-1).copy_(flat)
+        else:
+            self._torch_optimizer().state[self._fp32_master(param)][key].view(-1).copy_(flat)
+
     def set_master_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
         """Set ``key`` of ``param`` from ``value`` (this tp rank's whole shard; each rank keeps its own
         fragment); call :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""

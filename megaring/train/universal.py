@@ -239,22 +239,45 @@ class UniversalState:
     def shard(self, key: str, name: str, part: Partition | None, tp) -> torch.Tensor:
         """Tp rank ``tp.rank``'s shard of the full tensor cut by ``part`` over ``tp.size`` (the
         reading layout's), assembled from full rows without holding the full tensor when tp splits it."""
-        shape = self.shape(key, name)
+        shape = self._shard_shape(key, name, part, tp.size)
+        return self.shard_rows(key, name, part, tp, 0, shape[0])
+
+    def shard_elements(self, key: str, name: str, part: Partition | None, tp, start: int, stop: int) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of :meth:`shard` (one rank's ZeRO partition of it), read
+        through the shard rows that hold them only."""
+        shape = self._shard_shape(key, name, part, tp.size)
+        row = math.prod(shape[1:])
+        first, last = start // row, -(-stop // row)
+        rows = self.shard_rows(key, name, part, tp, first, last)
+        return rows.reshape(-1)[start - first * row:stop - first * row]
+
+    def shard_rows(self, key: str, name: str, part: Partition | None, tp, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :meth:`shard`: full rows (no split), full rows cut by columns
+        (split along dim 1, a chunk of rows at a time), or the full rows of each block's part (dim 0;
+        rows past the real vocabulary are the padding's zeros)."""
+        full = self.shape(key, name)
         if part is None:
-            return self.tensor(key, name)
+            return self.rows(key, name, start, stop)
         if part.dim != 0:
-            step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(shape[1:])))
-            return torch.cat([part.shard(self.rows(key, name, a, min(a + step, shape[0])), tp.rank, tp.size)
-                              for a in range(0, shape[0], step)])
-        runs, offset = [], 0
+            step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(full[1:])))
+            return torch.cat([part.shard(self.rows(key, name, a, min(a + step, stop)), tp.rank, tp.size)
+                              for a in range(start, stop, step)] or [torch.empty(0, *full[1:])])
+        runs, local, offset = [], 0, 0
         for block in part.blocks:  # rank r's part of every (padded) block, in block order
             n = block // tp.size
-            lo = offset + tp.rank * n
-            real = self.rows(key, name, min(lo, shape[0]), min(lo + n, shape[0]))  # beyond: vocabulary padding
-            pad = real.new_zeros(n - real.shape[0], *shape[1:])
-            runs += [real, pad]
-            offset += block
-        return torch.cat(runs)
+            lo, hi = max(start, local), min(stop, local + n)
+            if lo < hi:
+                first = offset + tp.rank * n + lo - local
+                real = self.rows(key, name, min(first, full[0]), min(first + hi - lo, full[0]))
+                runs += [real, real.new_zeros(hi - lo - real.shape[0], *full[1:])]
+            local, offset = local + n, offset + block
+        return torch.cat(runs) if runs else torch.empty(0, *full[1:])
+
+    def _shard_shape(self, key: str, name: str, part: Partition | None, tp_size: int) -> list[int]:
+        shape = list(self.shape(key, name))
+        if part is not None:
+            shape[part.dim] = sum(part.local_blocks(tp_size))
+        return shape
 
     def _layout(self, name: str) -> dict:
         if name not in self.layouts:
@@ -328,7 +351,8 @@ class UniversalWeights:
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, state: UniversalState, tp, writer: ShardWriter | None = None) -> None:
     """Copy this rank's shards of the saved fp32 weights into ``model`` (before the engine exists),
-    one parameter at a time, through ``writer`` (default: the whole shard into the parameter)."""
+    one parameter at a time, through ``writer`` (default: the whole shard into the parameter; ZeRO-3:
+    only this rank's partition of it is read)."""
     writer = writer or ShardWriter()
     partitions = tp_partitions(model)
     params = dict(model.named_parameters())
@@ -336,15 +360,19 @@ def load_weights(model: torch.nn.Module, state: UniversalState, tp, writer: Shar
     if missing:
         raise UniversalError(f"{state.directory} has no weights for {missing[:5]}: it was written for another model")
     for name, param in params.items():
-        shard = state.shard("param", name, partitions.get(name), tp)
         start, stop = writer.owned_range(param)
-        writer.write(param, shard.reshape(-1)[start:stop].to(param.device))
+        writer.write(param, state.shard_elements("param", name, partitions.get(name), tp, start, stop).to(param.device))
 
 
 def load_optimizer(engine, state: UniversalState) -> None:
-    """Set the engine's fp32 master weights and Adam moments from ``state`` (after :func:`load_weights`)."""
+    """Set the engine's fp32 master weights and Adam moments from ``state`` (after :func:`load_weights`),
+    reading of each tensor only the elements this rank keeps (its ZeRO partition)."""
     engine.prime_optimizer_states(int(state.meta["optimizer_step"]))
     partitions = tp_partitions(engine.module)
     for name, param in engine.module.named_parameters():
+        owned = engine.master_range(param)
+        if owned is None:
+            continue  # ZeRO 1-2: this rank's partition holds no piece of it
         for key in KEYS:
-            engine.set_master_state(param, key, state.shard(key, name, partitions.get(name), engine.tp))
+            engine.set_master_fragment(param, key, state.shard_elements(key, name, partitions.get(name), engine.tp,
+                                                                        *owned))

@@ -136,6 +136,10 @@ def test_shards_at_another_tp_size(checkpoint, tp_size):
             full = full_value("exp_avg", name)
             want = full if part is None else part.shard(full, rank, tp_size)
             assert torch.equal(state.shard("exp_avg", name, part, tp), want), (name, rank)
+            flat = want.reshape(-1)  # a ZeRO partition of the new shard, cut mid-row
+            for start, stop in ((0, 1), (1, flat.numel() - 2), (flat.numel() // 3, flat.numel())):
+                got = state.shard_elements("exp_avg", name, part, tp, start, stop)
+                assert torch.equal(got, flat[start:stop]), (name, rank, start)
 
 
 def test_dim0_sources_follow_the_blocks():
