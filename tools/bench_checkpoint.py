@@ -1,6 +1,6 @@
 """Benchmark saving the layout-independent checkpoint state at world 1, 2, 4 and 8, before and after.
 
-    python -m tools.bench_checkpoint [--worlds 1 2 4 8] [--dim 384 --layers 6 --vocab 8192] [--tmp /tmp]
+    python -m tools.bench_checkpoint [--worlds 1 2 4 8] [--dim 384 --layers 6 --vocab 8192] [--rounds 3]
 
 For each world size, gloo processes at dp=world, ZeRO-1 build the same model (float32, Adam state
 primed), then save its ``universal/`` state twice, in the same processes:
@@ -10,7 +10,8 @@ primed), then save its ``universal/`` state twice, in the same processes:
 - ``after``: :func:`megaring.train.universal.save_universal`, every rank writing its own pieces.
 
 Per rank it reports the save's wall time (from a barrier to the barrier after it: what every rank
-waits) and the bytes that rank wrote; the summary is a markdown table for docs/benchmarks.md. Both
+waits; the median of ``--rounds`` saves of each kind, alternating) and the bytes that rank wrote;
+the summary is a markdown table for docs/benchmarks.md. Both
 saves are then read back and compared tensor by tensor (they must be bit-identical).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +65,8 @@ def _written_by(directory: Path, rank: int, mode: str) -> int:
     return sum(f.stat().st_size for f in own)
 
 
-def _save_worker(rank: int, world: int, port: int, work: str, model_args: list[str], results) -> None:
+def _save_worker(rank: int, world: int, port: int, work: str, model_args: list[str], rounds: int,
+                 results) -> None:
     import datetime
     import os
 
@@ -88,14 +91,22 @@ def _save_worker(rank: int, world: int, port: int, work: str, model_args: list[s
     engine = build_engine(build_weights(cfg, ParallelContext.from_mesh(mesh), None, mesh, torch.device("cpu")),
                           cfg, mesh, torch.device("cpu"))
     engine.prime_optimizer_states(1)
-    out = {}
-    for mode, save in (("before", save_gathered), ("after", save_universal)):
-        directory = Path(work) / f"world{world}-{mode}"
-        dist.barrier()
-        began = time.perf_counter()
-        save(engine, directory, model_cfg=cfg.model, dtype=torch.float32, tokenizer_files=[])
-        dist.barrier()
-        out[mode] = {"wall_s": time.perf_counter() - began, "bytes": _written_by(directory, rank, mode)}
+    walls = {"before": [], "after": []}
+    for i in range(rounds):
+        for mode, save in (("before", save_gathered), ("after", save_universal)):
+            directory = Path(work) / f"world{world}-{mode}"
+            dist.barrier()
+            began = time.perf_counter()
+            save(engine, directory, model_cfg=cfg.model, dtype=torch.float32, tokenizer_files=[])
+            dist.barrier()
+            walls[mode].append(time.perf_counter() - began)
+            written = _written_by(directory, rank, mode)
+            dist.barrier()
+            if rank == 0 and i < rounds - 1:  # the last round's state stays for the read-back check
+                shutil.rmtree(directory)
+    out = {mode: {"wall_s": statistics.median(w), "bytes": written if mode == "after" else None} for mode, w in
+           walls.items()}
+    out["before"]["bytes"] = _written_by(Path(work) / f"world{world}-before", rank, "before")
     results.put((rank, out))
     dist.barrier()
     dist.destroy_process_group()
@@ -117,6 +128,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=3, help="saves of each kind per world size (median)")
     parser.add_argument("--tmp", default=None, help="where the checkpoints are written (removed after)")
     args = parser.parse_args()
     model_args = [f"model.dim={args.dim}", f"model.n_layers={args.layers}", f"model.ffn_dim={4 * args.dim}",
@@ -125,7 +137,7 @@ def main() -> None:
     rows = []
     try:
         for world in args.worlds:
-            per_rank = _run_megaring(str(work), world, _save_worker, model_args)
+            per_rank = _run_megaring(str(work), world, _save_worker, model_args, args.rounds)
             same = _same_state(work, world)
             print(f"world {world}: {json.dumps(per_rank)}; read back identical: {same}", flush=True)
             rows.append((world, per_rank, same))
