@@ -121,7 +121,11 @@ def _zero3_worker(rank: int, world: int, port: int, ckpt: str, mode: str, result
 
     from megaring.distributed import build_mesh
     from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
-    from megaring.engine.deepspeed_engine import deepspeed_config, partition_for_zero3, partitioned_construction
+    from megaring.engine.deepspeed_engine import (
+        _deepspeed,
+        deepspeed_config,
+        partitioned_construction,
+    )
     from megaring.hf import load_hf_weights
     from megaring.model import ParallelContext, Transformer
     from tests.helpers.train_cfg import compose_cfg
@@ -140,7 +144,9 @@ def _zero3_worker(rank: int, world: int, port: int, ckpt: str, mode: str, result
         torch.set_default_dtype(torch.bfloat16)
         model = Transformer(cfg.model, ctx)
         report = load_hf_weights(model, ctx, ckpt)
-        partition_for_zero3(model, deepspeed_config(cfg, torch.bfloat16), DeepSpeedMPU(mesh), mesh)
+        mpu = DeepSpeedMPU(mesh)  # the removed path: partition the whole model after building it
+        _deepspeed().zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+                               config_dict_or_path=deepspeed_config(cfg, torch.bfloat16), mpu=mpu)
     else:
         with partitioned_construction(cfg, mesh, torch.device("cpu")) as writer:
             model = Transformer(cfg.model, ctx)

@@ -5,8 +5,9 @@ Layout of ``ckpt_dir``::
     latest                   the tag of the newest complete checkpoint (replaced atomically)
     step_00000012/           the engine's model / optimizer files (:meth:`TrainEngine.save`),
                              trainer_state.json (step, consumed samples, layout), rng/rank_*.json,
-                             universal/ (full fp32 weights and Adam moments: any layout resumes
-                             from it and megaring-export reads it, see megaring.checkpoint.universal)
+                             universal/ (fp32 weights and Adam moments, every rank its own
+                             pieces: any layout resumes from it and megaring-export reads it, see
+                             megaring.checkpoint.universal; trainer.universal_every may leave it out)
     step_00000016.partial/   a save in progress (or killed): never read, removed by the next save
     megaring.lock            held by the run that writes here (megaring.checkpoint.rundir.CheckpointDirLock)
 
@@ -166,8 +167,11 @@ def step_dir_problems(ckpt_dir: Path, tag: str, world_size: int) -> list[str]:
     return [f"cannot resume from {step_dir}: {'; '.join(broken)}. {older_advice(ckpt_dir, tag)}"]
 
 
-def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int, universal: dict) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int,
+                    universal: dict | None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. ``universal``: the
+    arguments of :func:`save_universal` (every rank writes its pieces in parallel); None: leave the
+    layout-independent state out (``trainer.universal_every``)."""
     rank = dist.get_rank()
     tag = tag_for(state.step)
     partial = ckpt_dir / (tag + PARTIAL)
@@ -179,7 +183,8 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
     engine.save(ckpt_dir, partial.name)
     failed = None
     try:
-        save_universal(engine, partial, **universal)
+        if universal is not None:
+            save_universal(engine, partial, **universal)
         _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
         if rank == 0:
             _write_json(partial / "trainer_state.json", asdict(state))

@@ -28,6 +28,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from megaring.cli.train import refuse_unknown_keys
 from megaring.config_dir import CONFIG_DIR
 from megaring.errors import ConfigError
 from megaring.ops.faults import ring_drop
@@ -35,9 +36,8 @@ from megaring.ops.spawn import launch
 from megaring.outdir import OutputError, OwnOutput, clear_own
 from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
-from megaring.cli.train import refuse_unknown_keys
-from megaring.train.metrics import read_metrics
 from megaring.train.config_checks import model_problems, parallel_problems
+from megaring.train.metrics import read_metrics
 
 register_configs()
 

@@ -1,6 +1,7 @@
 """The DeepSpeed engine: ZeRO 0-3 over ``dp_cp``, the mesh as mpu, our optimizer and schedule.
 
-The only module that imports DeepSpeed. Batch accounting counts dp only
+With :mod:`megaring.engine.deepspeed_internals` (every use of a DeepSpeed internal) the only
+module that imports DeepSpeed. Batch accounting counts dp only
 (``train_batch_size = micro * gas * dp``): cp ranks hold shards of the same samples. Gradients are
 reduced over ``dp_cp``; DeepSpeed divides the sum by :func:`grad_divisor`, which
 :meth:`TrainEngine.backward` multiplies back.
@@ -26,6 +27,12 @@ from torch import nn
 
 from megaring.distributed.deepspeed_mpu import DeepSpeedMPU
 from megaring.distributed.mesh import Axis, ParallelMesh
+from megaring.engine import deepspeed_internals as internals
+from megaring.engine.deepspeed_internals import (  # noqa: F401 - ZeroPartitionWriter: re-exported, tests import it here
+    ZeroPartitionWriter,
+    is_partitioned,
+    unpartitioned_shape,
+)
 from megaring.model.init import ShardWriter, tp_partitions
 from megaring.train.config import TrainConfig
 
@@ -47,11 +54,13 @@ class TrainEngine:
     boundary and returns the gradient norm there.
     """
 
-    def __init__(self, ds, *, zero_stage: int, grad_divisor: int, tp: Axis, reports_grad_norm: bool):
+    def __init__(self, ds, *, zero_stage: int, grad_divisor: int, tp: Axis, reports_grad_norm: bool,
+                 dp_cp_rank: int = 0):
         self.ds = ds  # deepspeed.DeepSpeedEngine
         self.zero_stage = zero_stage
         self.grad_divisor = grad_divisor  # DeepSpeed's reduced gradient = sum over dp_cp / grad_divisor
         self.tp = tp
+        self.dp_cp_rank = dp_cp_rank  # without ZeRO the first rank of dp_cp writes the fp32 state
         self.reports_grad_norm = reports_grad_norm  # False: fp32 without ZeRO, where DeepSpeed keeps no norm
         self._masters: dict[int, torch.Tensor] | None = None  # id(param) -> its fp32 master (no ZeRO)
 
@@ -113,32 +122,57 @@ class TrainEngine:
     def destroy(self) -> None:
         self.ds.destroy()
 
-    # Layout-independent optimizer state (megaring.checkpoint.universal): per parameter, this tp rank's
-    # shard of the fp32 master weight and Adam moments, whole over ZeRO's partitions.
+    # Layout-independent optimizer state (megaring.checkpoint.universal): per parameter, this rank's own
+    # fragment of its tp shard's fp32 master weight and Adam moments, without communication.
+
+    def master_fragment(self, param: nn.Parameter, key: str) -> tuple[int, torch.Tensor] | None:
+        """``(start, flat)``: the elements ``[start, start + flat.numel())`` of ``param``'s flattened tp
+        shard of ``key`` (``"param"``, ``"exp_avg"``, ``"exp_avg_sq"``) in float32 that this rank
+        owns, or None when another rank owns them all. ZeRO: this rank's partition of it; without
+        ZeRO the whole shard, owned by the first rank of ``dp_cp`` (every one holds a copy). Call
+        :meth:`link_optimizer_views` first; no communication."""
+        if internals.is_zero_managed(param):
+            found = internals.local_fp32_fragment(param, key)
+            return None if found is None else (found[0], found[1].detach().float())
+        if self.dp_cp_rank != 0:
+            return None
+        master = self._fp32_master(param)
+        value = master if key == "param" else self._torch_optimizer().state[master][key]
+        return 0, value.detach().float().reshape(-1)
 
     def master_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
-        """``key`` (``"param"``, ``"exp_avg"``, ``"exp_avg_sq"``) of ``param`` in float32, gathered over
-        ZeRO's partitions (collective over ``dp_cp`` under ZeRO: every rank calls it, same order)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
-        if value is None:  # no ZeRO: torch's optimizer works on the parameter or its fp32 twin
-            master = self._fp32_master(param)
-            value = master if key == "param" else self._torch_optimizer().state[master][key]
+        """``key`` of ``param`` in float32, this tp rank's whole shard, gathered over ZeRO's partitions
+        (collective over ``dp_cp`` under ZeRO: every rank calls it, same order). For checks and
+        tests; checkpoints write :meth:`master_fragment` instead, without communication."""
+        if internals.is_zero_managed(param):
+            return internals.full_fp32_state(param, key).detach().float()
+        master = self._fp32_master(param)
+        value = master if key == "param" else self._torch_optimizer().state[master][key]
         return value.detach().float()
 
-    def set_master_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        """Set what :meth:`master_state` reads from ``value`` (this tp rank's whole shard); call
-        :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    def master_range(self, param: nn.Parameter) -> tuple[int, int] | None:
+        """The flat elements ``[start, stop)`` of ``param``'s tp shard whose fp32 state this rank keeps
+        (ZeRO: its partition; without ZeRO the whole shard), None when it keeps none."""
+        if internals.is_zero_managed(param):
+            return internals.local_fp32_range(param)
+        return 0, internals.unpartitioned_shape(param).numel()
 
-        if hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None:
-            value = value.to(param.device)
-            if key == "param":
-                safe_set_full_fp32_param(param, value)
-            else:
-                safe_set_full_optimizer_state(param, value, key)
-        elif hasattr(param, "_hp_mapping"):
+    def set_master_fragment(self, param: nn.Parameter, key: str, flat: torch.Tensor) -> None:
+        """Set ``key`` of ``param`` on the elements :meth:`master_range` names from ``flat`` (as many
+        elements); call :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""
+        if internals.is_zero_managed(param):
+            internals.set_local_fp32_fragment(param, key, flat)
+        elif key == "param":
+            self._fp32_master(param).data.view(-1).copy_(flat)
+        else:
+            self._torch_optimizer().state[self._fp32_master(param)][key].view(-1).copy_(flat)
+
+    def set_master_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
+        """Set ``key`` of ``param`` from ``value`` (this tp rank's whole shard; each rank keeps its own
+        fragment); call :meth:`prime_optimizer_states` first on an engine that has not stepped yet."""
+        if internals.holds_fragment(param):
+            internals.set_full_fp32_state(param, key, value)
+        elif internals.is_zero_managed(param):
             return  # ZeRO 1-2: this rank's partition holds no piece of this parameter
         elif key == "param":
             self._fp32_master(param).data.copy_(value)
@@ -147,11 +181,9 @@ class TrainEngine:
 
     def _fp32_master(self, param: nn.Parameter) -> torch.Tensor:
         """The tensor torch's optimizer updates for ``param`` without ZeRO: the parameter itself in
-        float32, its fp32 copy with half-precision weights (DeepSpeed's ``fp16_groups`` -> ``fp32_groups``)."""
+        float32, its fp32 copy with half-precision weights."""
         if self._masters is None:  # built once: the groups do not change after deepspeed.initialize
-            wrapper = self.ds.optimizer
-            pairs = zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()), strict=False)
-            self._masters = {id(low): high for lows, highs in pairs for low, high in zip(lows, highs, strict=True)}
+            self._masters = internals.fp32_twins(self.ds.optimizer)
         return self._masters.get(id(param), param)
 
     def optimizer_step(self) -> int:
@@ -167,9 +199,7 @@ class TrainEngine:
         fill it. For resuming from a layout-independent checkpoint."""
         opt = self._torch_optimizer()
         on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
-        # ZeRO-3 steps its flat fp32 partitions one sub-group at a time, so they are not (all) in
-        # the torch optimizer's param groups between steps.
-        flat = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None)
+        flat = internals.zero3_flat_partitions(self.ds.optimizer)
         for p in flat if flat is not None else [p for g in opt.param_groups for p in g["params"]]:
             opt.state[p] = {
                     "step": torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu"),
@@ -179,15 +209,8 @@ class TrainEngine:
         self.link_optimizer_views()
 
     def link_optimizer_views(self) -> None:
-        """(Re)point DeepSpeed's per-parameter views at Adam's state; call before :meth:`master_state`.
-
-        ZeRO 1-2 and the bf16 optimizer link them once, after the first param group's first step, so
-        the views of later groups (ours: weights without decay) would stay empty.
-        """
-        wrapper = self.ds.optimizer
-        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
-            wrapper._hp_optimizer_states_linked = False
-            wrapper._lazy_init_hp_params_optimizer_state()
+        """(Re)point DeepSpeed's per-parameter views at Adam's state; call before :meth:`master_fragment`."""
+        internals.relink_optimizer_views(self.ds.optimizer)
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         """The torch (or apex) optimizer inside DeepSpeed's wrappers."""
@@ -220,7 +243,7 @@ def grad_divisor(zero_stage: int, mesh: ParallelMesh) -> int:
 
     Stages 0-2 average over the sequence-data-parallel group and multiply back by the sequence
     parallel size (cp): ``/ dp``. Stage 3 reduce-scatters over its partition group (``dp_cp``, see
-    :func:`partition_for_zero3`) and averages over it, ignoring cp: ``/ dp_cp``. The parity tests
+    :func:`partitioned_construction`) and averages over it, ignoring cp: ``/ dp_cp``. The parity tests
     check both at every stage.
     """
     return mesh.dp_cp.size if zero_stage == 3 else mesh.dp.size
@@ -276,65 +299,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def unpartitioned_shape(param: nn.Parameter) -> torch.Size:
-    """This rank's parameter shape, also when ZeRO-3 has replaced its data by an empty partition."""
-    return getattr(param, "ds_shape", param.shape)
-
-
-def partition_for_zero3(model: nn.Module, ds_config: dict, mpu: DeepSpeedMPU, mesh: ParallelMesh) -> None:
-    """Partition the parameters over ``dp_cp`` before ``deepspeed.initialize``.
-
-    Left to itself, ZeRO-3 partitions over ``mpu.get_data_parallel_group()`` (dp only), so cp
-    ranks would neither share parameter shards nor reduce their gradients.
-    """
-    _deepspeed().zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
-                           config_dict_or_path=ds_config, mpu=mpu)
-
-
-class ZeroPartitionWriter(ShardWriter):
-    """Fills parameters that ZeRO-3 partitioned at construction (:func:`partitioned_construction`).
-
-    ZeRO-3 keeps of a parameter's (tp shard's) flattened ``ds_numel`` elements, padded to a multiple
-    of the partition group's size ``n``, the ``ds_tensor.ds_numel = ceil(ds_numel / n)`` elements
-    from ``rank * ds_tensor.ds_numel`` on; the padding is zeroed here.
-    """
-
-    def shard_shape(self, param: nn.Parameter) -> torch.Size:
-        return param.ds_shape
-
-    def owned_range(self, param: nn.Parameter) -> tuple[int, int]:
-        size = param.ds_tensor.ds_numel
-        start = param.ds_zero_partition_rank * size
-        return min(start, param.ds_numel), min(start + size, param.ds_numel)
-
-    def write(self, param: nn.Parameter, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            param.ds_tensor[:flat.numel()].copy_(flat)
-            param.ds_tensor[flat.numel():].zero_()
-
-
-def is_partitioned(model: nn.Module) -> bool:
-    """Whether ZeRO-3 has partitioned the model's parameters already."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 @contextmanager
 def partitioned_construction(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> Iterator[ShardWriter]:
     """Build the model inside; yields the :class:`ShardWriter` that fills its parameters.
 
-    Under ZeRO-3 this is ``deepspeed.zero.Init`` over ``dp_cp`` (as :func:`partition_for_zero3`):
-    every module's parameters are partitioned, in the training dtype, as soon as the module is
-    built, so no rank ever holds more than its partition of the model plus one module's shard; the
-    writer is a :class:`ZeroPartitionWriter`. Without ZeRO-3 nothing changes (a plain writer).
+    Under ZeRO-3 this is ``deepspeed.zero.Init`` over ``dp_cp`` (left to itself, ZeRO-3 partitions
+    over ``mpu.get_data_parallel_group()``, dp only, so cp ranks would neither share parameter
+    shards nor reduce their gradients): every module's parameters are partitioned, in the training
+    dtype, as soon as the module is built, so no rank ever holds more than its partition of the
+    model plus one module's shard; the writer is a :class:`ZeroPartitionWriter`. This is the only
+    way a ZeRO-3 model is partitioned. Without ZeRO-3 nothing changes (a plain writer).
     """
     if cfg.parallel.zero_stage != 3:
         yield ShardWriter()
         return
     deepspeed = _deepspeed()
     mpu = DeepSpeedMPU(mesh)
-    with deepspeed.zero.Init(data_parallel_group=mpu.get_sequence_data_parallel_group(), mpu=mpu,
-                             config_dict_or_path=deepspeed_config(cfg, resolve_dtype(cfg.trainer.dtype, device))):
-        yield ZeroPartitionWriter()
+    ds_config = deepspeed_config(cfg, resolve_dtype(cfg.trainer.dtype, device))
+    with internals.zero3_construction(deepspeed, group=mpu.get_sequence_data_parallel_group(), mpu=mpu,
+                                      ds_config=ds_config) as writer:
+        yield writer
 
 
 def use_this_environments_tools() -> None:
@@ -365,7 +349,7 @@ def _deepspeed():
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> TrainEngine:
-    """The engine around ``model``: built plainly, or under :func:`partitioned_construction`."""
+    """The engine around ``model``, built under :func:`partitioned_construction` (ZeRO-3 needs it)."""
     deepspeed = _deepspeed()
     dtype = resolve_dtype(cfg.trainer.dtype, device)
     partitioned = is_partitioned(model)
@@ -375,35 +359,14 @@ def build_engine(model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, device:
     ds_config = deepspeed_config(cfg, dtype)
     mpu = DeepSpeedMPU(mesh)
     if cfg.parallel.zero_stage == 3 and not partitioned:
-        model = model.to(dtype)  # partitioned as they are: stage 3 does not cast converted modules
-        partition_for_zero3(model, ds_config, mpu, mesh)
+        raise ValueError("parallel.zero_stage=3 needs a model built under partitioned_construction "
+                         "(megaring.train.trainer.build_weights does so); this one is not partitioned")
     optimizer = build_optimizer(model, cfg, device)
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                   config=ds_config, dist_init_required=False)
-    use_safe_loading(ds)
-    if dtype == torch.bfloat16 and hasattr(ds.optimizer, "check_grad_overflow"):  # ZeRO 1-2: off in bf16 unless asked
-        ds.optimizer.check_grad_overflow = True
+    internals.use_safe_loading(ds)
+    if dtype == torch.bfloat16:  # ZeRO 1-2: off in bf16 unless asked
+        internals.turn_on_bf16_overflow_check(ds.optimizer)
     stage = cfg.parallel.zero_stage
     return TrainEngine(ds, zero_stage=stage, grad_divisor=grad_divisor(stage, mesh), tp=mesh.tp,
-                       reports_grad_norm=stage > 0 or dtype != torch.float32)
-
-
-def deepspeed_safe_globals() -> list:
-    """The few DeepSpeed classes its checkpoints pickle (besides tensors and plain containers)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
-
-
-def use_safe_loading(ds_engine) -> None:
-    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    ds_engine.checkpoint_engine = SafeTorchCheckpointEngine(ds_engine._config)
+                       reports_grad_norm=stage > 0 or dtype != torch.float32, dp_cp_rank=mesh.dp_cp.rank)

@@ -78,10 +78,15 @@ def full_init_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: i
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, cfg: ModelConfig, ctx: ParallelContext, *, seed: int) -> None:
+def init_weights(model: nn.Module, cfg: ModelConfig, ctx: ParallelContext, *, seed: int,
+                 writer: ShardWriter | None = None) -> None:
+    """Fill this rank's shards with the seed's (1, 1) values, one parameter at a time, through
+    ``writer`` (default: the whole shard into the parameter; ZeRO-3: this rank's partition of it)."""
+    writer = writer or ShardWriter()
     partitions = tp_partitions(model)
     for name, param in model.named_parameters():
-        part = partitions.get(name)
-        full = full_init_value(name, full_shape(param, part, ctx.tp.size), cfg, seed)
+        part, shape = partitions.get(name), tuple(writer.shard_shape(param))
+        full = full_init_value(name, shape if part is None else part.full_shape(shape, ctx.tp.size), cfg, seed)
         local = full if part is None else part.shard(full, ctx.tp.rank, ctx.tp.size)
-        param.copy_(local)
+        start, stop = writer.owned_range(param)
+        writer.write(param, local.reshape(-1)[start:stop])

@@ -59,6 +59,8 @@ class ParallelConfig:
     # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the
     # trainer owns (batch sizes, gradient_clipping, precision, zero stage) are rejected.
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    # Run with a DeepSpeed outside the tested range (megaring.engine.deepspeed_internals.TESTED_RANGE).
+    allow_untested_deepspeed: bool = False
 
     def dims(self) -> ParallelDims:
         return ParallelDims(self.dp, self.cp, self.tp, self.ulysses)
@@ -104,6 +106,9 @@ class TrainerConfig:
     seed: int = 1234
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
     keep_last: int = 2  # checkpoints kept on disk
+    # Steps between checkpoints that carry universal/ (resume on another layout, megaring-export);
+    # None: every checkpoint; 0: none (DeepSpeed's own files only: same-layout resume).
+    universal_every: int | None = None
     ckpt_dir: str | None = None  # None: <run dir>/checkpoints
     resume: bool = True  # continue from the latest checkpoint in ckpt_dir when there is one
     log_every: int = 1
@@ -118,6 +123,11 @@ class TrainerConfig:
 
     def batch_shape(self) -> BatchShape:
         return BatchShape(self.seq_len, self.global_batch_size, self.micro_batch_size)
+
+    def universal_at(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` carries the layout-independent state (``universal_every``)."""
+        every = self.universal_every
+        return every is None or (every > 0 and step % every == 0)
 
 
 @dataclass
@@ -201,8 +211,9 @@ def register_configs() -> None:
 RUN_NEUTRAL_KEYS = (
     "trainer.max_steps", "trainer.resume", "trainer.profile_steps", "trainer.log_every", "trainer.checkpoint_every",
     "trainer.keep_last", "trainer.preempt_exit_code", "trainer.preempt_grace_s", "trainer.max_bad_steps",
-    "trainer.loss_spike_factor", "trainer.resume_allow_changes", "model.allow_unused_weights",
-    "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
+    "trainer.loss_spike_factor", "trainer.resume_allow_changes", "trainer.universal_every",
+    "model.allow_unused_weights", "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
+    "parallel.allow_untested_deepspeed",
     "logging.wandb.mode", "logging.wandb.tags", "logging.progress_bar", "hydra/launcher",
 )
 

@@ -25,10 +25,12 @@ from megaring.checkpoint.steps import (
     step_dir_problems,
     universal_file_problems,
 )
-from megaring.checkpoint.universal import UniversalError, UniversalState
+from megaring.checkpoint.universal import META, UNIVERSAL, UniversalError, UniversalState
 from megaring.data import describe_data, eval_data_problems, store_identity, tokenizer_vocab_problems
 from megaring.data.eval_reader import eval_batch_problems
 from megaring.distributed.init import backend_problems
+from megaring.engine.deepspeed_internals import installed_version
+from megaring.engine.deepspeed_internals import version_problem as deepspeed_version_problem
 from megaring.errors import ConfigError
 from megaring.hf.config import checkpoint_signature
 from megaring.hf.weights import checkpoint_problems
@@ -70,7 +72,8 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append(f"parallel.deepspeed may not set {owned}: they come from trainer.* and optim.*")
     if "stage" in p.deepspeed.get("zero_optimization", {}):
         out.append("parallel.deepspeed.zero_optimization.stage: use parallel.zero_stage")
-    return out
+    version = deepspeed_version_problem(installed_version(), p.allow_untested_deepspeed)
+    return out + ([version] if version else [])
 
 
 def batch_problems(cfg: TrainConfig) -> list[str]:
@@ -96,6 +99,9 @@ def operations_problems(cfg: TrainConfig) -> list[str]:
         out.append(f"trainer.preempt_grace_s={t.preempt_grace_s} must be > 0 seconds")
     if t.max_bad_steps < 0:
         out.append(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: stop at the first non-finite step)")
+    if t.universal_every is not None and t.universal_every < 0:
+        out.append(f"trainer.universal_every={t.universal_every} must be null (every checkpoint), 0 (none) or "
+                   "a number of steps")
     if not t.loss_spike_factor >= 0:
         out.append(f"trainer.loss_spike_factor={t.loss_spike_factor} must be >= 0 (0 turns loss spikes off)")
     known = set(result_config(cfg)) | {DATA_STORE_KEY}
@@ -229,9 +235,10 @@ def resume_problems(cfg: TrainConfig, ckpt_dir: Path, world_size: int = 1) -> li
     except UniversalError as err:
         if same_layout:
             return out + config_change_problems(cfg, state.config, ckpt_dir / tag)  # the engine's files suffice
+        hint = convertible_hint(ckpt_dir)
         return out + [f"the checkpoint {ckpt_dir / tag} was written with {state.layout}, this run is "
                       f"{cfg.parallel.layout_key()}, and it cannot be converted: {err}. Resume with the same "
-                      f"layout ({state.layout}). {older_advice(ckpt_dir, tag)}"]
+                      f"layout ({state.layout}){hint}" + ("" if hint else f". {older_advice(ckpt_dir, tag)}")]
     theirs, ours = checkpoint_signature(saved_model), checkpoint_signature(cfg.model)
     shape_keys = {f"model.{k}" for k in theirs if theirs[k] != ours[k]}  # said below, with the checkpoint's shapes
     out += config_change_problems(cfg, state.config, ckpt_dir / tag, skip=shape_keys)
@@ -246,6 +253,14 @@ def data_problems_on_resume(cfg: TrainConfig, state: TrainerState, where: Path) 
     except (ValueError, OSError):
         return []
     return data_identity_problems(cfg, identity, state.data, where)
+
+
+def convertible_hint(ckpt_dir: Path) -> str:
+    """The kept checkpoints that carry the layout-independent state, as advice (empty: none)."""
+    kept = sorted(p.name for p in ckpt_dir.glob("step_*") if (p / UNIVERSAL / META).is_file())
+    if not kept:
+        return ""
+    return f", or write {kept[-1]} into {ckpt_dir / 'latest'} to resume from that older checkpoint, which has it"
 
 
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:

@@ -50,7 +50,8 @@ from megaring.distributed.init import device_for
 from megaring.distributed.mesh import Traffic
 from megaring.engine.deepspeed_engine import TrainEngine, build_engine, partitioned_construction, resolve_dtype
 from megaring.hf import load_hf_weights
-from megaring.model import ParallelContext, Transformer, build_model, model_flops_per_token
+from megaring.model import ParallelContext, Transformer, model_flops_per_token
+from megaring.model.init import init_weights
 from megaring.ops.faults import maybe_inject
 from megaring.ops.preempt import Preempted, PreemptWatch
 from megaring.train.attention_work import attention_work, visible_pairs
@@ -170,18 +171,19 @@ def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
 
 def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None, mesh: ParallelMesh,
                   device: torch.device) -> Transformer:
-    """This rank's model shards: from a checkpoint of another layout, a Hugging Face checkpoint
-    (``model.init_from``), or the seed (also when the engine's own files will overwrite them).
-    The first two load parameter by parameter into a model that ZeRO-3 partitions as it is built."""
-    if (resume is not None and not resume.same_layout) or (cfg.model.init_from and resume is None):
-        with partitioned_construction(cfg, mesh, device) as writer:
-            model = Transformer(cfg.model, ctx)
-        if resume is not None:
-            load_weights(model, UniversalState(resume.path), ctx.tp, writer)
-        else:
-            load_hf_weights(model, ctx, cfg.model.init_from, writer)
-        return model
-    return build_model(cfg.model, ctx, seed=cfg.trainer.seed)
+    """This rank's model shards, built under :func:`partitioned_construction` (ZeRO-3 partitions
+    every module as it is built: the one ZeRO-3 path) and filled parameter by parameter from a
+    checkpoint of another layout, a Hugging Face checkpoint (``model.init_from``), or the seed
+    (also when the engine's own files will overwrite them)."""
+    with partitioned_construction(cfg, mesh, device) as writer:
+        model = Transformer(cfg.model, ctx)
+    if resume is not None and not resume.same_layout:
+        load_weights(model, UniversalState(resume.path), ctx.tp, writer)
+    elif cfg.model.init_from and resume is None:
+        load_hf_weights(model, ctx, cfg.model.init_from, writer)
+    else:
+        init_weights(model, cfg.model, ctx, seed=cfg.trainer.seed, writer=writer)
+    return model
 
 
 def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
@@ -362,7 +364,7 @@ def save(run: Run, step: int) -> None:
                          tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key(),
                          lr_horizon=run.lr_horizon, config=result_config(run.cfg), data=run.data_identity)
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
-                 "tokenizer_files": tokenizer_files(run.cfg)}
+                 "tokenizer_files": tokenizer_files(run.cfg)} if t.universal_at(step) else None
     try:
         save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
     except (OSError, RuntimeError) as err:

@@ -4,6 +4,7 @@ resuming a checkpoint on another layout. Real trainer runs on gloo worker pools;
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def test_export_after_zero_updates_is_bit_identical_to_the_input(pools, hf_dir, 
     dp, cp, tp, zero = layout
     cfg = pretrained_cfg(hf_dir, dp=dp, cp=cp, tp=tp, zero_stage=zero, extra=("optim.lr=0", "trainer.max_steps=1"))
     pools(dp * cp * tp).run(_train, cfg, str(tmp_path / "run"))
+    assert_each_rank_wrote_its_share(tmp_path / "run" / "checkpoints" / "step_00000001", dp * cp * tp)
     out = export(ExportConfig(input=str(tmp_path / "run"), output=str(tmp_path / "hf_out")))
     want, got = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert sorted(got) == sorted(want)
@@ -151,6 +153,26 @@ def test_export_after_zero_updates_is_bit_identical_to_the_input(pools, hf_dir, 
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == VOCAB
+
+
+def assert_each_rank_wrote_its_share(step_dir: Path, world: int) -> None:
+    """Every rank wrote its own pieces of the layout-independent state: together each element of
+    every tp shard once, each rank about 1 / world of it (no gather to rank 0)."""
+    meta = json.loads((step_dir / "universal" / "meta.json").read_text())
+    assert meta["world_size"] == world
+    per_shard = {n: math.prod(t["shard_shape"]) * (1 if t["partition"] is None else t["tp_size"])
+                 for n, t in meta["tensors"].items()}
+    total = 3 * sum(per_shard.values())  # param, exp_avg, exp_avg_sq
+    written = []
+    for rank in range(world):
+        pieces = json.loads((step_dir / "universal" / f"rank_{rank:05d}.json").read_text())["pieces"]
+        written.append(sum(p["stop"] - p["start"] for p in pieces))
+        files = {p["file"] for p in pieces}
+        assert all(f.startswith(f"rank_{rank:05d}-") for f in files)
+        on_disk = sum((step_dir / "universal" / f).stat().st_size for f in files)
+        assert on_disk < 4 * written[-1] + 256 * len(pieces)  # its pieces and their headers, nothing more
+    assert sum(written) == total, (written, total)
+    assert max(written) < 1.5 * total / world, written
 
 
 def test_export_after_training_gives_megarings_logits_in_transformers(pools, hf_dir, tmp_path):
@@ -204,6 +226,31 @@ def test_resume_on_another_layout_continues_the_run(pools, tmp_path, before, aft
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
         assert got["lr"] == want["lr"]
+
+
+def test_checkpoints_without_universal_state_resume_on_their_layout_only(pools, tmp_path):
+    from megaring.cli.export import ExportConfig, export
+    from megaring.checkpoint.universal import UniversalError
+    from megaring.train.config_checks import collect_problems
+
+    extra = ("trainer.checkpoint_every=1", "trainer.universal_every=2", "trainer.keep_last=3")
+    first = make_cfg(micro_batch_size=4, extra=("trainer.max_steps=3", *extra))
+    uninterrupted = [m["loss"] for m in pools(1).run(_train, first, str(tmp_path / "a"))[0] if "loss" in m]
+    ckpt = tmp_path / "a" / "checkpoints"
+    assert [(ckpt / t / "universal").exists() for t in ("step_00000001", "step_00000002", "step_00000003")] == [
+        False, True, False]
+    shutil.copytree(ckpt / "step_00000001", tmp_path / "b" / "checkpoints" / "step_00000001")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_00000001")
+    again = make_cfg(micro_batch_size=4, extra=("trainer.max_steps=3", *extra))
+    resumed = [m for m in pools(1).run(_train, again, str(tmp_path / "b"))[0] if "loss" in m]
+    assert [m["step"] for m in resumed] == [2, 3]  # the same layout needs only DeepSpeed's files
+    assert [m["loss"] for m in resumed] == uninterrupted[1:]
+    moved = make_cfg(dp=2, zero_stage=2, micro_batch_size=2, extra=("trainer.max_steps=4", *extra))
+    (problem,) = collect_problems(moved, 2, ckpt)  # latest: step 3, without the state
+    assert "cannot be converted" in problem and "trainer.universal_every left it out" in problem
+    assert f"write step_00000002 into {ckpt / 'latest'}" in problem
+    with pytest.raises(UniversalError, match="universal/meta.json is missing"):
+        export(ExportConfig(input=str(ckpt), output=str(tmp_path / "hf")))
 
 
 def test_bad_pretrained_input_is_one_clear_error(hf_dir, tmp_path):

@@ -247,9 +247,44 @@ def test_resume_on_another_layout_is_refused(tmp_path):
     (tmp_path / "latest").write_text(tag_for(4))
     (problem,) = resume_problems(cfg, tmp_path)
     assert "'zero_stage': 1" in problem and "'zero_stage': 2" in problem
+    assert "universal/meta.json is missing" in problem and "trainer.universal_every left it out" in problem
+    (tmp_path / tag_for(2) / "universal").mkdir(parents=True)  # an older checkpoint with the state
+    (tmp_path / tag_for(2) / "universal" / "meta.json").write_text("{}")
+    (problem,) = resume_problems(cfg, tmp_path)
+    assert f"write step_00000002 into {tmp_path / 'latest'}" in problem
     cfg.trainer.resume = False  # starting over would discard that history
     (problem,) = resume_problems(cfg, tmp_path)
     assert "trainer.resume=false" in problem and "latest: step 4" in problem
+
+
+@pytest.mark.parametrize("installed,allowed,refused", [
+    ("0.19.8", False, False), ("0.21.0", False, True), ("0.18.5", False, True), ("0.21.0", True, False),
+    (None, True, True)])
+def test_deepspeed_outside_the_tested_range_is_refused(monkeypatch, installed, allowed, refused):
+    import megaring.train.config_checks as validate_module
+
+    monkeypatch.setattr(validate_module, "installed_version", lambda: installed)
+    cfg = compose_cfg(f"parallel.allow_untested_deepspeed={str(allowed).lower()}")
+    problems = [p for p in collect_problems(cfg, 1) if "DeepSpeed" in p]
+    assert bool(problems) == refused, problems
+    if refused and installed is not None:
+        with pytest.raises(ConfigError) as err:
+            validate(cfg, world_size=1)
+        msg = str(err.value)
+        assert f"DeepSpeed {installed} is installed" in msg and ">=0.19.8,<0.20" in msg
+        assert "parallel.allow_untested_deepspeed=true" in msg
+    elif refused:
+        assert "DeepSpeed is not installed" in problems[0]
+
+
+def test_universal_every_says_which_checkpoints_carry_the_layout_independent_state():
+    every = compose_cfg().trainer
+    assert every.universal_every is None and all(every.universal_at(s) for s in (1, 2, 7))
+    some = compose_cfg("trainer.universal_every=4").trainer
+    assert [s for s in range(1, 10) if some.universal_at(s)] == [4, 8]
+    assert not any(compose_cfg("trainer.universal_every=0").trainer.universal_at(s) for s in (1, 4))
+    negative = compose_cfg("trainer.universal_every=-1")
+    assert any("trainer.universal_every=-1" in p for p in collect_problems(negative, 1))
 
 # ---------------------------------------------------------------- engine config, schedule, launcher
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from megaring.cli.verify import ring_check, shrink, single_process, verify
 from megaring.errors import ConfigError
 from megaring.train.config_checks import collect_problems
-from megaring.cli.verify import ring_check, shrink, single_process, verify
 from tests.helpers.cli import clean_env
 from tests.helpers.train_cfg import compose_cfg
 
