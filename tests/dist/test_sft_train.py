@@ -75,3 +75,38 @@ def test_a_global_batch_without_trained_tokens_is_skipped_and_counted(pools, tmp
     (history,) = pools(1).run(_train, cfg, str(tmp_path / "run"))
     assert [m["skipped_empty"] for m in history] == [1, 2]
     assert all(m["trained_tokens"] == 0 and m["loss"] == 0.0 and m["grad_norm"] is None for m in history)
+
+
+def test_chat_store_from_init_from_trains_and_exports_the_chat_files(pools, tmp_path):
+    """End to end: a chat checkpoint's store, one step from model.init_from, export; the exported
+    directory renders conversations exactly as the original and keeps its generation config and ids."""
+    import json
+
+    import transformers
+
+    from megaring.cli.export import ExportConfig, export
+    from megaring.data import PreprocessConfig, TokenizerConfig
+    from megaring.data.preprocess import preprocess
+    from tests.helpers.hf_models import llama_dir
+    from tests.unit.test_data_chat import CHATML, CONVERSATION, chat_dir
+
+    hf = llama_dir(tmp_path / "hf", vocab=320)
+    chat_dir(hf, CHATML, as_file=True)  # ids: <s> 0, </s> 1, <pad> 2
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}))
+    generation = json.loads((hf / "generation_config.json").read_text())
+    (hf / "generation_config.json").write_text(json.dumps({**generation, "bos_token_id": 0, "eos_token_id": 1, "temperature": 0.6}))
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(12)))
+    preprocess(PreprocessConfig(input=str(corpus), output=str(tmp_path / "store"), progress=False, workers=0,
+                                tokenizer=TokenizerConfig(model=str(hf))))
+    cfg = make_cfg(extra=("data=files", f"data.path={tmp_path / 'store'}", f"model.init_from={hf}",
+                          "trainer.max_steps=1"))
+    (history,) = pools(1).run(_train, cfg, str(tmp_path / "run"))
+    assert 0 < history[0]["trained_tokens"] < cfg.trainer.global_batch_size * cfg.trainer.seq_len
+    out = export(ExportConfig(input=str(tmp_path / "run"), output=str(tmp_path / "hf_out")))
+    render = [transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(CONVERSATION, tokenize=False)
+              for d in (hf, out)]
+    assert render[0] == render[1] and "<|im_start|>assistant" in render[1]
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6

@@ -34,8 +34,9 @@ CONVERSATION = [{"role": "user", "content": "hello world"}, {"role": "assistant"
 
 
 def chat_dir(path, template: str | None, *, as_file: bool = False):
-    """A local Hugging Face tokenizer directory with the chat markers as special tokens."""
-    path.mkdir(parents=True)
+    """A local Hugging Face tokenizer directory (or one added to a model directory) with the chat
+    markers as special tokens."""
+    path.mkdir(parents=True, exist_ok=True)
     tk = train_bpe(False)
     tk.add_special_tokens(MARKERS)
     tk.save(str(path / "tokenizer.json"))
