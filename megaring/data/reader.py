@@ -34,9 +34,11 @@ from megaring.data.sample_index import SampleIndex, load_sample_index, split_doc
 from megaring.data.store import StoreError
 from megaring.errors import problem_list
 from megaring.layout import balanced_ranges, shard_ranges
-from megaring.tensor_parallel.cross_entropy import IGNORE_INDEX
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids")
+# The label of an untrained token: megaring.tensor_parallel.cross_entropy.IGNORE_INDEX (and transformers'
+# -100), repeated here so that tokenising and reading data import none of the distributed code.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ def test_labels_are_masked_at_every_cp_shard(store, layout):
     assert (want == IGNORE_INDEX).any() and (want != IGNORE_INDEX).any()
 
 
+def test_the_reader_ignores_labels_as_the_loss_does():
+    from megaring.data import reader
+
+    assert reader.IGNORE_INDEX == IGNORE_INDEX
+
+
 def test_balanced_layout_masks_the_same_labels(store):
     cfg = DataConfig(kind="files", path=str(store.path))
     readers = [build_batch_reader(cfg, BatchShape(SEQ, 4, 1), RankShard(0, 1, r, 2, "balanced"), seed=0)
