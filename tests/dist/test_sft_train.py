@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from megaring.data import BatchShape, DataConfig, RankShard, build_batch_reader
+from megaring.data import RankShard, build_batch_reader
 from tests.dist.test_train_parity import check_against
 from tests.helpers.sft_data import write_masked_store
 from tests.helpers.train_cfg import make_cfg
@@ -23,8 +23,11 @@ def _train(rank: int, world_size: int, cfg, run_dir: str) -> list[dict]:
     return train(cfg, run_dir)
 
 
-def _loss_norm(rank: int, world_size: int, cfg, run_dir: str) -> list[tuple[float, float]]:
-    return [(m["loss"], m["grad_norm"]) for m in _train(rank, world_size, cfg, run_dir)]
+def _loss_norm(rank: int, world_size: int, cfg, run_dir: str) -> tuple[list[tuple[float, float]], list[tuple]]:
+    """The training steps' (loss, grad norm) and the evaluations' (eval_loss, eval_tokens)."""
+    history = _train(rank, world_size, cfg, run_dir)
+    return ([(m["loss"], m["grad_norm"]) for m in history if "eval_loss" not in m],
+            [(m["eval_loss"], m["eval_tokens"]) for m in history if "eval_loss" in m])
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,12 @@ def store(tmp_path_factory):
     return write_masked_store(tmp_path_factory.mktemp("sft") / "store", n_docs=80)
 
 
-def sft_cfg(store, dp=1, cp=1, tp=1, zero_stage=1, **parallel):
+EVAL = ("data.valid_fraction=0.2", "eval.every=3", "eval.batches=1")
+
+
+def sft_cfg(store, dp=1, cp=1, tp=1, zero_stage=1, extra=(), **parallel):
     cfg = make_cfg(dp=dp, cp=cp, tp=tp, zero_stage=zero_stage, micro_batch_size=2,
-                   extra=("data=files", f"data.path={store.path}"))
+                   extra=("data=files", f"data.path={store.path}", *extra))
     cfg.parallel = dataclasses.replace(cfg.parallel, **parallel)
     return cfg
 
@@ -42,8 +48,8 @@ def sft_cfg(store, dp=1, cp=1, tp=1, zero_stage=1, **parallel):
 def some_cp_shard_is_prompt_only(cfg) -> bool:
     """True when a cp=2 shard of a trained sample holds no trained label (the case that gave NaN elsewhere)."""
     shape = cfg.trainer.batch_shape()
-    readers = [build_batch_reader(DataConfig(kind="files", path=cfg.data.path), shape,
-                                  RankShard(0, 1, r, 2, "zigzag"), seed=cfg.trainer.seed) for r in range(2)]
+    readers = [build_batch_reader(cfg.data, shape, RankShard(0, 1, r, 2, "zigzag"), seed=cfg.trainer.seed)
+               for r in range(2)]
     for step in range(cfg.trainer.max_steps):
         per_rank = [[(mb["labels"] != -100).sum(dim=1) for mb in rd.micro_batches(step)] for rd in readers]
         if any((c == 0).any() for rank in per_rank for c in rank):
@@ -53,19 +59,25 @@ def some_cp_shard_is_prompt_only(cfg) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(pools, store, tmp_path_factory):
-    (ref,) = pools(1).run(_train, sft_cfg(store, zero_stage=0), str(tmp_path_factory.mktemp("ref")))
-    assert len(ref) == 3 and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in ref)
-    tokens = ref[0]["tokens_seen"]
-    assert all(0 < m["trained_tokens"] < tokens for m in ref)  # the mask removed prompt labels
-    return [(m["loss"], m["grad_norm"]) for m in ref]
+    (ref,) = pools(1).run(_train, sft_cfg(store, zero_stage=0, extra=EVAL), str(tmp_path_factory.mktemp("ref")))
+    steps, (last,) = ref[:3], ref[3:]
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in steps)
+    tokens = steps[0]["tokens_seen"]
+    assert all(0 < m["trained_tokens"] < tokens for m in steps)  # the mask removed prompt labels
+    assert 0 < last["eval_tokens"] < tokens and math.isfinite(last["eval_loss"])  # eval counts trained tokens only
+    return [(m["loss"], m["grad_norm"]) for m in steps], [(last["eval_loss"], last["eval_tokens"])]
 
 
 @pytest.mark.parametrize("layout,parallel", [((1, 2, 1), {}), ((1, 2, 2), {"sequence_parallel": True})],
                          ids=["dp1cp2tp1", "dp1cp2tp2-sp"])
 def test_masked_loss_and_grad_norm_match_single_process(pools, store, reference, tmp_path, layout, parallel):
-    cfg = sft_cfg(store, *layout, zero_stage=3, **parallel)
+    cfg = sft_cfg(store, *layout, zero_stage=3, extra=EVAL, **parallel)
     assert some_cp_shard_is_prompt_only(cfg)
-    check_against(reference, pools(layout[1] * layout[2]).run(_loss_norm, cfg, str(tmp_path)))
+    per_rank = pools(layout[1] * layout[2]).run(_loss_norm, cfg, str(tmp_path))
+    check_against(reference[0], [steps for steps, _ in per_rank])
+    ((eval_loss, eval_tokens),) = per_rank[0][1]
+    assert eval_tokens == reference[1][0][1]  # no inflation by cp: the same trained-token count ...
+    assert eval_loss == pytest.approx(reference[1][0][0], rel=1e-5)  # ... and the same mean
 
 
 def test_a_global_batch_without_trained_tokens_is_skipped_and_counted(pools, tmp_path):
