@@ -122,3 +122,17 @@ def test_chat_store_from_init_from_trains_and_exports_the_chat_files(pools, tmp_
     assert render[0] == render[1] and "<|im_start|>assistant" in render[1]
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == 2
     assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
+
+
+def test_resume_mid_epoch_of_a_chat_store_is_bit_identical(pools, store, tmp_path):
+    import shutil
+
+    cfg = sft_cfg(store, extra=("trainer.max_steps=4", "trainer.checkpoint_every=2"))
+    (straight,) = pools(1).run(_train, cfg, str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000004")
+    (ckpts / "latest").write_text("step_00000002")  # as if the run had stopped after step 2
+    (resumed,) = pools(1).run(_train, cfg, str(tmp_path))
+    assert [m["step"] for m in resumed] == [3, 4]
+    key = [(m["loss"], m["grad_norm"], m["trained_tokens"]) for m in straight[2:]]
+    assert [(m["loss"], m["grad_norm"], m["trained_tokens"]) for m in resumed] == key  # bit-identical on CPU
