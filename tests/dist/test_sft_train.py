@@ -1,6 +1,7 @@
 """Instruction tuning in the trainer: a store with a loss mask (long untrained prompts, short trained
-answers) at (dp, cp, tp) = (1, 2, 1) and (1, 2, 2) with sequence parallelism gives the loss and
-gradient norm of the single-process run; a global batch without a trained token is skipped."""
+answers) at (dp, cp, tp) = (1, 2, 1) (zigzag and balanced) and (1, 2, 2) with sequence parallelism
+gives the loss, gradient norm and eval loss of the single-process run; a global batch without a
+trained token is skipped; a resume is bit-identical; a chat checkpoint exports with its template."""
 
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def reference(pools, store, tmp_path_factory):
     return [(m["loss"], m["grad_norm"]) for m in steps], [(last["eval_loss"], last["eval_tokens"])]
 
 
-@pytest.mark.parametrize("layout,parallel", [((1, 2, 1), {}), ((1, 2, 2), {"sequence_parallel": True})],
-                         ids=["dp1cp2tp1", "dp1cp2tp2-sp"])
+@pytest.mark.parametrize("layout,parallel", [((1, 2, 1), {}), ((1, 2, 2), {"sequence_parallel": True}),
+                                             ((1, 2, 1), {"layout": "balanced"})],
+                         ids=["dp1cp2tp1", "dp1cp2tp2-sp", "dp1cp2tp1-balanced"])
 def test_masked_loss_and_grad_norm_match_single_process(pools, store, reference, tmp_path, layout, parallel):
     cfg = sft_cfg(store, *layout, zero_stage=3, extra=EVAL, **parallel)
     assert some_cp_shard_is_prompt_only(cfg)
