@@ -16,6 +16,7 @@ every problem.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,23 @@ def export(cfg: ExportConfig) -> Path:
     dtype = DTYPES[cfg.dtype or state.meta["dtype"]]
     return write_hf_checkpoint(UniversalWeights(state), state.model_config, output, dtype=dtype,
                                max_shard_size=cfg.max_shard_size, tokenizer_files=state.tokenizer_files,
-                               overwrite=cfg.overwrite, inputs=[source])
+                               overwrite=cfg.overwrite, inputs=[source],
+                               extra_config=carried_token_ids(state.model_config.init_from))
+
+
+CARRIED_IDS = ("pad_token_id", "unk_token_id")  # config.json ids megaring's model config does not hold
+
+
+def carried_token_ids(init_from: str | None) -> dict:
+    """The :data:`CARRIED_IDS` of the ``model.init_from`` checkpoint's config.json (when it is still there)."""
+    path = Path(init_from) / "config.json" if init_from else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # the run validated this file when it started; a changed one is not ours to report
+    return {k: raw[k] for k in CARRIED_IDS if raw.get(k) is not None}
 
 
 def main(argv: list[str] | None = None) -> None:

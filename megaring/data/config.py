@@ -12,6 +12,8 @@ from typing import Any
 DATA_KINDS = ("mock", "files")
 SPLITS = ("train", "valid")
 TOKENIZER_TYPES = ("bpe", "unigram")
+FORMATS = ("auto", "text", "chat", "prompt_completion")  # megaring-preprocess format=
+TRAIN_ON = ("assistant", "last_assistant", "all")  # megaring-preprocess data.train_on=
 
 
 @dataclass
@@ -85,6 +87,15 @@ class TokenizerConfig:
     sample_bytes: int = 16 << 20  # at most this much text is used for training
     character_coverage: float = 0.9995
     max_sentence_bytes: int = 16384  # longer training lines are cut into pieces of at most this size
+    # format=chat: a jinja file that replaces the checkpoint's chat template (or supplies a missing one).
+    chat_template: str | None = None
+
+
+@dataclass
+class LossMaskConfig:
+    """Which tokens of chat records are trained (``megaring-preprocess data.train_on=...``)."""
+
+    train_on: str = "assistant"  # "assistant" | "last_assistant" | "all"
 
 
 @dataclass
@@ -102,7 +113,12 @@ class PreprocessConfig:
     batch_bytes: int = 1 << 20  # input bytes per task sent to a worker
     seed: int = 0  # order in which inputs are sampled to train the tokenizer
     progress: bool = True
+    # "auto": chat when the first record carries "messages", prompt_completion when it carries
+    # "prompt" and "completion", else text. Chat and prompt_completion stores get a loss mask.
+    format: str = "auto"  # "auto" | "text" | "chat" | "prompt_completion"
+    max_doc_tokens: int = 0  # masked formats: longer documents are dropped and counted (0: no limit)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: LossMaskConfig = field(default_factory=LossMaskConfig)
 
     def problems(self) -> list[str]:
         """Every invariant this config breaks, as readable lines (empty when valid)."""
@@ -115,6 +131,15 @@ class PreprocessConfig:
             out.append(f"workers must be >= 0, got {self.workers}")
         if self.max_bytes < 0 or self.batch_bytes < 1:
             out.append("max_bytes must be >= 0 and batch_bytes >= 1")
+        if self.format not in FORMATS:
+            out.append(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.data.train_on not in TRAIN_ON:
+            out.append(f"data.train_on must be one of {TRAIN_ON}, got {self.data.train_on!r}")
+        if self.format in ("chat", "prompt_completion") and not self.tokenizer.model:
+            out.append(f"format={self.format} needs tokenizer.model=<Hugging Face model dir> (the checkpoint's "
+                       "tokenizer and chat template)")
+        if self.max_doc_tokens < 0:
+            out.append(f"max_doc_tokens must be >= 0, got {self.max_doc_tokens}")
         tok = self.tokenizer
         if tok.model is None:
             if tok.type not in TOKENIZER_TYPES:

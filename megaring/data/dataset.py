@@ -93,6 +93,14 @@ class Dataset:
         """Tokens ``[start, stop)`` of the concatenated documents (memory-mapped read)."""
         return self.store.read(start, stop)
 
+    def read_mask(self, start: int, stop: int) -> np.ndarray | None:
+        """Loss mask of tokens ``[start, stop)`` (bool), or None when every token is trained."""
+        return self.store.read_mask(start, stop)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.store.has_mask
+
     def document(self, i: int) -> np.ndarray:
         """Document ``i`` as token ids, its end-of-document id last."""
         return self.store.document(i)
@@ -151,22 +159,25 @@ def open_dataset(path: str | Path, *, verify: bool = False) -> Dataset:
 
 
 def write_tokenized(path: str | Path, documents: Iterable[np.ndarray], *, vocab_size: int, eod_id: int,
-                    bos_id: int | None = None) -> Dataset:
+                    bos_id: int | None = None, masks: Iterable[np.ndarray] | None = None) -> Dataset:
     """Write already tokenized documents (each ending with ``eod_id``) as a data directory.
 
-    For synthetic data in tests and benchmarks; there is no tokenizer. Writes in place (no
-    temporary directory), so ``path`` must not exist.
+    For synthetic data in tests and benchmarks; there is no tokenizer. ``masks``: one 0 / 1 loss
+    mask per document (a ``tokens.mask`` store). Writes in place (no temporary directory), so
+    ``path`` must not exist.
     """
     path = Path(path)
     path.mkdir(parents=True)
-    writer = TokenStoreWriter(path, token_dtype(vocab_size))
+    writer = TokenStoreWriter(path, token_dtype(vocab_size), with_mask=masks is not None)
+    mask_iter = iter(masks) if masks is not None else None
     for doc in documents:
         doc = np.asarray(doc)
         if doc.size and (doc.min() < 0 or doc.max() >= vocab_size):
             raise ValueError(f"token ids must be in [0, {vocab_size})")
-        writer.add(doc, np.array([doc.size]))
+        writer.add(doc, np.array([doc.size]), None if mask_iter is None else next(mask_iter))
     writer.close()
     meta = {"documents": writer.num_documents, "tokens": writer.num_tokens, "dtype": writer.dtype.name,
+            "trained_tokens": writer.trained_tokens,
             "tokenizer": {"file": None, "vocab_size": vocab_size, "bos_id": bos_id, "eod_id": eod_id}}
     (path / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return Dataset(path)

@@ -3,7 +3,8 @@
 The main process reads raw records and groups them into batches of about ``batch_bytes``;
 worker processes decode (UTF-8 / JSON), encode with the tokenizer, put the BOS id (when the
 tokenizer's conventions have one) before each document and append the end-of-document id.
-At most ``2 * workers`` batches are in flight and results come back in input order, so memory
+Chat and prompt/completion records (``spec.chat``, :mod:`megaring.data.chat`) also get a
+per-token loss mask. At most ``2 * workers`` batches are in flight and results come back in input order, so memory
 is bounded by the batches in flight, never by corpus size.
 """
 
@@ -17,6 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megaring.data.chat import (
+    ChatSpec,
+    NoAssistantError,
+    chat_ids,
+    checked_messages,
+    load_chat_tokenizer,
+    prompt_completion_ids,
+    record_object,
+)
 from megaring.data.sources import InputError, Record, decode_record
 from megaring.data.tokenizer import Tokenizer
 
@@ -30,6 +40,7 @@ class EncodeSpec:
     skip_bad_lines: bool
     dtype: str  # "<u2" | "<u4"
     split_lines: bool = False  # encode long texts in pieces cut after newlines (same ids, faster)
+    chat: ChatSpec | None = None  # masked records (chat, prompt/completion); None: plain text
 
 
 PIECE_CHARS = 1 << 16  # target characters per piece when split_lines is set
@@ -44,6 +55,8 @@ class EncodedBatch:
     input_bytes: int = 0
     empty: int = 0  # records with no text (not stored)
     bad: list[str] = field(default_factory=list)  # skipped records' error messages
+    mask: np.ndarray | None = None  # (sum(lengths),) uint8 loss mask of masked formats
+    dropped: dict[str, int] = field(default_factory=dict)  # masked formats: "no_assistant", "too_long"
 
 
 _worker_state: dict = {}
@@ -58,6 +71,8 @@ def _init_worker(spec: EncodeSpec, in_child: bool = False) -> None:
 def encode_batch(records: list[Record]) -> EncodedBatch:
     """Encode one batch in a worker (after :func:`_init_worker`)."""
     spec = _worker_state["spec"]
+    if spec.chat is not None:
+        return _encode_masked(records, spec)
     texts, bad = [], []
     for record in records:
         try:
@@ -69,6 +84,52 @@ def encode_batch(records: list[Record]) -> EncodedBatch:
     nonempty = [t for t in texts if t]
     tokens, lengths = _encode_texts(spec.tokenizer, nonempty, spec)
     return EncodedBatch(tokens, lengths, sum(len(r.data) for r in records), len(texts) - len(nonempty), bad)
+
+
+def _chat_tokenizer(spec: EncodeSpec):
+    """transformers' tokenizer, loaded once per worker (and per spec: workers=0 runs many in one process)."""
+    key = (spec.chat.model_dir, spec.chat.chat_template)
+    if _worker_state.get("chat_key") != key:
+        _worker_state["chat_tok"] = load_chat_tokenizer(*key)
+        _worker_state["chat_key"] = key
+    return _worker_state["chat_tok"]
+
+
+def _masked_ids(record: Record, spec: EncodeSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, mask) of one chat or prompt/completion record; None for an empty conversation."""
+    obj = record_object(record)
+    if spec.chat.format == "prompt_completion":
+        return prompt_completion_ids(spec.tokenizer, obj, record.where)
+    messages = checked_messages(obj, record.where)
+    if not messages:
+        return None
+    return chat_ids(_chat_tokenizer(spec), messages, spec.chat.train_on, spec.tokenizer.eod_id, record.where)
+
+
+def _encode_masked(records: list[Record], spec: EncodeSpec) -> EncodedBatch:
+    """Encode masked records; bad ones raise, or with ``skip_bad_lines`` are counted."""
+    docs, masks, bad, empty = [], [], [], 0
+    dropped = {"no_assistant": 0, "too_long": 0}
+    for record in records:
+        try:
+            out = _masked_ids(record, spec)
+        except InputError as e:
+            if not spec.skip_bad_lines:
+                raise
+            bad.append(str(e))
+            dropped["no_assistant"] += isinstance(e, NoAssistantError)
+            continue
+        if out is None:
+            empty += 1
+        elif 0 < spec.chat.max_doc_tokens < out[0].size:
+            dropped["too_long"] += 1
+        else:
+            docs.append(out[0])
+            masks.append(out[1])
+    lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+    tokens = np.concatenate(docs).astype(spec.dtype) if docs else np.zeros(0, spec.dtype)
+    mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+    return EncodedBatch(tokens, lengths, sum(len(r.data) for r in records), empty, bad, mask, dropped)
 
 
 def _encode_texts(tokenizer: Tokenizer, texts: list[str], spec: EncodeSpec):

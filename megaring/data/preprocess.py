@@ -28,6 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from megaring.config_dir import CONFIG_DIR
+from megaring.data.chat import (
+    ChatSpec,
+    detect_format,
+    load_chat_tokenizer,
+    model_directory,
+    read_template,
+    record_object,
+)
 from megaring.data.config import PreprocessConfig
 from megaring.data.dataset import METADATA_NAME, open_dataset
 from megaring.data.encode import EncodeSpec, batch_records, encode_stream
@@ -111,20 +119,52 @@ def _records(sources: list[Source], max_bytes: int) -> Iterator[Record]:
             yield record
 
 
+def resolve_format(cfg: PreprocessConfig, sources: list[Source]) -> str:
+    """``format``, with ``auto`` decided by the first record (chat when it carries ``messages``)."""
+    if cfg.format != "auto":
+        return cfg.format
+    first = next(_records(sources, cfg.max_bytes), None)
+    if first is None or first.kind != "json":
+        return "text"
+    try:
+        return detect_format(record_object(first))
+    except InputError:
+        return "text"  # the encoding pass reports the bad line
+
+
+def chat_spec(cfg: PreprocessConfig, fmt: str) -> ChatSpec | None:
+    """The masked-format settings (None for text); checks up front that a chat template exists."""
+    if fmt == "text":
+        return None
+    if not cfg.tokenizer.model:
+        raise PreprocessError(f"format={fmt} needs tokenizer.model=<Hugging Face model dir>")
+    template = read_template(cfg.tokenizer.chat_template)
+    model_dir = str(model_directory(cfg.tokenizer.model))
+    if fmt == "chat":
+        load_chat_tokenizer(model_dir, template)  # a missing template fails here, naming the directory
+    return ChatSpec(fmt, model_dir, template, cfg.data.train_on, cfg.max_doc_tokens)
+
+
 def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokenizer, out: Path) -> dict:
     """Stream every record through the encoding workers into the token store."""
     dtype = token_dtype(tokenizer.vocab_size)
+    fmt = resolve_format(cfg, sources)
+    chat = chat_spec(cfg, fmt)
     spec = EncodeSpec(tokenizer, cfg.text_key, cfg.skip_bad_lines, dtype.str,
-                      split_lines=tokenizer.splits_at_newlines)
-    writer = TokenStoreWriter(out, dtype)
+                      split_lines=tokenizer.splits_at_newlines, chat=chat)
+    writer = TokenStoreWriter(out, dtype, with_mask=chat is not None)
     counts = {"input_bytes": 0, "empty_documents": 0, "skipped_records": 0}
+    dropped = {"empty": 0, "no_assistant": 0, "too_long": 0}
     bad: list[str] = []
     start = time.perf_counter()
     bar = tqdm(unit=" docs", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     with bar, writer:
         batches = batch_records(_records(sources, cfg.max_bytes), cfg.batch_bytes)
         for batch in encode_stream(batches, spec, cfg.workers):
-            writer.add(batch.tokens, batch.lengths)
+            writer.add(batch.tokens, batch.lengths, *([] if batch.mask is None else [batch.mask]))
+            dropped["empty"] += batch.empty
+            for key, n in batch.dropped.items():
+                dropped[key] += n
             counts["input_bytes"] += batch.input_bytes
             counts["empty_documents"] += batch.empty
             counts["skipped_records"] += len(batch.bad)
@@ -140,7 +180,8 @@ def _encode_all(cfg: PreprocessConfig, sources: list[Source], tokenizer: Tokeniz
         "documents": writer.num_documents, "tokens": writer.num_tokens, **counts,
         "skipped_examples": bad, "seconds": round(seconds, 3),
         "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9)),
-        "dtype": dtype.name,
+        "dtype": dtype.name, "format": fmt, "trained_tokens": writer.trained_tokens,
+        **({"conversations": writer.num_documents, "dropped": dropped} if chat is not None else {}),
         "tokenizer": {**tokenizer.metadata(), "source": cfg.tokenizer.model or "trained"},
         "sources": [s.name for s in sources],
     }
@@ -164,6 +205,11 @@ def summary_lines(summary: dict, output: str) -> list[str]:
         lines.append(f"skipped {summary['skipped_records']} bad records, e.g. {summary['skipped_examples'][0]}")
     if summary["empty_documents"]:
         lines.append(f"{summary['empty_documents']} empty documents were not stored")
+    if "dropped" in summary:
+        d = summary["dropped"]
+        lines.append(f"{summary['format']}: {summary['conversations']:,} records, {summary['trained_tokens']:,} "
+                     f"trained tokens; dropped {d['empty']} empty, {d['no_assistant']} without an assistant "
+                     f"message, {d['too_long']} over max_doc_tokens")
     return lines
 
 
@@ -207,7 +253,8 @@ def verify_main(path: str) -> int:
     except (StoreError, OSError) as e:
         print(f"megaring-preprocess: {path} failed verification: {e}", file=sys.stderr)
         return 1
-    print(f"{path}: ok ({ds.num_documents:,} documents, {ds.num_tokens:,} tokens; checksums and token ids "
+    mask = ", loss mask" if ds.has_mask else ""
+    print(f"{path}: ok ({ds.num_documents:,} documents, {ds.num_tokens:,} tokens; checksums{mask} and token ids "
           f"below {ds.vocab_size} verified)")
     return 0
 

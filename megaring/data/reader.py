@@ -10,7 +10,9 @@ cp and tp are, and the data state is just the number of consumed samples ``s*G``
 Sharding: a sample is ``L + 1`` tokens from ``start_token``; for each of this cp rank's ranges
 ``[a, b)`` (:func:`megaring.layout.shard_ranges`) the reader copies tokens
 ``[start + a, start + b + 1)`` out of the memory map, so labels (the next token) are right at
-chunk edges and only ``O(L / cp)`` token bytes are read per sample. With the balanced layout the
+chunk edges and only ``O(L / cp)`` token bytes are read per sample. A store with a loss mask
+(``tokens.mask``) is read with the same per-range reads: a label whose token is untrained
+becomes ``IGNORE_INDEX``. With the balanced layout the
 ranges depend on the sample's documents: they come from the document offsets the sample index
 points at (:func:`sample_doc_lengths`), the same plan ring attention sees in the segment ids.
 """
@@ -34,6 +36,9 @@ from megaring.errors import problem_list
 from megaring.layout import balanced_ranges, shard_ranges
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids")
+# The label of an untrained token: megaring.tensor_parallel.cross_entropy.IGNORE_INDEX (and transformers'
+# -100), repeated here so that tokenising and reading data import none of the distributed code.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,12 @@ def _read_range(source, start_doc: int, t0: int, a: int, b: int, reset: bool) ->
         positions = np.arange(t0 + a, t0 + b, dtype=np.int64) - np.repeat(np.maximum(starts, t0), counts)
     else:
         positions = np.arange(a, b, dtype=np.int64)
-    return {"tokens": window[:-1], "labels": window[1:], "positions": positions, "segment_ids": segment_ids}
+    labels = window[1:]
+    read_mask = getattr(source, "read_mask", None)  # the mock source has no mask
+    trained = read_mask(t0 + a + 1, t0 + b + 1) if read_mask is not None else None  # (b - a,) of the labels
+    if trained is not None:
+        labels = np.where(trained, labels, IGNORE_INDEX)
+    return {"tokens": window[:-1], "labels": labels, "positions": positions, "segment_ids": segment_ids}
 
 
 def sample_doc_lengths(doc_starts, start_token: int, seq_len: int) -> tuple[int, ...]:
@@ -162,7 +172,7 @@ class BatchReader:
             lengths = sample_doc_lengths(self.source.doc_starts, start_token, self.seq_len)
             ranges = balanced_ranges(lengths, self.shard.cp_size)[self.shard.cp_rank]
         sample = read_shard(self.source, start_doc, start_token, ranges, self.reset_positions)
-        top = max(int(sample["tokens"].max()), int(sample["labels"].max()))  # a cheap check of every sample
+        top = max(int(sample["tokens"].max()), int(sample["labels"].max()))  # a cheap check (IGNORE_INDEX < 0)
         if top >= self.vocab_size:
             where = getattr(self.source, "path", "the data source")
             raise StoreError(f"{where}: sample {ordinal} (from token {start_token}) holds token id {top}, outside the "

@@ -193,6 +193,10 @@ class TrainEngine:
                 return int(state["step"])
         return 0
 
+    def has_optimizer_state(self) -> bool:
+        """False until the first update creates Adam's moments (a run whose steps were all skipped)."""
+        return any(self._torch_optimizer().state.values())
+
     def prime_optimizer_states(self, step: int) -> None:
         """Create Adam's state at update count ``step`` with zero moments, as torch would at its first
         step, and link DeepSpeed's per-parameter views to it, so that :meth:`set_master_state` can

@@ -1,4 +1,5 @@
-"""Numerical guards: skipped non-finite steps, a stop after too many in a row, and loss spikes.
+"""Numerical guards: skipped non-finite steps, a stop after too many in a row, loss spikes, and
+the count of steps skipped because their global batch held no trained token (``skipped_empty``).
 
 Every input here is the same on all ranks (the loss is all-reduced, the gradient norm is global
 and DeepSpeed agrees on a skip over the whole mesh), so all ranks take the same decision without
@@ -46,10 +47,16 @@ class NumericGuard:
         self.recent: deque[float] = deque(maxlen=window)
         self.bad_in_a_row = 0
         self.bad_total = 0
+        self.empty_total = 0  # steps without a trained token (skipped, not bad)
 
     def check(self, step: int, result: StepResult) -> tuple[dict, str | None]:
         """Fields to add to the step's metrics record and a line for the log (None: nothing to say);
         raises :class:`Diverged` past the limit."""
+        if result.empty:
+            self.empty_total += 1
+            return {"skipped_empty": self.empty_total}, (
+                f"step {step}: the global batch holds no trained token (every label is masked): step skipped "
+                f"({self.empty_total} so far)")
         bad = nonfinite_parts(result)
         if bad:
             self.bad_in_a_row += 1

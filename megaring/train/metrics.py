@@ -110,6 +110,7 @@ def step_metrics(step: int, result: StepResult, *, step_time_s: float, tokens_pe
         **memory.metrics(),
         "tokens_seen": tokens_seen,
         "valid_tokens": result.valid_tokens,
+        "trained_tokens": result.valid_tokens,  # labels the loss counts (chat stores: answers only)
     }
 
 

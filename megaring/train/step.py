@@ -5,6 +5,9 @@ With ``N`` the valid tokens of the whole step (all dp ranks, cp shards and micro
 each micro-batch backpropagates its share ``local_loss(token losses, N) = s_i / N``
 (:func:`megaring.model.local_loss`), and the engine sums the shares' gradients over ``dp_cp``.
 tp ranks compute the same token losses; the model's tp communication already shaped their gradients.
+Labels of untrained tokens (prompts of chat data) are ``IGNORE_INDEX``, so ``N`` counts trained
+tokens only; a step whose global batch holds none (``N = 0``, the same on every rank) runs no
+forward, backward or update and comes back with ``empty=True`` (``skipped_empty`` in the metrics).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class StepResult:
     lr: float  # the learning rate this update used
     valid_tokens: int  # over the global batch
     applied: bool = True  # False: the update was skipped on every rank (non-finite gradients)
+    empty: bool = False  # True: no trained token in the global batch; nothing was computed
 
 
 def others(axis: Axis) -> tuple[int, ...]:
@@ -42,6 +46,8 @@ def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]]
     peers = others(mesh.dp_cp)
     with FLIGHT.waiting("all-reduce of the valid-token count over dp_cp", peers):
         count = count_valid_tokens(labels, mesh.dp_cp).to(torch.float64)  # all-reduced over dp_cp
+    if count.item() == 0:  # the same on every rank: all skip together
+        return StepResult(0.0, None, lr, 0, applied=False, empty=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     outcome = None
     for i, mb in enumerate(batches):

@@ -365,6 +365,8 @@ def save(run: Run, step: int) -> None:
                          lr_horizon=run.lr_horizon, config=result_config(run.cfg), data=run.data_identity)
     universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
                  "tokenizer_files": tokenizer_files(run.cfg)} if t.universal_at(step) else None
+    if not run.engine.has_optimizer_state():  # every step so far was skipped (e.g. empty)
+        run.engine.prime_optimizer_states(0)  # Adam's fresh state, so that the checkpoint has moments to save
     try:
         save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
     except (OSError, RuntimeError) as err:
@@ -376,13 +378,20 @@ def save(run: Run, step: int) -> None:
         raise
 
 
+# What a chat model needs beside its tokenizer; carried from model.init_from when the store lacks them.
+CHAT_FILES = ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 def tokenizer_files(cfg: TrainConfig) -> list[str]:
-    """The tokenizer files an exported model should carry: the data store's, else the init_from checkpoint's."""
+    """The tokenizer files an exported model should carry: the data store's, else the init_from checkpoint's,
+    plus the init_from checkpoint's chat files (:data:`CHAT_FILES`) the store does not have."""
+    files: list[str] = []
     if cfg.data.kind == "files" and cfg.data.path:
-        files = describe_data(cfg.data).tokenizer_files
-        if files:
-            return list(files)
-    if cfg.model.init_from:
-        return [str(p) for p in sorted(Path(cfg.model.init_from).iterdir()) if p.name in (*MODEL_FILES, *SIDE_FILES)]
-    return []
+        files = [str(p) for p in describe_data(cfg.data).tokenizer_files]
+    if not cfg.model.init_from:
+        return files
+    wanted = CHAT_FILES if files else (*MODEL_FILES, *SIDE_FILES, *CHAT_FILES)
+    have = {Path(f).name for f in files}
+    extra = [str(p) for p in sorted(Path(cfg.model.init_from).iterdir()) if p.name in wanted and p.name not in have]
+    return files + extra
 
