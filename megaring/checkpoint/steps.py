@@ -42,7 +42,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from megaring.checkpoint.universal import save_universal
-from megaring.ops.faults import in_save
+from megaring.ops.faults import NO_FAULT, Fault
 
 PARTIAL = ".partial"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -168,10 +168,10 @@ def step_dir_problems(ckpt_dir: Path, tag: str, world_size: int) -> list[str]:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: int,
-                    universal: dict | None) -> Path:
+                    universal: dict | None, fault: Fault = NO_FAULT) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. ``universal``: the
     arguments of :func:`save_universal` (every rank writes its pieces in parallel); None: leave the
-    layout-independent state out (``trainer.universal_every``)."""
+    layout-independent state out (``trainer.universal_every``). ``fault``: the run's test-only fault."""
     rank = dist.get_rank()
     tag = tag_for(state.step)
     partial = ckpt_dir / (tag + PARTIAL)
@@ -188,7 +188,7 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainerState, *, keep_last: i
         _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
         if rank == 0:
             _write_json(partial / "trainer_state.json", asdict(state))
-        in_save(rank, state.step, partial)  # test-only faults (MEGARING_TEST_FAULT): a slow save, a full disk
+        fault.in_save(rank, state.step, partial)  # test-only faults (MEGARING_TEST_FAULT): a slow save, a full disk
     except OSError as err:
         failed = err
     agree_files_written(failed, partial)  # every rank's files are complete, or every rank raises

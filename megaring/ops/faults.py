@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ from megaring.distributed.flight import FLIGHT
 
 ENV = "MEGARING_TEST_FAULT"
 KINDS = ("kill", "nan", "scalegrad", "sleep", "ringsleep", "slowsave", "enospc", "ringdrop")
-SAVE_KINDS = ("slowsave", "enospc")  # fire inside a checkpoint save (in_save), not at the step start
+SAVE_KINDS = ("slowsave", "enospc")  # fire inside a checkpoint save (Fault.in_save), not at the step start
+STEP_KINDS = ("kill", "nan", "scalegrad", "sleep", "ringsleep")  # fire at a step's start (Fault.at_step)
 log = logging.getLogger(__name__)
 
 
@@ -46,64 +48,69 @@ def parse_fault(spec: str) -> tuple[str, dict[str, int]]:
     return kind, {k: int(v) for k, v in (f.split("=", 1) for f in fields)}
 
 
-def _fault_here(rank: int, step: int) -> tuple[str, dict[str, int]] | None:
-    """The fault of ``MEGARING_TEST_FAULT`` when it applies to this rank and step, else None."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return None
-    kind, fault = parse_fault(spec)
-    if kind == "ringdrop" or fault.get("rank") != rank:
-        return None
-    if not fault["step"] <= step <= fault.get("until", fault["step"]):
-        return None
-    return kind, fault
+@dataclass(frozen=True)
+class Fault:
+    """The fault of ``MEGARING_TEST_FAULT``, parsed once (:meth:`from_env`) and kept on the run;
+    ``kind`` None: no fault (every hook returns at once)."""
+
+    kind: str | None = None
+    fields: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Fault:
+        spec = os.environ.get(ENV)
+        return cls(*parse_fault(spec)) if spec else cls()
+
+    def _here(self, rank: int, step: int, kinds: tuple[str, ...]) -> bool:
+        f = self.fields
+        return (self.kind in kinds and f.get("rank") == rank
+                and f["step"] <= step <= f.get("until", f["step"]))
+
+    def in_save(self, rank: int, step: int, directory) -> None:
+        """Called by every rank inside the save of ``step``'s checkpoint, its files written to ``directory``."""
+        if not self._here(rank, step, SAVE_KINDS):
+            return
+        log.warning("%s: %s on rank %d in the save of step %d", ENV, self.kind, rank, step)
+        if self.kind == "slowsave":
+            time.sleep(self.fields["seconds"])
+        if self.kind == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    def at_step(self, rank: int, step: int, model: nn.Module | None = None) -> None:
+        """Called by every rank at the start of ``step``."""
+        if not self._here(rank, step, STEP_KINDS):
+            return
+        kind, fault = self.kind, self.fields
+        log.warning("%s: %s on rank %d at step %d", ENV, kind, rank, step)
+        if kind == "kill":
+            os._exit(17)
+        if kind == "sleep":
+            time.sleep(fault["seconds"])
+        if kind == "ringsleep":
+            FLIGHT.before_wait = sleep_once_in_ring(fault["seconds"])
+        if kind in ("nan", "scalegrad") and model is not None:
+            param = next(p for p in model.parameters() if p.requires_grad)
+            fired = []
+
+            def poison(grad: torch.Tensor) -> torch.Tensor:  # once: this step's first backward only
+                if fired:
+                    return grad
+                fired.append(True)
+                return torch.full_like(grad, float("nan")) if kind == "nan" else grad * fault["factor"]
+
+            param.register_hook(poison)
+
+    def ring_drop(self) -> tuple[int, int] | None:
+        """``(rank, forward call)`` of a ``ringdrop`` fault, else None (megaring-verify's ring check)."""
+        return (self.fields["rank"], self.fields["call"]) if self.kind == "ringdrop" else None
 
 
-def in_save(rank: int, step: int, directory) -> None:
-    """Called by every rank inside the save of ``step``'s checkpoint, its files written to ``directory``."""
-    here = _fault_here(rank, step)
-    if here is None or here[0] not in SAVE_KINDS:
-        return
-    kind, fault = here
-    log.warning("%s: %s on rank %d in the save of step %d", ENV, kind, rank, step)
-    if kind == "slowsave":
-        time.sleep(fault["seconds"])
-    if kind == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-
-
-def maybe_inject(rank: int, step: int, model: nn.Module | None = None) -> None:
-    here = _fault_here(rank, step)
-    if here is None or here[0] in SAVE_KINDS:
-        return
-    kind, fault = here
-    log.warning("%s: %s on rank %d at step %d", ENV, kind, rank, step)
-    if kind == "kill":
-        os._exit(17)
-    if kind == "sleep":
-        time.sleep(fault["seconds"])
-    if kind == "ringsleep":
-        FLIGHT.before_wait = sleep_once_in_ring(fault["seconds"])
-    if kind in ("nan", "scalegrad") and model is not None:
-        param = next(p for p in model.parameters() if p.requires_grad)
-        fired = []
-
-        def poison(grad: torch.Tensor) -> torch.Tensor:  # once: this step's first backward only
-            if fired:
-                return grad
-            fired.append(True)
-            return torch.full_like(grad, float("nan")) if kind == "nan" else grad * fault["factor"]
-
-        param.register_hook(poison)
+NO_FAULT = Fault()
 
 
 def ring_drop() -> tuple[int, int] | None:
-    """``(rank, forward call)`` of a ``ringdrop`` fault, else None (megaring-verify's ring check)."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return None
-    kind, fault = parse_fault(spec)
-    return (fault["rank"], fault["call"]) if kind == "ringdrop" else None
+    """:meth:`Fault.ring_drop` of the environment's fault (megaring-verify reads it once per check)."""
+    return Fault.from_env().ring_drop()
 
 
 def sleep_once_in_ring(seconds: float):

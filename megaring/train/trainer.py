@@ -52,7 +52,7 @@ from megaring.engine.deepspeed_engine import TrainEngine, build_engine, partitio
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, model_flops_per_token
 from megaring.model.init import init_weights
-from megaring.ops.faults import maybe_inject
+from megaring.ops.faults import Fault
 from megaring.ops.preempt import Preempted, PreemptWatch
 from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.config import TrainConfig
@@ -103,6 +103,7 @@ class Run:
     traffic: Traffic  # ring attention's K/V bytes sent by this rank, read and reset every step
     lr_horizon: int  # the schedule's decay horizon (the checkpoint's unless changed explicitly)
     lr_note: str | None  # said when the horizon is not the checkpoint's
+    fault: Fault  # the test-only MEGARING_TEST_FAULT, parsed once (no fault for users)
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -202,7 +203,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
     return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
-               store_identity(cfg.data), traffic, horizon, lr_note)
+               store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env())
 
 
 def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
@@ -299,7 +300,7 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
     """Train ``step``; its metrics record and the numeric guard's note (None when the step was healthy)."""
     cfg, t = run.cfg, run.cfg.trainer
     FLIGHT.at(step=step, phase="data")
-    maybe_inject(run.mesh.rank, step, run.engine.module)
+    run.fault.at_step(run.mesh.rank, step, run.engine.module)
     meters.memory.start()
     began = time.perf_counter()
     lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
@@ -368,7 +369,8 @@ def save(run: Run, step: int) -> None:
     if not run.engine.has_optimizer_state():  # every step so far was skipped (e.g. empty)
         run.engine.prime_optimizer_states(0)  # Adam's fresh state, so that the checkpoint has moments to save
     try:
-        save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal)
+        save_checkpoint(run.engine, run.ckpt_dir, state, keep_last=t.keep_last, universal=universal,
+                        fault=run.fault)
     except (OSError, RuntimeError) as err:
         free = shutil.disk_usage(run.ckpt_dir if run.ckpt_dir.exists() else run.run_dir).free
         if free < 2**30 or getattr(err, "errno", None) == errno.ENOSPC:  # torch's writer says "iostream error"

@@ -20,7 +20,7 @@ import pytest
 from megaring.checkpoint.rundir import RunDirBusy, RunLock, config_change_problems, lr_horizon, result_config
 from megaring.checkpoint.steps import TrainerState, tag_for
 from megaring.data import write_tokenized
-from megaring.ops.faults import parse_fault
+from megaring.ops.faults import ENV, Fault, parse_fault
 from megaring.ops.preempt import PreemptWatch
 from megaring.train.config_checks import ConfigError, validate
 from megaring.train.guards import Diverged, NumericGuard
@@ -156,6 +156,20 @@ def test_bad_test_fault_spec_names_the_variable():
     with pytest.raises(ValueError, match="MEGARING_TEST_FAULT='explode:rank=1'"):
         parse_fault("explode:rank=1")
     assert parse_fault("nan:rank=1:step=2:until=3") == ("nan", {"rank": 1, "step": 2, "until": 3})
+
+
+def test_a_fault_is_parsed_once_and_fires_only_on_its_rank_steps_and_hook(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, "enospc:rank=1:step=2")
+    fault = Fault.from_env()
+    monkeypatch.setenv(ENV, "bogus")  # read once: a later change of the environment is not parsed again
+    fault.at_step(1, 2)  # a save fault does nothing at the step's start
+    fault.in_save(0, 2, tmp_path)  # another rank
+    fault.in_save(1, 3, tmp_path)  # another step
+    with pytest.raises(OSError, match="No space left"):
+        fault.in_save(1, 2, tmp_path)
+    monkeypatch.delenv(ENV)
+    assert Fault.from_env() == Fault() and Fault().ring_drop() is None
+    assert Fault(*parse_fault("ringdrop:rank=1:call=3")).ring_drop() == (1, 3)
 
 
 # ---------------------------------------------------------------- numerical guards and metrics
