@@ -3,7 +3,9 @@
 An input is a file, a directory (every non-hidden file below it, sorted), a glob, a list of
 those, or ``stdlib`` (see :mod:`megaring.data.stdlib_corpus`). Files ending in ``.jsonl`` or
 ``.ndjson`` (optionally ``.gz``) hold one JSON document per line; ``.parquet`` files one
-document per row, in the ``text_key`` column, read one record batch at a time; any other file
+document per row, in the ``text_key`` column, read one record batch at a time (a file with a
+``messages``, ``prompt`` or ``completion`` column gives each row as a JSON record of those columns
+and ``text_key``, as a JSONL line would be: chat and prompt/completion data); any other file
 is one plain text document (``.gz`` is decompressed). Records stay raw bytes here: decoding and
 JSON parsing happen in the encoding workers (:func:`decode_record`), and so does reporting a
 bad Parquet value (a record of kind ``"error"``), so ``skip_bad_lines`` counts every kind alike.
@@ -23,6 +25,8 @@ from typing import Protocol
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIX = ".parquet"
 PARQUET_BATCH_ROWS = 1024  # rows read from a Parquet file at a time
+# Parquet columns of chat and prompt/completion records (a row with any of them is read as a JSON record)
+CONVERSATION_COLUMNS = ("messages", "prompt", "completion")
 STDLIB = "stdlib"
 
 
@@ -93,13 +97,19 @@ class ParquetSource:
         try:
             pf = pq.ParquetFile(self.path)
             columns = pf.schema_arrow.names
-            if self.text_key not in columns:
+            wanted = [c for c in (self.text_key, *CONVERSATION_COLUMNS) if c in columns]
+            if self.text_key not in columns and not set(CONVERSATION_COLUMNS) & set(columns):
                 raise InputError(f"{self.name} has no column {self.text_key!r} (its columns: "
                                  f"{', '.join(columns)}); set text_key=<column>")
             row = 0
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[self.text_key]):
-                for value in batch.column(0).to_pylist():
-                    yield _parquet_record(value, self.text_key, f"{self.name}:row {row}")
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+                values = batch.to_pylist()
+                for value in values:
+                    where = f"{self.name}:row {row}"
+                    if wanted == [self.text_key]:
+                        yield _parquet_record(value[self.text_key], self.text_key, where)
+                    else:  # conversations: the row as a JSON record, read as a JSONL line would be
+                        yield Record(json.dumps(value, ensure_ascii=False).encode("utf-8"), "json", where)
                     row += 1
         except (OSError, pyarrow.ArrowException) as e:
             raise InputError(f"cannot read {self.name} as Parquet: {e}") from e

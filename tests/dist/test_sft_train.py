@@ -70,8 +70,8 @@ def reference(pools, store, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout,parallel", [((1, 2, 1), {}), ((1, 2, 2), {"sequence_parallel": True}),
-                                             ((1, 2, 1), {"layout": "balanced"})],
-                         ids=["dp1cp2tp1", "dp1cp2tp2-sp", "dp1cp2tp1-balanced"])
+                                             ((1, 2, 1), {"layout": "balanced"}), ((1, 2, 1), {"ulysses": 2})],
+                         ids=["dp1cp2tp1", "dp1cp2tp2-sp", "dp1cp2tp1-balanced", "dp1cp2tp1-ulysses2"])
 def test_masked_loss_and_grad_norm_match_single_process(pools, store, reference, tmp_path, layout, parallel):
     cfg = sft_cfg(store, *layout, zero_stage=3, extra=EVAL, **parallel)
     assert some_cp_shard_is_prompt_only(cfg)

@@ -161,3 +161,20 @@ def test_non_prefix_template_names_the_message(tmp_path):
 def test_masked_format_needs_a_tokenizer_model(tmp_path):
     with pytest.raises(PreprocessError, match="format=chat needs tokenizer.model"):
         preprocess(PreprocessConfig(input=str(tmp_path), output=str(tmp_path / "o"), format="chat"))
+
+
+def test_parquet_conversations_give_the_store_of_the_same_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = chat_dir(tmp_path / "tok", CHATML)
+    records = [{"messages": CONVERSATION}, {"messages": CONVERSATION[:2]}]
+    _, from_jsonl = run(tmp_path, model, records, name="jsonl")
+    pq.write_table(pa.table({"messages": [r["messages"] for r in records]}), tmp_path / "chat.parquet")
+    cfg = PreprocessConfig(input=str(tmp_path / "chat.parquet"), output=str(tmp_path / "pq"), progress=False,
+                           workers=0, tokenizer=TokenizerConfig(model=str(model)))
+    summary = preprocess(cfg)
+    assert summary["format"] == "chat" and summary["conversations"] == 2  # format=auto saw the messages column
+    a, b = open_dataset(from_jsonl), open_dataset(tmp_path / "pq")
+    assert np.array_equal(a.document(0), b.document(0)) and np.array_equal(a.document(1), b.document(1))
+    assert np.array_equal(a.read_mask(0, a.num_tokens), b.read_mask(0, b.num_tokens))
