@@ -29,3 +29,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    """Build DeepSpeed's shared-memory op (its first ``deepspeed.initialize`` JIT-compiles it, about
+    35 s) once, here, before any test starts: a test that kills a training process during that build
+    (a lost rank, a signal to torchrun) would leave DeepSpeed's build lock behind, and every later
+    process would wait on it forever."""
+    try:
+        from deepspeed.comm.torch import build_shm_op
+    except ImportError:  # DeepSpeed is not installed: the tests that need it say so
+        return
+    build_shm_op()
