@@ -42,7 +42,8 @@ def conversations(n: int) -> list[list[dict]]:
     for i in range(n):
         text = files[i % len(files)].read_text(errors="replace")[:4000]
         q = len(text) // 4
-        parts = [text[:q], text[q:2 * q], text[2 * q:3 * q], text[3 * q:]]
+        # stripped, as chat data is: an answer starting with a newline would merge with the header's
+        parts = [p.strip() or "." for p in (text[:q], text[q:2 * q], text[2 * q:3 * q], text[3 * q:])]
         out.append([{"role": r, "content": c} for r, c in zip(("user", "assistant") * 2, parts)])
     return out
 
