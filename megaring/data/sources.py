@@ -101,15 +101,15 @@ class ParquetSource:
             if self.text_key not in columns and not set(CONVERSATION_COLUMNS) & set(columns):
                 raise InputError(f"{self.name} has no column {self.text_key!r} (its columns: "
                                  f"{', '.join(columns)}); set text_key=<column>")
+            as_json = wanted != [self.text_key]  # conversations: each row a JSON record, as a JSONL line
             row = 0
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
-                values = batch.to_pylist()
-                for value in values:
+                for value in batch.to_pylist():
                     where = f"{self.name}:row {row}"
-                    if wanted == [self.text_key]:
-                        yield _parquet_record(value[self.text_key], self.text_key, where)
-                    else:  # conversations: the row as a JSON record, read as a JSONL line would be
+                    if as_json:
                         yield Record(json.dumps(value, ensure_ascii=False).encode("utf-8"), "json", where)
+                    else:
+                        yield _parquet_record(value[self.text_key], self.text_key, where)
                     row += 1
         except (OSError, pyarrow.ArrowException) as e:
             raise InputError(f"cannot read {self.name} as Parquet: {e}") from e
