@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from megaring.data.balance import BALANCE
+
 DATA_KINDS = ("mock", "files")
 SPLITS = ("train", "valid")
 TOKENIZER_TYPES = ("bpe", "unigram")
@@ -39,6 +41,9 @@ class DataConfig:
     index_dir: str | None = None
     # Also check the .bin checksum when opening (reads the whole file once).
     verify_checksum: bool = False
+    # Which dp rank and micro-batch takes which sample of a step (megaring.data.balance):
+    # "none" in order, "work" evens out the attention work (same samples, same loss).
+    balance: str = "none"  # "none" | "work"
     # Mock source only.
     vocab_size: int = 512  # the end-of-document id is vocab_size - 1
     num_tokens: int = 1 << 24  # size of the mock corpus
@@ -55,6 +60,8 @@ class DataConfig:
             out.append("data.path must name a directory written by megaring-preprocess when data.kind=files")
         if self.split not in SPLITS:
             out.append(f"data.split must be one of {SPLITS}, got {self.split!r}")
+        if self.balance not in BALANCE:
+            out.append(f"data.balance must be one of {BALANCE}, got {self.balance!r}")
         if not 0.0 <= self.valid_fraction < 1.0:
             out.append(f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.split == "valid" and self.valid_fraction == 0.0:

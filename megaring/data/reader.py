@@ -5,7 +5,9 @@ step ``s`` consumes sample ordinals ``[s*G, (s+1)*G)`` of the shuffled order
 (:mod:`megaring.data.sample_index`); dp rank ``r`` takes the ``G/dp`` ordinals starting at
 ``s*G + r*G/dp`` and cuts them into micro-batches of ``micro_batch_size`` in order. So the
 global position ``r*G/dp + m*mb + row`` of a step always holds the same sample, whatever dp,
-cp and tp are, and the data state is just the number of consumed samples ``s*G``.
+cp and tp are, and the data state is just the number of consumed samples ``s*G``. With
+``data.balance=work`` the same ``G`` ordinals are dealt to dp ranks and micro-batches by their
+attention cost instead (:mod:`megaring.data.balance`): the step's set of samples is unchanged.
 
 Sharding: a sample is ``L + 1`` tokens from ``start_token``; for each of this cp rank's ranges
 ``[a, b)`` (:func:`megaring.layout.shard_ranges`) the reader copies tokens
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaring.data.balance import StepPlan, plan_step, sample_cost
 from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
 from megaring.data.mock import MockSource
@@ -122,7 +125,7 @@ class BatchReader:
     """Micro-batches of this (dp rank, cp rank) for any step; see the module docstring for the order."""
 
     def __init__(self, source, index: SampleIndex, shape: BatchShape, shard: RankShard,
-                 *, reset_positions: bool = True):
+                 *, reset_positions: bool = True, balance: str = "none", window: int | None = None):
         if shape.global_batch_size % (shape.micro_batch_size * shard.dp_size):
             raise ValueError(f"global_batch_size {shape.global_batch_size} must be divisible by "
                              f"micro_batch_size * dp = {shape.micro_batch_size} * {shard.dp_size}")
@@ -136,6 +139,8 @@ class BatchReader:
         self.ranges = None if shard.layout == "balanced" else shard_ranges(shape.seq_len, shard.cp_rank,
                                                                             shard.cp_size, shard.layout)
         self.reset_positions = reset_positions
+        self.balance, self.window = balance, window  # data.balance; the attention window its costs use
+        self._plan: tuple[int, StepPlan] | None = None  # the last step's plan, by consumed samples
 
     @property
     def vocab_size(self) -> int:
@@ -159,10 +164,26 @@ class BatchReader:
         return step * self.global_batch_size
 
     def sample_ordinals(self, consumed_samples: int) -> np.ndarray:
-        """(num_micro_batches, micro_batch_size) ordinals this dp rank reads next."""
-        per_rank = self.global_batch_size // self.dp_size
-        first = consumed_samples + self.dp_rank * per_rank
-        return np.arange(first, first + per_rank, dtype=np.int64).reshape(-1, self.micro_batch_size)
+        """(num_micro_batches, micro_batch_size) ordinals this dp rank reads next (``data.balance``)."""
+        if self.balance == "none":  # no costs needed: consecutive ordinals per rank
+            per_rank = self.global_batch_size // self.dp_size
+            first = consumed_samples + self.dp_rank * per_rank
+            return np.arange(first, first + per_rank, dtype=np.int64).reshape(-1, self.micro_batch_size)
+        return consumed_samples + self.step_plan(consumed_samples).slots[self.dp_rank]
+
+    def step_plan(self, consumed_samples: int) -> StepPlan:
+        """The :class:`~megaring.data.balance.StepPlan` of the step after ``consumed_samples``: every
+        dp rank's samples and their attention costs (the same on every rank, no communication)."""
+        if self._plan is None or self._plan[0] != consumed_samples:
+            ordinals = range(consumed_samples, consumed_samples + self.global_batch_size)
+            costs = np.array([self.sample_cost(k) for k in ordinals], dtype=np.int64)  # (G,)
+            self._plan = consumed_samples, plan_step(self.balance, costs, self.dp_size, self.micro_batch_size)
+        return self._plan[1]
+
+    def sample_cost(self, ordinal: int) -> int:
+        """Visible causal query-key pairs of the ``ordinal``-th sample (:func:`~megaring.data.balance.sample_cost`)."""
+        _, start_token = self.index.locate(ordinal)
+        return sample_cost(self.source.doc_starts, start_token, self.seq_len, self.window, self.reset_positions)
 
     def read_sample(self, ordinal: int) -> dict[str, np.ndarray]:
         """This cp rank's shard of the ``ordinal``-th sample: fields (seq_len / cp,) int64."""
@@ -235,8 +256,10 @@ def store_identity(cfg: DataConfig) -> dict | None:
             "vocab_size": ds.vocab_size, "bos_id": ds.bos_id, "eod_id": ds.eod_id}
 
 
-def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, seed: int) -> BatchReader:
-    """The reader of this (dp rank, cp rank), with the split's sample index loaded or built."""
+def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, seed: int,
+                       window: int | None = None) -> BatchReader:
+    """The reader of this (dp rank, cp rank), with the split's sample index loaded or built.
+    ``window``: the model's sliding window, which the sample costs of ``data.balance`` count."""
     seq_len = shape.seq_len
     source = open_source(cfg)
     d0, d1 = split_documents(source.num_documents, cfg.split, cfg.valid_fraction)
@@ -246,7 +269,8 @@ def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, 
                          f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
     cache = _index_cache_path(cfg, source, seq_len, seed)
     index = load_sample_index(source.doc_starts, d0=d0, d1=d1, seq_len=seq_len, seed=seed, cache_path=cache)
-    return BatchReader(source, index, shape, shard, reset_positions=cfg.reset_positions)
+    return BatchReader(source, index, shape, shard, reset_positions=cfg.reset_positions, balance=cfg.balance,
+                       window=window)
 
 
 def _index_cache_path(cfg: DataConfig, source, seq_len: int, seed: int) -> Path | None:

@@ -199,7 +199,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     model = build_weights(cfg, ctx, resume, mesh, device)
     engine = build_engine(model, cfg, mesh, device)
     shard = rank_shard(mesh, p.layout)
-    reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed)
+    reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed, window=cfg.model.sliding_window)
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
     return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
@@ -317,7 +317,8 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
     metrics = step_metrics(step, result, step_time_s=step_time_s, tokens_per_step=tokens_per_step,
                            flops_per_token=flops_per_token, world_size=run.mesh.dims.world_size,
                            peak_tflops=meters.peak_tflops, tokens_seen=step * tokens_per_step, memory=meters.memory)
-    return metrics | work.metrics() | guarded, note
+    dp_work = {"work_dp_imbalance": run.reader.step_plan(run.reader.consumed_samples(step - 1)).dp_imbalance}
+    return metrics | work.metrics() | dp_work | guarded, note
 
 
 def stop_on_signal(run: Run, step: int, signum: int, saved: bool, progress: ProgressBar) -> None:
