@@ -46,6 +46,17 @@ def num_chunks(world_size: int, layout: str) -> int:
     return chunks_per_rank(layout) * world_size
 
 
+def dynamic_cp_size(cp: int, seq_len: int, tokens_per_rank: int, micro_batches: int) -> int:
+    """The cp group size ``cp'`` of ``parallel.dynamic_cp``: the smallest divisor of ``cp`` whose
+    ranks hold a sample of ``seq_len`` tokens within ``tokens_per_rank`` each (``seq_len / cp' <=
+    tokens_per_rank``) and whose ``cp / cp'`` groups share a dp rank's ``micro_batches`` evenly
+    (each group takes every ``cp / cp'``-th of them); ``cp`` when no smaller one does."""
+    for size in range(1, cp):
+        if cp % size == 0 and seq_len <= size * tokens_per_rank and micro_batches % (cp // size) == 0:
+            return size
+    return cp
+
+
 def length_problem(seq_len: int, world_size: int, layout: str) -> str | None:
     """Why a global sequence of ``seq_len`` tokens cannot be laid out over ``world_size`` cp ranks, or None.
 

@@ -112,13 +112,20 @@ class BatchShape:
 
 @dataclass(frozen=True)
 class RankShard:
-    """Which part of each batch a rank reads: its dp slice of the samples, its cp shard of each."""
+    """Which part of each batch a rank reads: its dp slice of the samples, its cp shard of each.
+
+    ``cp_groups > 1`` (``parallel.dynamic_cp``): the dp rank's cp ranks form ``cp_groups`` groups
+    of ``cp_size`` ranks; group ``cp_group`` takes every ``cp_groups``-th of the dp rank's
+    micro-batches (from the ``cp_group``-th), and ``cp_rank`` is this rank's place in its group.
+    """
 
     dp_rank: int = 0
     dp_size: int = 1
     cp_rank: int = 0
     cp_size: int = 1
     layout: str = "zigzag"
+    cp_groups: int = 1
+    cp_group: int = 0
 
 
 class BatchReader:
@@ -131,6 +138,10 @@ class BatchReader:
                              f"micro_batch_size * dp = {shape.micro_batch_size} * {shard.dp_size}")
         if not 0 <= shard.dp_rank < shard.dp_size:
             raise ValueError(f"dp_rank {shard.dp_rank} is outside a dp group of size {shard.dp_size}")
+        per_rank = shape.global_batch_size // (shape.micro_batch_size * shard.dp_size)
+        if per_rank % shard.cp_groups or not 0 <= shard.cp_group < shard.cp_groups:
+            raise ValueError(f"{per_rank} micro-batches per dp rank cannot be shared by {shard.cp_groups} cp groups "
+                             f"(cp group {shard.cp_group})")
         self.source, self.index = source, index
         self.seq_len, self.global_batch_size = shape.seq_len, shape.global_batch_size
         self.micro_batch_size = shape.micro_batch_size
@@ -157,19 +168,24 @@ class BatchReader:
 
     @property
     def num_micro_batches(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+        """This rank's micro-batches per step (its cp group's share with ``parallel.dynamic_cp``)."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size * self.shard.cp_groups)
 
     def consumed_samples(self, step: int) -> int:
         """The data state after ``step`` steps."""
         return step * self.global_batch_size
 
     def sample_ordinals(self, consumed_samples: int) -> np.ndarray:
-        """(num_micro_batches, micro_batch_size) ordinals this dp rank reads next (``data.balance``)."""
+        """(num_micro_batches, micro_batch_size) ordinals this rank reads next: its dp rank's
+        (``data.balance``), and of those its cp group's share (``RankShard.cp_groups``)."""
         if self.balance == "none":  # no costs needed: consecutive ordinals per rank
             per_rank = self.global_batch_size // self.dp_size
             first = consumed_samples + self.dp_rank * per_rank
-            return np.arange(first, first + per_rank, dtype=np.int64).reshape(-1, self.micro_batch_size)
-        return consumed_samples + self.step_plan(consumed_samples).slots[self.dp_rank]
+            mine = np.arange(first, first + per_rank, dtype=np.int64).reshape(-1, self.micro_batch_size)
+        else:
+            mine = consumed_samples + self.step_plan(consumed_samples).slots[self.dp_rank]
+        groups = self.shard.cp_groups
+        return mine.reshape(-1, groups, self.micro_batch_size)[:, self.shard.cp_group]
 
     def step_plan(self, consumed_samples: int) -> StepPlan:
         """The :class:`~megaring.data.balance.StepPlan` of the step after ``consumed_samples``: every

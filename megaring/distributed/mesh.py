@@ -217,6 +217,35 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu", timeout_s: float | 
                         cp_ulysses=axes["cp_ulysses"], cp_ring=axes["cp_ring"])
 
 
+def build_cp_subaxis(mesh: ParallelMesh, size: int, timeout_s: float | None = 600.0) -> Axis:
+    """This rank's block of ``size`` consecutive cp ranks as an axis of its own (``parallel.dynamic_cp``).
+
+    Every cp group (one per dp x tp coordinate) is cut into ``cp / size`` blocks, each a process
+    group; block ``j`` of a cp group holds its ranks ``[j * size, (j + 1) * size)``. Collective
+    over the world (every rank creates every block's group, in the same order), so call it on
+    every rank at start-up with the same ``size``; ``size = cp`` is the cp axis itself and
+    ``size = 1`` needs no group. cp must be all ring (``ulysses = 1``).
+    """
+    dims = mesh.dims
+    if size == dims.cp:
+        return mesh.cp
+    if dims.cp % size or dims.ulysses != 1:
+        raise ValueError(f"a cp sub-group of {size} ranks needs cp={dims.cp} divisible by it and ulysses=1")
+    if size == 1:
+        return Axis.single("cp1", mesh.rank)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    mine = None
+    for dp in range(dims.dp):
+        for tp in range(dims.tp):
+            ring = [dims.rank_of(dp, c, tp) for c in range(dims.cp)]
+            for first in range(0, dims.cp, size):
+                ranks = tuple(ring[first:first + size])
+                group = dist.new_group(list(ranks), timeout=timeout)
+                if mesh.rank in ranks:
+                    mine = Axis(f"cp{size}", group, ranks.index(mesh.rank), size, ranks)
+    return mine
+
+
 def _set_timeout(group: dist.ProcessGroup, timeout_s: float) -> None:
     setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.3
     if setter is not None:

@@ -256,6 +256,7 @@ def grad_divisor(zero_stage: int, mesh: ParallelMesh) -> int:
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The DeepSpeed config, derived from ours; ``parallel.deepspeed`` adds (never overrides) keys."""
     t, p = cfg.trainer, cfg.parallel
+    groups = p.cp // cfg.attention_cp()
     zero = {"stage": p.zero_stage}
     ds = copy.deepcopy(dict(p.deepspeed))
     zero.update(ds.pop("zero_optimization", {}))
@@ -263,8 +264,10 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
         zero["reduce_scatter"] = True  # the path grad_divisor describes
     ds.update({
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * p.dp),
+        # parallel.dynamic_cp: each of a dp rank's cp / cp' groups forwards its own micro-batch at
+        # once, so DeepSpeed counts cp / cp' of ours as one (its accumulation boundary stays right)
+        "train_micro_batch_size_per_gpu": t.micro_batch_size * groups,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * groups * p.dp),
         "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default would be 1.0
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW / apex FusedAdam

@@ -55,7 +55,11 @@ class ParallelContext:
         return cls(Axis.single("tp"), Axis.single("cp"), **options)
 
     @classmethod
-    def from_mesh(cls, mesh: ParallelMesh, **options) -> ParallelContext:
+    def from_mesh(cls, mesh: ParallelMesh, *, cp: Axis | None = None, **options) -> ParallelContext:
+        """The context of ``mesh``; ``cp``: a ring-only sub-axis of its cp to run attention on
+        (``parallel.dynamic_cp``, :func:`megaring.distributed.mesh.build_cp_subaxis`)."""
+        if cp is not None and cp is not mesh.cp:
+            return cls(mesh.tp, cp, cp_ring=cp, **options)
         return cls(mesh.tp, mesh.cp, cp_ulysses=mesh.cp_ulysses, cp_ring=mesh.cp_ring, **options)
 
     @property

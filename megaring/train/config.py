@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from megaring.data import BatchShape, DataConfig
 from megaring.distributed.mesh import ParallelDims
 from megaring.errors import ConfigError, closest_name
+from megaring.layout import dynamic_cp_size
 from megaring.model import ModelConfig
 from megaring.ring.settings import RingSettings
 
@@ -54,6 +55,10 @@ class ParallelConfig:
     attn_kernel: str | None = None  # None: automatic; else a name from megaring.kernels
     ring_backward: str = "whole"  # ring attention's backward: "whole" (fastest) | "chunked" (least memory)
     ring_settings: RingSettingsConfig = field(default_factory=RingSettingsConfig)  # tile and chunk sizes
+    # Attention on the smallest cp' dividing cp that holds a sample within dynamic_cp_tokens per rank;
+    # the cp / cp' groups of a dp rank take different micro-batches (megaring.layout.dynamic_cp_size).
+    dynamic_cp: bool = False
+    dynamic_cp_tokens: int = 0  # tokens per rank; 0: trainer.seq_len / cp
     timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the
@@ -67,6 +72,14 @@ class ParallelConfig:
 
     def ring(self) -> RingSettings:
         return RingSettings(**asdict(self.ring_settings))
+
+    def attention_cp(self, seq_len: int, micro_batches: int) -> int:
+        """The size of the cp groups attention runs on: ``cp``, or with ``dynamic_cp`` the smallest
+        cp' that holds a sample of ``seq_len`` (``micro_batches``: per dp rank and step)."""
+        if not self.dynamic_cp or self.cp == 1:
+            return self.cp
+        tokens = self.dynamic_cp_tokens or seq_len // self.cp
+        return dynamic_cp_size(self.cp, seq_len, tokens, micro_batches)
 
     def layout_key(self) -> dict[str, int]:
         """What a checkpoint records of the layout it was written at."""
@@ -166,6 +179,12 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def attention_cp(self) -> int:
+        """The cp group size attention runs on (``parallel.dynamic_cp``; else ``parallel.cp``)."""
+        t, p = self.trainer, self.parallel
+        micro_batches = t.global_batch_size // max(1, t.micro_batch_size * p.dp)
+        return p.attention_cp(t.seq_len, micro_batches)
 
 
 # Every key of a composed config is a field of the schema above, except below these free-form

@@ -64,6 +64,7 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     except ValueError as err:
         out.append(str(err))
     out += [f"parallel.ring_settings.{problem}" for problem in p.ring().problems()]
+    out += dynamic_cp_problems(cfg)
     if p.timeout_s <= 0:
         out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
     out += backend_problems(p.backend)
@@ -74,6 +75,24 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append("parallel.deepspeed.zero_optimization.stage: use parallel.zero_stage")
     version = deepspeed_version_problem(installed_version(), p.allow_untested_deepspeed)
     return out + ([version] if version else [])
+
+
+def dynamic_cp_problems(cfg: TrainConfig) -> list[str]:
+    """``parallel.dynamic_cp``: tokens per rank some cp group can meet, and a ring-only cp."""
+    p, seq_len = cfg.parallel, cfg.trainer.seq_len
+    out = []
+    if p.dynamic_cp_tokens < 0:
+        out.append(f"parallel.dynamic_cp_tokens={p.dynamic_cp_tokens} must be >= 0 (0: trainer.seq_len / cp)")
+    if not p.dynamic_cp:
+        return out
+    if p.cp >= 1 and p.dynamic_cp_tokens > 0 and p.dynamic_cp_tokens * p.cp < seq_len:
+        out.append(f"parallel.dynamic_cp_tokens={p.dynamic_cp_tokens}: no cp group holds a sample of "
+                   f"trainer.seq_len={seq_len} within that many tokens per rank, not even all of "
+                   f"parallel.cp={p.cp} ({seq_len // p.cp} each): raise it to >= {-(-seq_len // p.cp)} or 0")
+    if p.ulysses > 1:
+        out.append(f"parallel.dynamic_cp regroups ring ranks only; with parallel.ulysses={p.ulysses} the Ulysses "
+                   "all-to-all spans the whole cp group: set parallel.ulysses=1 or parallel.dynamic_cp=false")
+    return out
 
 
 def batch_problems(cfg: TrainConfig) -> list[str]:

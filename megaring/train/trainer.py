@@ -47,7 +47,7 @@ from megaring.distributed import ParallelMesh, build_mesh, init_distributed
 from megaring.distributed.env import read_launch_env
 from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
 from megaring.distributed.init import device_for
-from megaring.distributed.mesh import Traffic
+from megaring.distributed.mesh import Axis, Traffic, build_cp_subaxis
 from megaring.engine.deepspeed_engine import TrainEngine, build_engine, partitioned_construction, resolve_dtype
 from megaring.hf import load_hf_weights
 from megaring.model import ParallelContext, Transformer, model_flops_per_token
@@ -192,13 +192,14 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
     traffic = Traffic()
-    ctx = ParallelContext.from_mesh(mesh, sequence_parallel=p.sequence_parallel, layout=p.layout,
+    attention_cp = build_cp_subaxis(mesh, cfg.attention_cp(), p.timeout_s)  # mesh.cp unless parallel.dynamic_cp
+    ctx = ParallelContext.from_mesh(mesh, cp=attention_cp, sequence_parallel=p.sequence_parallel, layout=p.layout,
                                     attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring(),
                                     traffic=traffic)
     resume = find_resume(cfg, checkpoint_dir(cfg, run_dir))
     model = build_weights(cfg, ctx, resume, mesh, device)
     engine = build_engine(model, cfg, mesh, device)
-    shard = rank_shard(mesh, p.layout)
+    shard = rank_shard(mesh, p.layout, attention_cp)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed, window=cfg.model.sliding_window)
     eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
@@ -206,9 +207,12 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
                store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env())
 
 
-def rank_shard(mesh: ParallelMesh, layout: str) -> RankShard:
-    """The part of every batch this rank reads."""
-    return RankShard(mesh.dp.rank, mesh.dp.size, mesh.cp.rank, mesh.cp.size, layout)
+def rank_shard(mesh: ParallelMesh, layout: str, attention_cp: Axis | None = None) -> RankShard:
+    """The part of every batch this rank reads; ``attention_cp``: the cp sub-group attention runs on
+    (``parallel.dynamic_cp``), whose ``cp / cp'`` groups take different micro-batches."""
+    cp = attention_cp or mesh.cp
+    groups = mesh.cp.size // cp.size
+    return RankShard(mesh.dp.rank, mesh.dp.size, cp.rank, cp.size, layout, groups, mesh.cp.rank // cp.size)
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +321,8 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
     metrics = step_metrics(step, result, step_time_s=step_time_s, tokens_per_step=tokens_per_step,
                            flops_per_token=flops_per_token, world_size=run.mesh.dims.world_size,
                            peak_tflops=meters.peak_tflops, tokens_seen=step * tokens_per_step, memory=meters.memory)
-    dp_work = {"work_dp_imbalance": run.reader.step_plan(run.reader.consumed_samples(step - 1)).dp_imbalance}
+    dp_work = {"work_dp_imbalance": run.reader.step_plan(run.reader.consumed_samples(step - 1)).dp_imbalance,
+               "effective_cp": run.reader.shard.cp_size}
     return metrics | work.metrics() | dp_work | guarded, note
 
 

@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from megaring.data import BatchShape, DataConfig, RankShard, build_batch_reader
 from megaring.data.balance import balance_work, in_order, piece_pairs, plan_step, sample_cost
@@ -103,3 +104,37 @@ def test_the_cost_follows_the_window():
 
 def test_a_bad_balance_is_a_config_error():
     assert any("data.balance must be one of" in p for p in DataConfig(balance="even").problems())
+
+
+def test_dynamic_cp_size_is_the_smallest_group_that_holds_a_sample():
+    from megaring.layout import dynamic_cp_size
+
+    assert dynamic_cp_size(8, 2048, 2048, 8) == 1  # one rank holds a 2K sample
+    assert dynamic_cp_size(8, 2048, 1024, 8) == 2
+    assert dynamic_cp_size(8, 2048, 256, 8) == 8  # the whole ring
+    assert dynamic_cp_size(8, 2048, 2048, 2) == 4  # 8 groups cannot share 2 micro-batches; 2 groups of 4 can
+    assert dynamic_cp_size(6, 600, 300, 3) == 2  # 3 groups of 2 share 3 micro-batches
+
+
+def test_cp_groups_take_every_kth_micro_batch_and_cover_the_step_once():
+    """parallel.dynamic_cp: cp = 4 in 2 groups of 2; the groups' shards rebuild every sample of the step once."""
+    from megaring.layout import unshard_sequence
+
+    G, mb, seq_len = 8, 1, 512
+    plain = reader(balance="none", G=G, mb=mb, dp=1)
+    expected = {int(k): plain.read_sample(int(k)) for k in plain.sample_ordinals(0).ravel()}
+    seen = {}
+    for group in range(2):
+        rds = [build_batch_reader(MOCK, BatchShape(seq_len, G, mb), RankShard(0, 1, r, 2, "zigzag", 2, group), seed=5)
+               for r in range(2)]
+        assert rds[0].num_micro_batches == 4
+        ordinals = rds[0].sample_ordinals(0)
+        assert ordinals.ravel().tolist() == plain.sample_ordinals(0).ravel()[group::2].tolist()
+        for k in ordinals.ravel():
+            shards = [torch.from_numpy(rd.read_sample(int(k))["tokens"])[None] for rd in rds]
+            seen[int(k)] = unshard_sequence(shards, dim=1, layout="zigzag")[0]
+    assert sorted(seen) == sorted(expected)
+    for k, full in seen.items():
+        assert torch.equal(full, torch.from_numpy(expected[k]["tokens"])), k
+    with pytest.raises(ValueError, match="cannot be shared by 3 cp groups"):
+        build_batch_reader(MOCK, BatchShape(seq_len, G, mb), RankShard(0, 1, 0, 1, "zigzag", 3, 0), seed=5)

@@ -361,3 +361,18 @@ def test_rng_state_round_trips_through_json():
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_dynamic_cp_problems_are_listed_together():
+    cfg = compose_cfg("model=tiny", "data=mock", "parallel.cp=4", "parallel.ulysses=2", "parallel.dynamic_cp=true",
+                      "parallel.dynamic_cp_tokens=16", "trainer.seq_len=128", "data.balance=even")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=4)
+    msg = str(err.value)
+    for line in ("parallel.dynamic_cp_tokens=16: no cp group holds a sample of trainer.seq_len=128",
+                 "raise it to >= 32 or 0", "parallel.dynamic_cp regroups ring ranks only",
+                 "data.balance must be one of ('none', 'work'), got 'even'"):
+        assert line in msg, f"missing {line!r} in:\n{msg}"
+    ok = compose_cfg("model=tiny", "data=mock", "parallel.cp=4", "parallel.dynamic_cp=true",
+                     "parallel.dynamic_cp_tokens=64", "trainer.seq_len=128", "trainer.global_batch_size=8")
+    assert ok.attention_cp() == 2 and not collect_problems(ok, world_size=4)
