@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megaring.data.balance import BALANCE
+from megaring.data.mixture import source_problems
 
-DATA_KINDS = ("mock", "files")
+DATA_KINDS = ("mock", "files", "mixture")
 SPLITS = ("train", "valid")
 TOKENIZER_TYPES = ("bpe", "unigram")
 FORMATS = ("auto", "text", "chat", "prompt_completion")  # megaring-preprocess format=
@@ -37,6 +38,8 @@ class DataConfig:
     # True: positions restart at 0 at every document start and at the sample start.
     # False: positions run 0..seq_len-1 across the whole sample.
     reset_positions: bool = True
+    # kind=mixture: {<name>: {path, weight, valid_fraction, max_epochs}} (megaring.data.mixture)
+    sources: dict[str, Any] = field(default_factory=dict)
     # Where sample indices are cached; None: ``<path>/index`` (kind=files), memory only (mock).
     index_dir: str | None = None
     # Also check the .bin checksum when opening (reads the whole file once).
@@ -58,6 +61,15 @@ class DataConfig:
             out.append(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
         if self.kind == "files" and not self.path:
             out.append("data.path must name a directory written by megaring-preprocess when data.kind=files")
+        if self.kind == "mixture":
+            out += source_problems(self.sources)
+            out += [f"data.{k} is not used with data.kind=mixture: give each source its own under data.sources"
+                    for k in ("path", "valid_path") if getattr(self, k)]
+            if self.valid_fraction:
+                out.append("data.valid_fraction is not used with data.kind=mixture: set "
+                           "data.sources.<name>.valid_fraction")
+        elif self.sources:
+            out.append(f"data.sources is only read with data.kind=mixture (data.kind={self.kind!r})")
         if self.split not in SPLITS:
             out.append(f"data.split must be one of {SPLITS}, got {self.split!r}")
         if self.balance not in BALANCE:

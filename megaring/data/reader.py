@@ -32,6 +32,7 @@ import torch
 from megaring.data.balance import StepPlan, plan_step, sample_cost
 from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
+from megaring.data.mixture import Mixture, MixtureSchedule, SourceSpec, source_specs
 from megaring.data.mock import MockSource
 from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
 from megaring.data.store import StoreError
@@ -132,7 +133,8 @@ class BatchReader:
     """Micro-batches of this (dp rank, cp rank) for any step; see the module docstring for the order."""
 
     def __init__(self, source, index: SampleIndex, shape: BatchShape, shard: RankShard,
-                 *, reset_positions: bool = True, balance: str = "none", window: int | None = None):
+                 *, reset_positions: bool = True, balance: str = "none", window: int | None = None,
+                 mixture: Mixture | None = None):
         if shape.global_batch_size % (shape.micro_batch_size * shard.dp_size):
             raise ValueError(f"global_batch_size {shape.global_batch_size} must be divisible by "
                              f"micro_batch_size * dp = {shape.micro_batch_size} * {shard.dp_size}")
@@ -152,6 +154,7 @@ class BatchReader:
         self.reset_positions = reset_positions
         self.balance, self.window = balance, window  # data.balance; the attention window its costs use
         self._plan: tuple[int, StepPlan] | None = None  # the last step's plan, by consumed samples
+        self.mixture = mixture  # data.kind=mixture: ordinals map to (source, its ordinal); source/index: the first
 
     @property
     def vocab_size(self) -> int:
@@ -196,22 +199,28 @@ class BatchReader:
             self._plan = consumed_samples, plan_step(self.balance, costs, self.dp_size, self.micro_batch_size)
         return self._plan[1]
 
+    def locate(self, ordinal: int) -> tuple[object, int, int]:
+        """``(source, start_doc, start_token)`` of the ``ordinal``-th sample consumed."""
+        if self.mixture is None:
+            return self.source, *self.index.locate(ordinal)
+        return self.mixture.locate(ordinal)[1:]
+
     def sample_cost(self, ordinal: int) -> int:
         """Visible causal query-key pairs of the ``ordinal``-th sample (:func:`~megaring.data.balance.sample_cost`)."""
-        _, start_token = self.index.locate(ordinal)
-        return sample_cost(self.source.doc_starts, start_token, self.seq_len, self.window, self.reset_positions)
+        source, _, start_token = self.locate(ordinal)
+        return sample_cost(source.doc_starts, start_token, self.seq_len, self.window, self.reset_positions)
 
     def read_sample(self, ordinal: int) -> dict[str, np.ndarray]:
         """This cp rank's shard of the ``ordinal``-th sample: fields (seq_len / cp,) int64."""
-        start_doc, start_token = self.index.locate(ordinal)
+        source, start_doc, start_token = self.locate(ordinal)
         ranges = self.ranges
         if ranges is None:  # balanced: the plan of this sample's documents
-            lengths = sample_doc_lengths(self.source.doc_starts, start_token, self.seq_len)
+            lengths = sample_doc_lengths(source.doc_starts, start_token, self.seq_len)
             ranges = balanced_ranges(lengths, self.shard.cp_size)[self.shard.cp_rank]
-        sample = read_shard(self.source, start_doc, start_token, ranges, self.reset_positions)
+        sample = read_shard(source, start_doc, start_token, ranges, self.reset_positions)
         top = max(int(sample["tokens"].max()), int(sample["labels"].max()))  # a cheap check (IGNORE_INDEX < 0)
         if top >= self.vocab_size:
-            where = getattr(self.source, "path", "the data source")
+            where = getattr(source, "path", "the data source")
             raise StoreError(f"{where}: sample {ordinal} (from token {start_token}) holds token id {top}, outside the "
                              f"vocabulary of {self.vocab_size}: tokens.bin was changed after preprocessing; "
                              f"megaring-preprocess verify={where} names the damaged bytes")
@@ -243,9 +252,71 @@ def open_source(cfg: DataConfig):
 def describe_data(cfg: DataConfig) -> DataInfo:
     """Check the data config and source cheaply (no sample index); raises ``ValueError`` with every problem.
 
-    ``StoreError`` (a ``ValueError``) names a missing, truncated or corrupted data directory.
+    ``StoreError`` (a ``ValueError``) names a missing, truncated or corrupted data directory. A
+    mixture is described by its first source, with the documents and tokens of all of them.
     """
-    return source_info(cfg.kind, open_source(cfg))
+    if cfg.kind != "mixture":
+        return source_info(cfg.kind, open_source(cfg))
+    _, opened = open_mixture_sources(cfg)
+    return replace(source_info("mixture", opened[0]), num_documents=sum(ds.num_documents for ds in opened),
+                   num_tokens=sum(ds.num_tokens for ds in opened))
+
+
+def tokenizer_identity(ds) -> dict:
+    """What must agree between the sources of a mixture: the tokenizer and its special ids."""
+    return {"tokenizer_sha256": ds.metadata["tokenizer"].get("sha256"), "vocab_size": ds.vocab_size,
+            "bos_id": ds.bos_id, "eod_id": ds.eod_id}
+
+
+def open_mixture_sources(cfg: DataConfig) -> tuple[list[SourceSpec], list]:
+    """The specs and opened stores of ``data.sources`` (name order); every problem at once as a ``ValueError``:
+    a store that does not open, one tokenized with another tokenizer than the first source."""
+    problems = cfg.problems()
+    if problems:
+        raise ValueError(problem_list("invalid data config", problems))
+    specs, opened = source_specs(cfg.sources), []
+    for spec in specs:
+        try:
+            opened.append(open_dataset(spec.path, verify=cfg.verify_checksum))
+        except (ValueError, OSError) as err:
+            problems.append(f"data.sources.{spec.name}: {err}")
+            opened.append(None)
+    ref = next(((spec, ds) for spec, ds in zip(specs, opened) if ds is not None), None)
+    for spec, ds in zip(specs, opened):
+        if ds is None or ref is None or ds is ref[1]:
+            continue
+        theirs, ours = tokenizer_identity(ref[1]), tokenizer_identity(ds)
+        differing = ", ".join(f"{k} {ours[k]!r} vs {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
+        if differing:
+            problems.append(f"data.sources.{spec.name} ({spec.path}) and data.sources.{ref[0].name} ({ref[0].path}) "
+                            f"were tokenized differently ({differing}): preprocess every source with the same "
+                            "tokenizer.model")
+    if problems:
+        raise ValueError(problem_list("invalid data.sources", problems))
+    return specs, opened
+
+
+def mixture_problems(cfg: DataConfig, shape: BatchShape, max_steps: int, seed: int) -> list[str]:
+    """Before any collective: every source holds a sample of its split, and no ``max_epochs`` is passed
+    in ``max_steps`` steps (sample counts from the document offsets; no index is built)."""
+    specs, opened = open_mixture_sources(cfg)
+    out, counts = [], []
+    for spec, ds in zip(specs, opened):
+        d0, d1 = split_documents(ds.num_documents, cfg.split, spec.valid_fraction)
+        n = max(0, (int(ds.doc_starts[d1]) - int(ds.doc_starts[d0]) - 1) // shape.seq_len)
+        counts.append(n)
+        if n == 0:
+            out.append(f"data.sources.{spec.name}: split {cfg.split!r} of {spec.path} holds no sample of "
+                       f"trainer.seq_len + 1 = {shape.seq_len + 1} tokens")
+    if out:
+        return out
+    taken = MixtureSchedule([s.weight for s in specs], seed).counts_before(max_steps * shape.global_batch_size)
+    for spec, n, k in zip(specs, counts, taken):
+        if spec.max_epochs is not None and k > spec.max_epochs * n:
+            out.append(f"data.sources.{spec.name}: {max_steps} steps take {int(k)} samples from it, {k / n:.2f} "
+                       f"epochs of its {n}, more than max_epochs={spec.max_epochs:g}: lower its weight or "
+                       "trainer.max_steps, or raise max_epochs")
+    return out
 
 
 def source_info(kind: str, source) -> DataInfo:
@@ -263,13 +334,17 @@ def store_identity(cfg: DataConfig) -> dict | None:
     documents, the index's crc32 of ``tokens.bin``) and the tokenizer (sha256 of its model file,
     vocabulary, special ids). Cheap: the index and ``metadata.json`` only. None for the mock source,
     whose ``data.*`` keys are its identity (compared as config)."""
+    if cfg.kind == "mixture":  # per source, its tokens and weight (a moved store keeps its identity)
+        specs, opened = open_mixture_sources(cfg)
+        return {spec.name: {**_store_identity(spec.path, ds), "weight": spec.weight} for spec, ds in zip(specs, opened)}
     if cfg.kind != "files" or not cfg.path:
         return None
-    ds = open_dataset(cfg.path)
-    tokenizer = ds.metadata["tokenizer"]
-    return {"path": str(Path(cfg.path).resolve()), "documents": ds.num_documents, "tokens": ds.num_tokens,
-            "tokens_crc32": f"{ds.store.bin_crc32:08x}", "tokenizer_sha256": tokenizer.get("sha256"),
-            "vocab_size": ds.vocab_size, "bos_id": ds.bos_id, "eod_id": ds.eod_id}
+    return {"path": str(Path(cfg.path).resolve()), **_store_identity(cfg.path, open_dataset(cfg.path))}
+
+
+def _store_identity(path: str, ds) -> dict:
+    return {"documents": ds.num_documents, "tokens": ds.num_tokens, "tokens_crc32": f"{ds.store.bin_crc32:08x}",
+            **tokenizer_identity(ds)}
 
 
 def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, seed: int,
@@ -277,6 +352,8 @@ def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, 
     """The reader of this (dp rank, cp rank), with the split's sample index loaded or built.
     ``window``: the model's sliding window, which the sample costs of ``data.balance`` count."""
     seq_len = shape.seq_len
+    if cfg.kind == "mixture":
+        return _build_mixture_reader(cfg, shape, shard, seed=seed, window=window)
     source = open_source(cfg)
     d0, d1 = split_documents(source.num_documents, cfg.split, cfg.valid_fraction)
     split_tokens = int(source.doc_starts[d1]) - int(source.doc_starts[d0])
@@ -287,6 +364,27 @@ def build_batch_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, 
     index = load_sample_index(source.doc_starts, d0=d0, d1=d1, seq_len=seq_len, seed=seed, cache_path=cache)
     return BatchReader(source, index, shape, shard, reset_positions=cfg.reset_positions, balance=cfg.balance,
                        window=window)
+
+
+def _build_mixture_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, *, seed: int,
+                          window: int | None) -> BatchReader:
+    """A reader over the sources of ``data.sources``: one sample index each (seed ``[seed, crc32(name)]``,
+    cached beside each store), the schedule of :mod:`megaring.data.mixture` over them."""
+    specs, opened = open_mixture_sources(cfg)
+    indexes = []
+    for spec, ds in zip(specs, opened):
+        d0, d1 = split_documents(ds.num_documents, cfg.split, spec.valid_fraction)
+        one = replace(cfg, kind="files", path=spec.path, valid_fraction=spec.valid_fraction, sources={})
+        source_seed = (seed << 32) + spec.seed_salt
+        cache = _index_cache_path(one, ds, shape.seq_len, source_seed)
+        indexes.append(load_sample_index(ds.doc_starts, d0=d0, d1=d1, seq_len=shape.seq_len, seed=source_seed,
+                                         cache_path=cache))
+        if indexes[-1].num_samples == 0:
+            raise ValueError(f"data.sources.{spec.name}: split {cfg.split!r} of {spec.path} holds no sample of "
+                             f"seq_len + 1 = {shape.seq_len + 1} tokens")
+    mixture = Mixture(specs, opened, indexes, shape.global_batch_size, seed)
+    return BatchReader(opened[0], indexes[0], shape, shard, reset_positions=cfg.reset_positions,
+                       balance=cfg.balance, window=window, mixture=mixture)
 
 
 def _index_cache_path(cfg: DataConfig, source, seq_len: int, seed: int) -> Path | None:

@@ -193,7 +193,7 @@ class TrainConfig:
 FREE_FORM_KEYS = {
     "parallel.deepspeed": "extra DeepSpeed config merged into the generated one",
     "model.rope_scaling": "RoPE parameters as in a transformers config: {rope_type: ..., <parameters>}",
-    "data.sources": "named data sources of a mixture, {<name>: {path: ..., weight: ...}} (reserved)",
+    "data.sources": "named data sources of a mixture, {<name>: {path: ..., weight: ...}}",
 }
 # Config groups (configs/<group>/*.yaml): ``model=125m`` selects a file, it is not a key.
 CONFIG_GROUPS = ("model", "parallel", "data", "optim", "trainer", "eval", "logging")

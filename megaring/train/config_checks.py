@@ -28,6 +28,7 @@ from megaring.checkpoint.steps import (
 from megaring.checkpoint.universal import META, UNIVERSAL, UniversalError, UniversalState
 from megaring.data import describe_data, eval_data_problems, store_identity, tokenizer_vocab_problems
 from megaring.data.eval_reader import eval_batch_problems
+from megaring.data.reader import mixture_problems
 from megaring.distributed.init import backend_problems
 from megaring.engine.deepspeed_internals import installed_version
 from megaring.engine.deepspeed_internals import version_problem as deepspeed_version_problem
@@ -188,12 +189,16 @@ def data_problems(cfg: TrainConfig) -> list[str]:
         info = describe_data(cfg.data)
     except (ValueError, OSError) as err:
         return [f"data: {err}"]
+    if cfg.data.kind == "mixture" and cfg.trainer.seq_len >= 1 and cfg.trainer.global_batch_size >= 1:
+        mixture = mixture_problems(cfg.data, cfg.trainer.batch_shape(), cfg.trainer.max_steps, cfg.trainer.seed)
+        if mixture:
+            return mixture
     if info.num_tokens <= cfg.trainer.seq_len:
         return [f"data.path={cfg.data.path} holds {info.num_tokens} tokens, not enough for one sample of "
                 f"trainer.seq_len={cfg.trainer.seq_len} (+1 for the labels): preprocess more text, or lower "
                 "trainer.seq_len"]
     if info.vocab_size > cfg.model.vocab_size and not cfg.model.init_from:
-        where = f"data.path={cfg.data.path}" if cfg.data.kind == "files" else "data=mock"
+        where = {"files": f"data.path={cfg.data.path}", "mixture": "data.sources"}.get(cfg.data.kind, "data=mock")
         return [f"{where} has a vocabulary of {info.vocab_size} tokens, more than "
                 f"model.vocab_size={cfg.model.vocab_size} (model={cfg.model.name}): use a model with "
                 f"vocab_size >= {info.vocab_size}"]
@@ -204,6 +209,9 @@ def eval_problems(cfg: TrainConfig) -> list[str]:
     """Evaluation settings, and validation data that exists and fits the training data."""
     e = cfg.eval
     out = [f"eval.{n}={getattr(e, n)} must be >= 0" for n in ("every", "batches") if getattr(e, n) < 0]
+    if e.every > 0 and cfg.data.kind == "mixture":
+        return out + ["eval.every with data.kind=mixture: evaluation per source (eval_loss/<name>) is not built "
+                      "yet; set eval.every=0"]
     if e.every > 0 and not cfg.data.valid_path and cfg.data.valid_fraction <= 0:
         out.append(f"eval.every={e.every} needs validation data: set data.valid_path to a store written by "
                    "megaring-preprocess, or data.valid_fraction > 0 to hold out the last documents")

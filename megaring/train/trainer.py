@@ -323,6 +323,8 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
                            peak_tflops=meters.peak_tflops, tokens_seen=step * tokens_per_step, memory=meters.memory)
     dp_work = {"work_dp_imbalance": run.reader.step_plan(run.reader.consumed_samples(step - 1)).dp_imbalance,
                "effective_cp": run.reader.shard.cp_size}
+    if run.reader.mixture is not None:
+        dp_work["source_samples"] = run.reader.mixture.step_counts(run.reader.consumed_samples(step - 1))
     return metrics | work.metrics() | dp_work | guarded, note
 
 
