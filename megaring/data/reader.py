@@ -235,7 +235,10 @@ class BatchReader:
         out = []
         for row in self.sample_ordinals(consumed_samples):
             shards = [self.read_sample(int(k)) for k in row]
-            out.append({f: torch.from_numpy(np.stack([s[f] for s in shards])) for f in FIELDS})
+            mb = {f: torch.from_numpy(np.stack([s[f] for s in shards])) for f in FIELDS}
+            if self.mixture is not None:  # (B,) source id of each sample (per-source losses)
+                mb["source"] = torch.tensor([self.mixture.locate(int(k))[0] for k in row], dtype=torch.int64)
+            out.append(mb)
         return out
 
 

@@ -21,6 +21,7 @@ from megaring.distributed.flight import FLIGHT
 from megaring.distributed.mesh import Axis, ParallelMesh
 from megaring.engine.deepspeed_engine import TrainEngine
 from megaring.model import count_valid_tokens, local_loss
+from megaring.tensor_parallel.cross_entropy import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class StepResult:
     valid_tokens: int  # over the global batch
     applied: bool = True  # False: the update was skipped on every rank (non-finite gradients)
     empty: bool = False  # True: no trained token in the global batch; nothing was computed
+    # data=mixture: per source, (mean token loss, trained tokens) over the global batch
+    source_losses: tuple[tuple[float, int], ...] | None = None
 
 
 def others(axis: Axis) -> tuple[int, ...]:
@@ -38,8 +41,27 @@ def others(axis: Axis) -> tuple[int, ...]:
     return tuple(r for r in axis.ranks if r != axis.ranks[axis.rank])
 
 
+class SourceLosses:
+    """Token-loss sums and trained-token counts per source of a mixture (micro-batches carry a
+    ``source`` id per sample), all-reduced over ``dp_cp`` once per step."""
+
+    def __init__(self, num_sources: int, device: torch.device):
+        self.sums = torch.zeros(2, num_sources, dtype=torch.float64, device=device)  # (loss sum, tokens) x sources
+
+    def add(self, token_losses: torch.Tensor, labels: torch.Tensor, source: torch.Tensor) -> None:
+        """token_losses, labels: (B, S_local); source: (B,) ids."""
+        self.sums[0].index_add_(0, source, token_losses.detach().sum(dim=1).to(torch.float64))
+        self.sums[1].index_add_(0, source, (labels != IGNORE_INDEX).sum(dim=1).to(torch.float64))
+
+    def reduce(self, mesh: ParallelMesh) -> tuple[tuple[float, int], ...]:
+        if mesh.dp_cp.size > 1:
+            dist.all_reduce(self.sums, group=mesh.dp_cp.group)
+        return tuple((float(s / max(n, 1.0)), int(n)) for s, n in self.sums.T.tolist())
+
+
 def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], mesh: ParallelMesh,
-               device: torch.device, lr: float) -> StepResult:
+               device: torch.device, lr: float, num_sources: int = 0) -> StepResult:
+    """``num_sources``: a mixture's source count (its micro-batches carry ``source`` ids): per-source losses."""
     engine.set_lr(lr)
     batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
     labels = torch.stack([mb["labels"] for mb in batches])  # (micro_batches, B, S_local)
@@ -49,6 +71,7 @@ def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]]
     if count.item() == 0:  # the same on every rank: all skip together
         return StepResult(0.0, None, lr, 0, applied=False, empty=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    per_source = SourceLosses(num_sources, device) if num_sources else None
     outcome = None
     for i, mb in enumerate(batches):
         FLIGHT.at(micro_batch=i, phase="forward")
@@ -60,8 +83,12 @@ def train_step(engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]]
                             peers):
             outcome = engine.step()  # the update and its norm come on the last micro-batch
         loss_sum += token_losses.detach().sum().to(torch.float64)
+        if per_source is not None:
+            per_source.add(token_losses, mb["labels"], mb["source"])
     if mesh.dp_cp.size > 1:
         with FLIGHT.waiting("all-reduce of the loss over dp_cp", peers):
             dist.all_reduce(loss_sum, group=mesh.dp_cp.group)
+    with FLIGHT.waiting("all-reduce of the per-source losses over dp_cp", peers):
+        sources = per_source.reduce(mesh) if per_source is not None else None
     return StepResult((loss_sum / count.clamp(min=1.0)).item(), outcome.grad_norm, lr, int(count.item()),
-                      outcome.applied)
+                      outcome.applied, source_losses=sources)

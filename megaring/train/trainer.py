@@ -310,7 +310,9 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
     lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
     batches = run.reader.micro_batches(step - 1)
     with meters.profiler.around(step):
-        result = train_step(run.engine, batches, run.mesh, run.device, lr)
+        mixture = run.reader.mixture
+        result = train_step(run.engine, batches, run.mesh, run.device, lr,
+                            num_sources=len(mixture.names) if mixture is not None else 0)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     step_time_s = time.perf_counter() - began
@@ -325,6 +327,8 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
                "effective_cp": run.reader.shard.cp_size}
     if run.reader.mixture is not None:
         dp_work["source_samples"] = run.reader.mixture.step_counts(run.reader.consumed_samples(step - 1))
+        for name, (loss, tokens) in zip(run.reader.mixture.names, result.source_losses or ()):
+            dp_work[f"loss/{name}"] = loss if tokens else None  # None: no trained token of it this step
     return metrics | work.metrics() | dp_work | guarded, note
 
 

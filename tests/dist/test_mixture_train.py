@@ -1,5 +1,6 @@
-"""A weighted mixture of three stores in the trainer: the single-process run's losses at (2, 2, 1) and
-(1, 2, 2), ``source_samples`` every step, a resume mid-run bit-identical, bad sources refused at once."""
+"""A weighted mixture of three stores in the trainer: the single-process run's losses (overall and per
+source, ``loss/<name>``) at (2, 2, 1) and (1, 2, 2), ``source_samples`` every step, a resume mid-run
+bit-identical, bad sources refused at once."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def reference(pools, stores, tmp_path_factory) -> list[dict]:
     assert [m["step"] for m in ref] == [1, 2, 3, 4]
     assert all(sum(m["source_samples"].values()) == 8 and set(m["source_samples"]) == {"books", "code", "web"}
                for m in ref)
+    for m in ref:  # the per-source losses weigh back to the step's loss (every sample has seq_len labels)
+        mean = sum(m[f"loss/{n}"] * c for n, c in m["source_samples"].items() if c) / 8
+        assert mean == pytest.approx(m["loss"], rel=1e-9)
+        assert all((m[f"loss/{n}"] is None) == (c == 0) for n, c in m["source_samples"].items())
     return ref
 
 
@@ -53,6 +58,8 @@ def test_a_mixture_matches_single_process(pools, stores, reference, tmp_path, la
         assert g["loss"] == pytest.approx(r["loss"], rel=RTOL), f"loss at step {g['step']}"
         assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=RTOL), f"grad norm at step {g['step']}"
         assert g["source_samples"] == r["source_samples"]
+        for name in ("books", "code", "web"):
+            assert g[f"loss/{name}"] == pytest.approx(r[f"loss/{name}"], rel=RTOL), f"loss/{name} at step {g['step']}"
 
 
 def test_a_resume_inside_a_mixture_is_bit_identical(pools, stores, reference, tmp_path):
@@ -63,7 +70,7 @@ def test_a_resume_inside_a_mixture_is_bit_identical(pools, stores, reference, tm
     (ckpts / "latest").write_text("step_00000002")  # as if the run had stopped after step 2
     resumed = pools(2).run(_train, cfg, str(tmp_path))[0]
     assert [m["step"] for m in resumed] == [3, 4]
-    key = ("loss", "grad_norm", "source_samples")
+    key = ("loss", "grad_norm", "source_samples", "loss/books", "loss/code", "loss/web")
     assert [[m[k] for k in key] for m in resumed] == [[m[k] for k in key] for m in straight[2:]]
 
 
