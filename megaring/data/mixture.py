@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PHI = (math.sqrt(5.0) - 1.0) / 2.0
-SOURCE_KEYS = ("path", "weight", "valid_fraction", "max_epochs")
+SOURCE_KEYS = ("path", "weight", "valid_fraction", "max_epochs", "min_doc_tokens", "max_doc_tokens")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ class SourceSpec:
     weight: float
     valid_fraction: float = 0.0
     max_epochs: float | None = None
+    min_doc_tokens: int = 0  # keep documents of at least this many tokens (0: no bound) ...
+    max_doc_tokens: int = 0  # ... and at most this many (0: no bound): LengthFilter
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.min_doc_tokens or self.max_doc_tokens)
 
     @property
     def seed_salt(self) -> int:
@@ -67,6 +73,12 @@ def source_problems(sources) -> list[str]:
         fraction = spec.get("valid_fraction", 0.0)
         if not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
             out.append(f"{where}.valid_fraction must be in [0, 1), got {fraction!r}")
+        bounds = [spec.get(k, 0) for k in ("min_doc_tokens", "max_doc_tokens")]
+        for key, value in zip(("min_doc_tokens", "max_doc_tokens"), bounds):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                out.append(f"{where}.{key} must be an integer >= 0 (0: no bound), got {value!r}")
+        if all(isinstance(b, int) and b > 0 for b in bounds) and bounds[0] > bounds[1]:
+            out.append(f"{where}: min_doc_tokens={bounds[0]} is above max_doc_tokens={bounds[1]}")
         epochs = spec.get("max_epochs")
         if epochs is not None and (not isinstance(epochs, (int, float)) or not epochs > 0):
             out.append(f"{where}.max_epochs must be a positive number or null, got {epochs!r}")
@@ -76,8 +88,55 @@ def source_problems(sources) -> list[str]:
 def source_specs(sources: dict) -> list[SourceSpec]:
     """The sources of a valid ``data.sources``, in name order (the order of the share intervals)."""
     return [SourceSpec(name, str(spec["path"]), float(spec["weight"]), float(spec.get("valid_fraction", 0.0)),
-                       None if spec.get("max_epochs") is None else float(spec["max_epochs"]))
+                       None if spec.get("max_epochs") is None else float(spec["max_epochs"]),
+                       int(spec.get("min_doc_tokens", 0)), int(spec.get("max_doc_tokens", 0)))
             for name, spec in sorted(sources.items())]
+
+
+class LengthFilter:
+    """A store seen through a document-length filter, without rewriting it (``min_doc_tokens`` /
+    ``max_doc_tokens``): the kept documents back to back form the token stream the sample index
+    packs, and :meth:`read` maps a range of that stream to the store's pieces. Everything else
+    (vocabulary, tokenizer, identity) is the store's."""
+
+    def __init__(self, store, min_tokens: int, max_tokens: int):
+        self.inner = store  # the Dataset
+        lengths = np.diff(store.doc_starts)  # (D,)
+        keep = (lengths >= min_tokens) & ((lengths <= max_tokens) if max_tokens else True)
+        self.kept = np.flatnonzero(keep)  # (D',) store documents, in order
+        self.doc_starts = np.zeros(self.kept.size + 1, dtype=np.int64)  # (D' + 1,) in the filtered stream
+        np.cumsum(lengths[self.kept], out=self.doc_starts[1:])
+        self.bounds = (min_tokens, max_tokens)
+
+    def __getattr__(self, name):  # vocab_size, eod_id, bos_id, metadata, path, store, tokenizer_files, ...
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def num_documents(self) -> int:
+        return self.kept.size
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_starts[-1])
+
+    def _pieces(self, start: int, stop: int):
+        """(store start, store stop) of each piece of filtered tokens ``[start, stop)``."""
+        first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
+        for i in range(first, self.kept.size):
+            a, b = int(self.doc_starts[i]), int(self.doc_starts[i + 1])
+            if a >= stop:
+                break
+            base = int(self.inner.doc_starts[self.kept[i]]) - a
+            yield base + max(a, start), base + min(b, stop)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.concatenate([self.inner.read(a, b) for a, b in self._pieces(start, stop)])
+
+    def read_mask(self, start: int, stop: int) -> np.ndarray | None:
+        masks = [self.inner.read_mask(a, b) for a, b in self._pieces(start, stop)]
+        return None if masks[0] is None else np.concatenate(masks)
 
 
 class MixtureSchedule:

@@ -32,7 +32,7 @@ import torch
 from megaring.data.balance import StepPlan, plan_step, sample_cost
 from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
-from megaring.data.mixture import Mixture, MixtureSchedule, SourceSpec, source_specs
+from megaring.data.mixture import LengthFilter, Mixture, MixtureSchedule, SourceSpec, source_specs
 from megaring.data.mock import MockSource
 from megaring.data.sample_index import SampleIndex, load_sample_index, split_documents
 from megaring.data.store import StoreError
@@ -296,7 +296,8 @@ def open_mixture_sources(cfg: DataConfig) -> tuple[list[SourceSpec], list]:
                             "tokenizer.model")
     if problems:
         raise ValueError(problem_list("invalid data.sources", problems))
-    return specs, opened
+    return specs, [LengthFilter(ds, spec.min_doc_tokens, spec.max_doc_tokens) if spec.filtered else ds
+                   for spec, ds in zip(specs, opened)]
 
 
 def mixture_problems(cfg: DataConfig, shape: BatchShape, max_steps: int, seed: int) -> list[str]:
@@ -309,7 +310,9 @@ def mixture_problems(cfg: DataConfig, shape: BatchShape, max_steps: int, seed: i
         n = max(0, (int(ds.doc_starts[d1]) - int(ds.doc_starts[d0]) - 1) // shape.seq_len)
         counts.append(n)
         if n == 0:
-            out.append(f"data.sources.{spec.name}: split {cfg.split!r} of {spec.path} holds no sample of "
+            kept = (f" ({ds.num_documents} documents of {spec.min_doc_tokens or 1}-{spec.max_doc_tokens or 'any'} "
+                    "tokens kept)") if spec.filtered else ""
+            out.append(f"data.sources.{spec.name}: split {cfg.split!r} of {spec.path}{kept} holds no sample of "
                        f"trainer.seq_len + 1 = {shape.seq_len + 1} tokens")
     if out:
         return out
@@ -339,7 +342,9 @@ def store_identity(cfg: DataConfig) -> dict | None:
     whose ``data.*`` keys are its identity (compared as config)."""
     if cfg.kind == "mixture":  # per source, its tokens and weight (a moved store keeps its identity)
         specs, opened = open_mixture_sources(cfg)
-        return {spec.name: {**_store_identity(spec.path, ds), "weight": spec.weight} for spec, ds in zip(specs, opened)}
+        return {spec.name: {**_store_identity(spec.path, ds), "weight": spec.weight,
+                            **({"doc_tokens": [spec.min_doc_tokens, spec.max_doc_tokens]} if spec.filtered else {})}
+                for spec, ds in zip(specs, opened)}
     if cfg.kind != "files" or not cfg.path:
         return None
     return {"path": str(Path(cfg.path).resolve()), **_store_identity(cfg.path, open_dataset(cfg.path))}
@@ -380,6 +385,8 @@ def _build_mixture_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard, 
         one = replace(cfg, kind="files", path=spec.path, valid_fraction=spec.valid_fraction, sources={})
         source_seed = (seed << 32) + spec.seed_salt
         cache = _index_cache_path(one, ds, shape.seq_len, source_seed)
+        if cache is not None and spec.filtered:  # another stream than the whole store's
+            cache = cache.with_name(f"{cache.stem}-len{spec.min_doc_tokens}-{spec.max_doc_tokens}.npy")
         indexes.append(load_sample_index(ds.doc_starts, d0=d0, d1=d1, seq_len=shape.seq_len, seed=source_seed,
                                          cache_path=cache))
         if indexes[-1].num_samples == 0:

@@ -150,3 +150,30 @@ def test_the_prolong_recipe_of_configs_data_composes():
     assert {n: s["weight"] for n, s in cfg.data.sources.items()} == {"books": 0.25, "code_repos": 0.15,
                                                                      "short_sft": 0.6}
     assert not [p for p in cfg.data.problems() if "data.sources" in p]
+
+
+def test_length_filters_pack_only_the_documents_in_range(stores):
+    sources = {name: {"path": str(stores[name]), "weight": w} for name, w in WEIGHTS.items()}
+    sources["web"].update(min_doc_tokens=150, max_doc_tokens=180)
+    rd = reader(mixture_cfg(stores, sources=sources))
+    mix = rd.mixture
+    web = mix.names.index("web")
+    view = mix.sources[web]
+    store = view.inner
+    lengths = np.diff(store.doc_starts)
+    kept = [store.document(i) for i in range(store.num_documents) if 150 <= lengths[i] <= 180]
+    assert 0 < view.num_documents == len(kept) < store.num_documents
+    stream = np.concatenate(kept)
+    seen = 0
+    for k in range(200):
+        s, source, _, start = mix.locate(k)
+        if s != web:
+            continue
+        got = rd.read_sample(k)
+        np.testing.assert_array_equal(got["tokens"], stream[start:start + 64])  # the kept documents only
+        np.testing.assert_array_equal(got["labels"], stream[start + 1:start + 65])
+        assert (np.diff(np.flatnonzero(np.append(got["positions"], 0) == 0)) <= 180).all()
+        seen += 1
+    assert seen > 10
+    bad = dict(sources, web={"path": str(stores["web"]), "weight": 1, "min_doc_tokens": 9, "max_doc_tokens": 3})
+    assert "data.sources.web: min_doc_tokens=9 is above max_doc_tokens=3" in mixture_cfg(stores, sources=bad).problems()
