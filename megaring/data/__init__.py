@@ -10,7 +10,7 @@ Hugging Face tokenizer.
 from megaring.data.checks import eval_data_problems, tokenizer_vocab_problems
 from megaring.data.config import DataConfig, PreprocessConfig, TokenizerConfig
 from megaring.data.dataset import Dataset, open_dataset, write_tokenized
-from megaring.data.eval_reader import EvalReader, build_eval_reader
+from megaring.data.eval_reader import EvalReader, build_eval_reader, build_eval_readers
 from megaring.data.mock import MockSource
 from megaring.data.reader import (
     BatchReader,
@@ -29,6 +29,7 @@ __all__ = [
     "BatchReader", "BatchShape", "DataConfig", "DataInfo", "Dataset", "EvalReader", "MockSource", "PreprocessConfig",
     "RankShard",
     "StoreError", "Tokenizer", "TokenizerConfig", "TokenizerError", "build_batch_reader", "build_eval_reader",
+    "build_eval_readers",
     "describe_data", "eval_data_problems", "load_tokenizer", "open_dataset", "read_shard",
     "store_identity", "tokenizer_vocab_problems", "write_tokenized",
 ]

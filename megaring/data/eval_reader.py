@@ -21,6 +21,7 @@ import torch
 
 from megaring.data.config import DataConfig
 from megaring.data.dataset import open_dataset
+from megaring.data.mixture import source_specs
 from megaring.data.reader import BatchReader, BatchShape, RankShard, open_source
 from megaring.data.sample_index import SampleIndex, pack_samples, split_documents
 from megaring.errors import problem_list
@@ -89,8 +90,31 @@ def build_eval_reader(cfg: DataConfig, shape: BatchShape, shard: RankShard) -> E
     return EvalReader(reader, where)
 
 
+def mixture_eval_configs(cfg: DataConfig) -> dict[str, DataConfig]:
+    """``data=mixture``: one store config per source with a ``valid_fraction`` (its held-out tail,
+    unfiltered by ``min_doc_tokens`` / ``max_doc_tokens``), by name."""
+    return {spec.name: DataConfig(kind="files", path=spec.path, valid_fraction=spec.valid_fraction,
+                                  reset_positions=cfg.reset_positions, index_dir=cfg.index_dir,
+                                  verify_checksum=cfg.verify_checksum)
+            for spec in source_specs(cfg.sources) if spec.valid_fraction > 0}
+
+
+def build_eval_readers(cfg: DataConfig, shape: BatchShape, shard: RankShard) -> dict[str, EvalReader]:
+    """The eval readers of a run by source name: ``{"": reader}`` for one store, one per source with
+    validation data for a mixture (``eval_loss/<name>``)."""
+    if cfg.kind != "mixture":
+        return {"": build_eval_reader(cfg, shape, shard)}
+    return {name: build_eval_reader(one, shape, shard) for name, one in mixture_eval_configs(cfg).items()}
+
+
 def eval_batch_problems(cfg: DataConfig, shape: BatchShape) -> list[str]:
     """Why the validation data gives no full eval batch of ``shape`` (checked before training starts)."""
+    if cfg.kind == "mixture":
+        configs = mixture_eval_configs(cfg)
+        if not configs:
+            return ["eval.every with data=mixture needs validation data: set data.sources.<name>.valid_fraction > 0 "
+                    "for the sources to evaluate"]
+        return [f"data.sources.{name}: {p}" for name, one in configs.items() for p in eval_batch_problems(one, shape)]
     source, d0, d1, where = open_eval_split(cfg)
     if pack_samples(source.doc_starts, d0, d1, shape.seq_len).shape[0] >= shape.global_batch_size:
         return []

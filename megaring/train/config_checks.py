@@ -209,9 +209,10 @@ def eval_problems(cfg: TrainConfig) -> list[str]:
     """Evaluation settings, and validation data that exists and fits the training data."""
     e = cfg.eval
     out = [f"eval.{n}={getattr(e, n)} must be >= 0" for n in ("every", "batches") if getattr(e, n) < 0]
-    if e.every > 0 and cfg.data.kind == "mixture":
-        return out + ["eval.every with data.kind=mixture: evaluation per source (eval_loss/<name>) is not built "
-                      "yet; set eval.every=0"]
+    if e.every > 0 and cfg.data.kind == "mixture":  # per source (eval_loss/<name>)
+        if not cfg.data.problems() and cfg.trainer.seq_len >= 1 and cfg.trainer.global_batch_size >= 1:
+            out += _eval_batch_problems(cfg)
+        return out
     if e.every > 0 and not cfg.data.valid_path and cfg.data.valid_fraction <= 0:
         out.append(f"eval.every={e.every} needs validation data: set data.valid_path to a store written by "
                    "megaring-preprocess, or data.valid_fraction > 0 to hold out the last documents")

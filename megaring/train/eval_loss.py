@@ -39,3 +39,16 @@ def evaluate(engine: TrainEngine, reader: EvalReader, batches: int, mesh: Parall
         dist.all_reduce(total, group=mesh.dp_cp.group)
     loss = (total[0] / total[1].clamp(min=1.0)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(total[1].item())}
+
+
+def evaluate_sources(engine: TrainEngine, readers: dict[str, EvalReader], batches: int, mesh: ParallelMesh,
+                     device: torch.device) -> dict[str, float]:
+    """:func:`evaluate` of one store (``readers = {"": reader}``), or of each source of a mixture:
+    ``eval_loss/<name>`` each, and ``eval_loss`` / ``eval_ppl`` / ``eval_tokens`` over all of their tokens."""
+    if list(readers) == [""]:
+        return evaluate(engine, readers[""], batches, mesh, device)
+    parts = {name: evaluate(engine, reader, batches, mesh, device) for name, reader in readers.items()}
+    tokens = sum(p["eval_tokens"] for p in parts.values())
+    loss = sum(p["eval_loss"] * p["eval_tokens"] for p in parts.values()) / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": tokens,
+            **{f"eval_loss/{name}": p["eval_loss"] for name, p in parts.items()}}

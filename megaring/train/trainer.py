@@ -37,7 +37,7 @@ from megaring.data import (
     EvalReader,
     RankShard,
     build_batch_reader,
-    build_eval_reader,
+    build_eval_readers,
     describe_data,
     store_identity,
 )
@@ -57,7 +57,7 @@ from megaring.ops.preempt import Preempted, PreemptWatch
 from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.config import TrainConfig
 from megaring.train.config_checks import validate
-from megaring.train.eval_loss import evaluate
+from megaring.train.eval_loss import evaluate_sources
 from megaring.train.guards import NumericGuard
 from megaring.train.metrics import (
     MetricsFile,
@@ -97,7 +97,7 @@ class Run:
     device: torch.device
     engine: TrainEngine
     reader: BatchReader
-    eval_reader: EvalReader | None  # None: eval.every = 0
+    eval_readers: dict[str, EvalReader] | None  # by source ({"": reader} for one store); None: eval.every = 0
     resume: Resume | None
     data_identity: dict | None  # megaring.data.store_identity, recorded in every checkpoint
     traffic: Traffic  # ring attention's K/V bytes sent by this rank, read and reset every step
@@ -201,9 +201,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     engine = build_engine(model, cfg, mesh, device)
     shard = rank_shard(mesh, p.layout, attention_cp)
     reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed, window=cfg.model.sliding_window)
-    eval_reader = build_eval_reader(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
+    eval_readers = build_eval_readers(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
-    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_reader, resume,
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_readers, resume,
                store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env())
 
 
@@ -228,7 +228,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     start, note = resume_state(run)
     metrics_file = MetricsFile(run.run_dir / cfg.logging.metrics_file, start, mesh_record(cfg)) if is_logger else None
     tracker = Tracker(cfg, run.run_dir, rank=rank, world_size=run.mesh.dims.world_size,
-                      active=start < t.max_steps or run.eval_reader is not None)  # else nothing to log
+                      active=start < t.max_steps or run.eval_readers is not None)  # else nothing to log
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
     if is_logger:
         log_to_run_dir(run.run_dir)
@@ -250,13 +250,14 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
             tracker.log(record)
 
     def log_eval(step: int) -> None:
-        record = {"step": step, **evaluate(run.engine, run.eval_reader, cfg.eval.batches, run.mesh, run.device)}
+        measured = evaluate_sources(run.engine, run.eval_readers, cfg.eval.batches, run.mesh, run.device)
+        record = {"step": step, **measured}
         progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
                       f"({record['eval_tokens']:,} tokens)")
         log_record(record)
 
     try:
-        if run.eval_reader is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
+        if run.eval_readers is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
             log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
             metrics, guard_note = measured_step(run, step, meters)
@@ -267,7 +268,7 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
                 log_record(metrics)
             else:
                 history.append(metrics)
-            if run.eval_reader is not None and (step % cfg.eval.every == 0 or step == t.max_steps):
+            if run.eval_readers is not None and (step % cfg.eval.every == 0 or step == t.max_steps):
                 log_eval(step)
             saved = step == t.max_steps or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
             if saved:
