@@ -2,7 +2,7 @@
 micro-batches by attention cost) gives the single-process run's loss and gradient norm at (2, 2, 1)
 and (2, 1, 2), and logs the plan's ``work_dp_imbalance``, lower than the in-order one's.
 ``parallel.dynamic_cp`` (attention on cp' < cp ranks, the cp / cp' groups taking different
-micro-batches) does too at (1, 4, 1) (cp' = 2) and, with balance=work, at (2, 2, 1) (cp' = 1),
+micro-batches) does too at (1, 4, 1) (cp' = 2, with either balance) and, with balance=work, at (2, 2, 1) (cp' = 1),
 where a resume is also bit-identical."""
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def test_balanced_dp_matches_single_process_and_logs_the_plans_imbalance(pools, 
     assert all(m["effective_cp"] == layout[1] for m in steps(per_rank[0]))
 
 
-def test_dynamic_cp_on_half_the_ring_matches_single_process(pools, reference, tmp_path):
-    cfg = balance_cfg(1, 4, 1, "none", *DYNAMIC_CP)
+@pytest.mark.parametrize("balance", ["none", "work"])
+def test_dynamic_cp_on_half_the_ring_matches_single_process(pools, reference, tmp_path, balance):
+    cfg = balance_cfg(1, 4, 1, balance, *DYNAMIC_CP)
     per_rank = pools(4).run(_train, cfg, str(tmp_path))
     assert all([m.get("loss") for m in r] == [m.get("loss") for m in per_rank[0]] for r in per_rank)
     check_loss(reference, per_rank[0])  # the evaluation runs on the cp' groups too
