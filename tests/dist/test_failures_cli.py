@@ -45,6 +45,12 @@ RUN = [o for o in TINY_RUN if not o.startswith(("parallel.timeout_s", "trainer.m
 ]
 
 
+# A rank that is late for a step (MEGARING_TEST_FAULT=sleep) says so as its sleep begins; a signal sent
+# then reaches the workers well within LATE_S, inside that step.
+FAULT_LINE = "MEGARING_TEST_FAULT: sleep on rank {rank} at step {step}"
+LATE_S = 4
+
+
 def command(run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "megaring.train", *RUN, *overrides, f"hydra.run.dir={run_dir}"]
 
@@ -65,15 +71,28 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240, text: str
     raise AssertionError(f"{path} never appeared")
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def started(cmd: list[str], env: dict[str, str], out_dir: Path, **kwargs) -> subprocess.Popen:
+    """``cmd`` running, its stdout and stderr written to ``out_dir/stdout.txt`` and ``stderr.txt``
+    (readable while it runs: :func:`wait_for_text`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "stdout.txt", "w") as out, open(out_dir / "stderr.txt", "w") as err:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, **kwargs)
+
+
+def output(out_dir: Path) -> tuple[str, str]:
+    """The stdout and stderr of a :func:`started` command."""
+    return (out_dir / "stdout.txt").read_text(errors="replace"), (out_dir / "stderr.txt").read_text(errors="replace")
+
+
+def wait_for_text(out_dir: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the stdout or stderr of a :func:`started` command holds ``text``, while it runs."""
     deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics.is_file() and any(json.loads(line)["step"] == step for line in metrics.read_text().splitlines()):
+        if any(text in o for o in output(out_dir)):
             return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} never logged")
+        assert proc.poll() is None, output(out_dir)[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} was never printed")
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +103,21 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_sigterm_saves_at_the_agreed_step_and_the_rerun_is_bit_identical(reference, tmp_path):
-    env = clean_env(MEGARING_TEST_FAULT="sleep:rank=1:step=2:seconds=8")  # rank 1 is late for step 2
-    proc = subprocess.Popen(command(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path, 1, proc)
-    time.sleep(1.0)  # the workers are inside step 2 (rank 1 asleep, rank 0 waiting for it)
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    env = clean_env(MEGARING_TEST_FAULT=f"sleep:rank=1:step=2:seconds={LATE_S}")  # rank 1 is late for step 2
+    proc = started(command(run_dir), env, logs)
+    wait_for_text(logs, FAULT_LINE.format(rank=1, step=2), proc)  # rank 1 asleep, rank 0 waiting for it
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=240)
+    proc.wait(timeout=240)
+    _, stderr = output(logs)
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM received" in stderr and "stopped after step 2" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert [s for s, _, _ in losses(tmp_path)] == [1, 2]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert [s for s, _, _ in losses(run_dir)] == [1, 2]
 
-    ok(megaring_train(tmp_path))  # the same command again (a requeued job)
-    assert losses(tmp_path) == losses(reference)  # bit-identical on CPU
+    ok(megaring_train(run_dir))  # the same command again (a requeued job)
+    assert losses(run_dir) == losses(reference)  # bit-identical on CPU
 
 
 def test_nan_gradient_on_one_rank_skips_the_step_then_stops_past_max_bad_steps(tmp_path):
@@ -128,8 +148,10 @@ def test_a_held_run_directory_is_refused_and_a_late_step_boundary_exits_without_
     """The first run holds its directory while rank 0 sleeps in step 1; a second run there fails naming
     it. SIGTERM then finds no step boundary within trainer.preempt_grace_s: exit 128 + 15, no checkpoint."""
     env = clean_env(MEGARING_TEST_FAULT="sleep:rank=0:step=1:seconds=60")
-    first = subprocess.Popen(command(tmp_path, "trainer.preempt_grace_s=2"), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # parallel.timeout_s above the sleep: rank 1 waits on rank 0 meanwhile, and on a busy machine the
+    # second run can take longer than RUN's 30 s to be refused (the first then ended with a hang report).
+    first = subprocess.Popen(command(tmp_path, "trainer.preempt_grace_s=2", "parallel.timeout_s=120"), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock = tmp_path / "megaring.lock"
         deadline = time.monotonic() + 240
@@ -187,12 +209,12 @@ def test_slurm_time_limit_warning_saves_and_requeues(mode, reference, tmp_path):
                     GPUS_PER_NODE="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()),
                     SCONTROL_LOG=str(log))
     script = ["bash", str(ROOT / "launch" / "slurm.sbatch"), *RUN, f"hydra.run.dir={run_dir}"]
-    job = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "sleep:rank=1:step=2:seconds=8"}, cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(run_dir, 1, job)
-    time.sleep(1.0)
+    job_out = tmp_path / "job"
+    job = started(script, env | {"MEGARING_TEST_FAULT": f"sleep:rank=1:step=2:seconds={LATE_S}"}, job_out, cwd=ROOT)
+    wait_for_text(job_out, FAULT_LINE.format(rank=1, step=2), job)  # rank 1 inside step 2
     job.send_signal(signal.SIGUSR1)
-    stdout, stderr = job.communicate(timeout=240)
+    job.wait(timeout=240)
+    stdout, stderr = output(job_out)
     assert job.returncode == 0, stderr[-3000:]
     assert "USR1 received" in stdout and log.read_text().split() == ["requeue", "4242"], stdout
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
@@ -228,7 +250,7 @@ def test_sigterm_to_torchrun_during_a_save_completes_it_and_the_rerun_is_bit_ide
     env = clean_env(NPROC="2", PYTHON=sys.executable, MASTER_PORT=str(free_port()))
     script = ["bash", str(ROOT / "launch" / "torchrun.sh"), *RUN, "trainer.checkpoint_every=2",
               f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "slowsave:rank=0:step=2:seconds=5"}, cwd=ROOT,
+    proc = subprocess.Popen(script, env=env | {"MEGARING_TEST_FAULT": "slowsave:rank=0:step=2:seconds=3"}, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "checkpoints"
     wait_for(ckpt / "step_00000002.partial" / "trainer_state.json", proc)

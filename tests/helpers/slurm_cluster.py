@@ -82,9 +82,12 @@ class SlurmCluster:
     # A requeued job waits cred_expire + 1 s before it may start again: slurmd keeps the credential
     # of the killed attempt revoked, to the second, and refuses a launch with a credential of the
     # same second ("Killing non-startable batch job: Job credential revoked", the job ends FAILED).
-    # 10 s instead of slurm's 120 keeps the requeue tests short and still outlasts a launch on a
-    # busy machine; the schedulers look every second, so the job starts when its delay is over.
-    cred_expire_s = 10
+    # 5 s, the least slurm accepts, instead of its 120 keeps the requeue tests short (three requeues
+    # wait 6 s each). A credential only has to outlive the moment between slurmctld (or srun) making
+    # it and slurmd checking it at the launch, milliseconds, also on a busy machine: the
+    # tasks' Python start comes after that check. The schedulers look every second, so the job
+    # starts when its delay is over.
+    cred_expire_s = 5
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

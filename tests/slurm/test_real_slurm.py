@@ -3,8 +3,9 @@ through submitit, a job that does not fit, a lost rank followed by a resubmissio
 preemption: USR1 to the job's steps or to its batch script, and slurm's own time-limit warning.
 
 The cluster is the session's ``slurm_cluster`` (tests/slurm/conftest.py): this machine's CPUs in
-one partition, gloo. Runs are the tiny model on mock data, seq_len 64, two steps, so the losses
-of a slurm job can be compared bit for bit with the same run under megaring's own spawner.
+one partition, gloo. Runs are the tiny model on mock data, seq_len 64, two steps (eight at cp=2),
+so the losses of a slurm job can be compared bit for bit with the same run under megaring's own
+spawner, made once per module.
 """
 
 from __future__ import annotations
@@ -59,24 +60,27 @@ def job_output(out_dir: Path, job_id: str) -> str:
     return out.read_text() if out.is_file() else ""
 
 
+LONG = [*CP2, "trainer.max_steps=8"]
+
+
 @pytest.fixture(scope="module")
-def spawned_cp2(tmp_path_factory) -> Path:
-    """The reference: the same run under megaring's own spawner (``parallel.nproc_per_node=2``)."""
-    run_dir = tmp_path_factory.mktemp("spawned") / "run"
-    cmd = [sys.executable, "-m", "megaring.train", *CP2, "parallel.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
+def spawned_8_steps(tmp_path_factory) -> Path:
+    """The reference of every cp=2 job: 8 steps under megaring's own spawner (``parallel.nproc_per_node=2``)."""
+    run_dir = tmp_path_factory.mktemp("spawned8") / "run"
+    cmd = [sys.executable, "-m", "megaring.train", *LONG, "parallel.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
     ok(subprocess.run(cmd, cwd=ROOT, env=clean_env(PATH=f"{BIN}:{clean_env()['PATH']}"), capture_output=True,
                       text=True, timeout=240))
     return run_dir
 
 
 @pytest.mark.parametrize("mode", ["task", "torchrun"])
-def test_sbatch_matches_the_spawned_run_bit_for_bit(slurm_cluster, spawned_cp2, mode, tmp_path):
-    job_id = sbatch(slurm_cluster, mode, tmp_path, [*CP2, f"hydra.run.dir={tmp_path / 'run'}"])
+def test_sbatch_matches_the_spawned_run_bit_for_bit(slurm_cluster, spawned_8_steps, mode, tmp_path):
+    job_id = sbatch(slurm_cluster, mode, tmp_path, [*LONG, f"hydra.run.dir={tmp_path / 'run'}"])
     state, output = slurm_cluster.wait_job(job_id, 240), job_output(tmp_path, job_id)
     assert state == "COMPLETED", output[-4000:]
     assert f"megaring: mode={mode} nodes=1 tasks={1 if mode == 'torchrun' else 2}" in output
-    assert losses(tmp_path / "run") == losses(spawned_cp2)  # (step, loss, grad_norm), exactly
-    assert [s for s, _, _ in losses(spawned_cp2)] == [1, 2]
+    assert losses(tmp_path / "run") == losses(spawned_8_steps)  # (step, loss, grad_norm), exactly
+    assert [s for s, _, _ in losses(spawned_8_steps)] == list(range(1, 9))
 
 
 def sweep(cluster, sweep_dir: Path, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -157,19 +161,6 @@ def test_a_lost_rank_ends_the_job_and_a_resubmission_resumes(slurm_cluster, tmp_
     assert after[:killed_at] == before  # kept as written (timings too): steps after the checkpoint only were run
 
 
-LONG = [*CP2, "trainer.max_steps=8"]
-
-
-@pytest.fixture(scope="module")
-def spawned_8_steps(tmp_path_factory) -> Path:
-    """The uninterrupted reference of the preemption tests: 8 steps under megaring's own spawner."""
-    run_dir = tmp_path_factory.mktemp("spawned8") / "run"
-    cmd = [sys.executable, "-m", "megaring.train", *LONG, "parallel.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
-    ok(subprocess.run(cmd, cwd=ROOT, env=clean_env(PATH=f"{BIN}:{clean_env()['PATH']}"), capture_output=True,
-                      text=True, timeout=240))
-    return run_dir
-
-
 def logged_steps(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
@@ -246,6 +237,7 @@ def test_the_time_limit_warning_saves_requeues_and_the_job_ends_like_an_uninterr
     assert "restarts=2" not in output
     assert losses(run_dir) == losses(spawned_8_steps)
 
+
 def test_usr1_to_the_script_in_torchrun_mode_saves_requeues_and_ends_like_an_uninterrupted_run(
         slurm_cluster, spawned_8_steps, tmp_path):
     """torchrun mode: the script's TERM to the step reaches torchrun too (slurm signals every process of
@@ -253,8 +245,10 @@ def test_usr1_to_the_script_in_torchrun_mode_saves_requeues_and_ends_like_an_uni
     exit 0, torchrun exits 0, and the script requeues; the second attempt resumes and ends like an
     uninterrupted run, bit for bit."""
     run_dir = tmp_path / "run"
+    # Rank 0 pauses 6 s before step 3, so the signal, sent after step 2, surely lands mid-run (it takes
+    # well under a second to reach the workers); the resumed attempt runs without pauses.
     job_id = sbatch(slurm_cluster, "torchrun", tmp_path, [*LONG, f"hydra.run.dir={run_dir}"],
-                    MEGARING_TEST_FAULT="sleep:rank=0:step=3:until=6:seconds=4")
+                    MEGARING_TEST_FAULT="sleep:rank=0:step=3:seconds=6")
     wait_until(lambda: logged_steps(run_dir) >= 2, 180, "two steps")
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id, timeout=30)
     assert slurm_cluster.wait_job(job_id, 300) == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
