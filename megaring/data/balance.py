@@ -44,15 +44,11 @@ def piece_pairs(lengths: np.ndarray, window: int | None) -> np.ndarray:
     return np.where(n <= w, full, w * (w + 1) // 2 + (n - w) * w)
 
 
-def sample_cost(doc_starts: np.ndarray, start_token: int, seq_len: int, window: int | None,
-                reset_positions: bool = True) -> int:
-    """Visible causal pairs of the sample of ``seq_len`` tokens at ``start_token``."""
-    if not reset_positions:
-        return int(piece_pairs(np.array([seq_len]), window)[0])
-    lo = int(np.searchsorted(doc_starts, start_token, side="right"))
-    hi = int(np.searchsorted(doc_starts, start_token + seq_len, side="left"))
-    edges = np.concatenate([[start_token], doc_starts[lo:hi], [start_token + seq_len]]).astype(np.int64)
-    return int(piece_pairs(np.diff(edges), window).sum())
+def sample_cost(pieces, window: int | None) -> int:
+    """Visible causal pairs of a sample whose document pieces have ``pieces`` tokens
+    (:func:`megaring.data.reader.sample_doc_lengths`; one piece of ``seq_len`` when positions run
+    over the whole sample)."""
+    return int(piece_pairs(np.asarray(pieces, dtype=np.int64), window).sum())
 
 
 @dataclass(frozen=True)

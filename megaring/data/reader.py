@@ -208,7 +208,9 @@ class BatchReader:
     def sample_cost(self, ordinal: int) -> int:
         """Visible causal query-key pairs of the ``ordinal``-th sample (:func:`~megaring.data.balance.sample_cost`)."""
         source, _, start_token = self.locate(ordinal)
-        return sample_cost(source.doc_starts, start_token, self.seq_len, self.window, self.reset_positions)
+        pieces = sample_doc_lengths(source.doc_starts, start_token, self.seq_len) if self.reset_positions else (
+            self.seq_len,)
+        return sample_cost(pieces, self.window)
 
     def read_sample(self, ordinal: int) -> dict[str, np.ndarray]:
         """This cp rank's shard of the ``ordinal``-th sample: fields (seq_len / cp,) int64."""

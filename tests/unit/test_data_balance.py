@@ -8,6 +8,7 @@ import torch
 
 from megaring.data import BatchShape, DataConfig, RankShard, build_batch_reader
 from megaring.data.balance import balance_work, in_order, piece_pairs, plan_step, sample_cost
+from megaring.data.reader import sample_doc_lengths
 
 # Lognormal-ish documents (mean 300, a long tail) so samples of 512 tokens differ a lot in cost.
 MOCK = DataConfig(kind="mock", vocab_size=97, num_tokens=200_000, mean_doc_len=300, max_doc_len=4_000)
@@ -31,9 +32,13 @@ def test_piece_pairs_count_causal_and_window_rules():
 def test_sample_cost_sums_its_document_pieces():
     doc_starts = np.array([0, 3, 10, 50, 100])  # documents of 3, 7, 40, 50 tokens
     # a 20-token sample at token 5 holds 5 tokens of doc 1 and 15 of doc 2
-    assert sample_cost(doc_starts, 5, 20, None) == brute_pairs(5, None) + brute_pairs(15, None)
-    assert sample_cost(doc_starts, 5, 20, 4) == brute_pairs(5, 4) + brute_pairs(15, 4)
-    assert sample_cost(doc_starts, 5, 20, None, reset_positions=False) == brute_pairs(20, None)
+    pieces = sample_doc_lengths(doc_starts, 5, 20)
+    assert sample_cost(pieces, None) == brute_pairs(5, None) + brute_pairs(15, None)
+    assert sample_cost(pieces, 4) == brute_pairs(5, 4) + brute_pairs(15, 4)
+    assert sample_cost([20], None) == brute_pairs(20, None)  # positions over the whole sample: one piece
+    rd = reader(G=8, dp=2)  # the reader's cost of a sample is that of its pieces
+    _, _, start = rd.locate(3)
+    assert rd.sample_cost(3) == sample_cost(sample_doc_lengths(rd.source.doc_starts, start, 512), None)
 
 
 def test_lpt_keeps_counts_and_evens_out_a_skewed_batch():
