@@ -8,10 +8,10 @@ after ``timeout_s`` (collectives also time out), and the pool is torn down. A cl
 workers leave without the interpreter's teardown (see :func:`_worker`).
 
 Workers are forked from multiprocessing's forkserver, one process for the whole session that
-imports :data:`PRELOAD` once (it starts with the first pool): a spawned worker imported torch,
-DeepSpeed and megaring itself, several seconds of CPU per rank (a world-8 pool and its first
-training took 20 s on 2 cores; forked, 10 s). Each worker starts with the environment the pool
-was made in, as a spawned one would, not the server's.
+imports torch, DeepSpeed and megaring once (:data:`PRELOAD`; it starts with the first pool): a
+spawned worker imported them itself, several seconds of CPU per rank (a world-8 pool and its
+first training took 20 s on 2 cores; forked, 10 s). Each worker starts with the environment the
+pool was made in, as a spawned one would, not the server's.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 60
 # Imported once by the forkserver (before any thread or collective exists there), so that every
-# worker forked from it has them already.
-PRELOAD = ("torch", "torch.distributed", "megaring.train.trainer")
+# worker forked from it has torch and megaring's trainer already. A module of ours that guards its
+# imports: the forkserver itself would die on a broken one, and every pool with it, unexplained.
+PRELOAD = ("tests.helpers.preload",)
 CONTEXT = mp.get_context("forkserver")
 CONTEXT.set_forkserver_preload(list(PRELOAD))
 
@@ -39,7 +40,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, env: dict[str, str], tasks, results) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _worker(rank: int, world_size: int, port: int, env: dict[str, str], owner: int, tasks, results) -> None:
     import torch
     import torch.distributed as dist
 
@@ -50,7 +59,12 @@ def _worker(rank: int, world_size: int, port: int, env: dict[str, str], tasks, r
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if not _alive(owner):  # the test session was killed before it closed the pool: nobody to answer
+                os._exit(0)
+            continue
         if task is None:
             break
         fn, args = task
@@ -75,8 +89,9 @@ class WorkerPool:
         self.results = CONTEXT.Queue()
         self.tasks = [CONTEXT.Queue() for _ in range(world_size)]
         port, env = free_port(), dict(os.environ)
-        self.procs = [CONTEXT.Process(target=_worker, args=(r, world_size, port, env, self.tasks[r], self.results),
-                                      daemon=True) for r in range(world_size)]
+        args = (world_size, port, env, os.getpid())
+        self.procs = [CONTEXT.Process(target=_worker, args=(r, *args, self.tasks[r], self.results), daemon=True)
+                      for r in range(world_size)]
         for p in self.procs:
             p.start()
 
