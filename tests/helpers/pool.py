@@ -1,11 +1,17 @@
 """A pool of gloo worker processes that stays up for a whole test module.
 
-Spawning processes and importing torch costs seconds per rank; a module-scoped pool pays
+Starting processes and importing torch costs seconds per rank; a module-scoped pool pays
 it once and then runs many small distributed cases. Each task is a picklable module-level
 function ``fn(rank, world_size, *args)``; every rank runs it and the pool returns the list
 of per-rank results. A failing rank raises in the test with its traceback; a hang ends
 after ``timeout_s`` (collectives also time out), and the pool is torn down. A closed pool's
 workers leave without the interpreter's teardown (see :func:`_worker`).
+
+Workers are forked from multiprocessing's forkserver, one process for the whole session that
+imports torch, DeepSpeed and megaring once (:data:`PRELOAD`; it starts with the first pool): a
+spawned worker imported them itself, several seconds of CPU per rank (a world-8 pool and its
+first training took 20 s on 2 cores; forked, 10 s). Each worker starts with the environment the
+pool was made in, as a spawned one would, not the server's.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ import traceback
 import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 60
+# Imported once by the forkserver (before any thread or collective exists there), so that every
+# worker forked from it has torch and megaring's trainer already. A module of ours that guards its
+# imports: the forkserver itself would die on a broken one, and every pool with it, unexplained.
+PRELOAD = ("tests.helpers.preload",)
+CONTEXT = mp.get_context("forkserver")
+CONTEXT.set_forkserver_preload(list(PRELOAD))
 
 
 def free_port() -> int:
@@ -28,17 +40,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _worker(rank: int, world_size: int, port: int, env: dict[str, str], owner: int, tasks, results) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+    os.environ.clear()  # the pool's environment, not the forkserver's (made with the first pool)
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if not _alive(owner):  # the test session was killed before it closed the pool: nobody to answer
+                os._exit(0)
+            continue
         if task is None:
             break
         fn, args = task
@@ -59,13 +85,13 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
 class WorkerPool:
     def __init__(self, world_size: int, timeout_s: float = 180.0):
-        ctx = mp.get_context("spawn")
         self.world_size, self.timeout_s, self.closed = world_size, timeout_s, False
-        self.results = ctx.Queue()
-        self.tasks = [ctx.Queue() for _ in range(world_size)]
-        port = free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results),
-                                  daemon=True) for r in range(world_size)]
+        self.results = CONTEXT.Queue()
+        self.tasks = [CONTEXT.Queue() for _ in range(world_size)]
+        port, env = free_port(), dict(os.environ)
+        args = (world_size, port, env, os.getpid())
+        self.procs = [CONTEXT.Process(target=_worker, args=(r, *args, self.tasks[r], self.results), daemon=True)
+                      for r in range(world_size)]
         for p in self.procs:
             p.start()
 
