@@ -48,11 +48,16 @@ class Saved:
 
 
 def _accumulate(acc, grad, rows: slice, like: torch.Tensor):
-    """``acc[:, rows] += grad`` in float32. A first gradient covering every row becomes the
-    accumulator itself, so the peak step holds no extra zero-filled buffer."""
+    """``acc[:, rows] += grad`` in float32, ``acc`` in the memory layout of ``like``. A first
+    gradient covering every row is copied into an uninitialised one (no zero-filled buffer).
+
+    The layout matters: dK/dV accumulators travel as raw memory into a buffer shaped like the
+    receiver's own (:meth:`RingComm.send_recv`), so every rank's must have K's (heads-major)
+    strides; a kernel's gradient, kept as is, would be read scrambled by the next rank.
+    """
     if acc is None:
         if grad is not None and rows == ALL:
-            return grad.to(torch.float32).contiguous()
+            return torch.empty_like(like, dtype=torch.float32).copy_(grad)
         acc = torch.zeros_like(like, dtype=torch.float32)
     if grad is not None:
         acc[:, rows] += grad

@@ -215,3 +215,33 @@ def _tiled_masks_task(rank, world, layout, causal):
 def test_document_masks_in_tiles_match_reference(pools, world, layout, causal):
     per_rank = pools(world).run(_tiled_masks_task, layout, causal)
     _check(per_rank, layout, causal, tol_abs=1e-4)
+
+
+def _accumulator_layout_task(rank, world):
+    """Documents [0, 3) and [3, 24) at cp=2 (zigzag): rank 1's diagonal block is one document, a
+    single call whose gradient becomes its dK/dV accumulator, while rank 0's is cut into masked
+    tiles summed into a fresh one. The accumulators travel as raw memory, so both must have the
+    layout of K (heads-major), else the receiver reads them scrambled (a bug found by a staged run)."""
+    q, k, v, dout, _ = make_inputs(7, 1, SEQ, 4, 4, HEAD_DIM, False)
+    seg = (torch.arange(SEQ) >= 3).long()[None]
+    shard = dict(dim=1, rank=rank, world_size=world, layout="zigzag")
+    out = {}
+    for backward in ("whole", "chunked"):
+        ql, kl, vl = (shard_sequence(t, **shard).requires_grad_() for t in (q, k, v))
+        o = ring_attention(ql, kl, vl, group=dist.group.WORLD, segment_ids=shard_sequence(seg, **shard),
+                           kernel="torch", backward=backward, settings=RingSettings(mask_entries=40))
+        o.backward(shard_sequence(dout, **shard))
+        out[backward] = [t.detach() for t in (o, ql.grad, kl.grad, vl.grad)]
+    return out, seg
+
+
+def test_travelling_accumulators_keep_the_layout_of_k(pools):
+    results = pools(2).run(_accumulator_layout_task)
+    q, k, v, dout, _ = make_inputs(7, 1, SEQ, 4, 4, HEAD_DIM, False)
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    ref = masked_reference(q, k, v, causal=True, segment_ids=results[0][1])
+    ref.backward(dout.double())
+    for backward in ("whole", "chunked"):
+        for i, (what, want) in enumerate(zip(("out", "dq", "dk", "dv"), (ref.detach(), q.grad, k.grad, v.grad))):
+            got = unshard_sequence([r[0][backward][i] for r in results], dim=1, layout="zigzag")
+            assert (got.double() - want).abs().max() <= 1e-4, f"{backward} {what}"
