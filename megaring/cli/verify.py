@@ -36,7 +36,7 @@ from megaring.ops.spawn import launch
 from megaring.outdir import OutputError, OwnOutput, clear_own
 from megaring.ring.selfcheck import RingCase, check_ring
 from megaring.train.config import TrainConfig, register_configs, to_train_config
-from megaring.train.config_checks import model_problems, parallel_problems
+from megaring.train.config_checks import dynamic_cp_problems, model_problems, parallel_problems
 from megaring.train.metrics import read_metrics
 
 register_configs()
@@ -78,7 +78,7 @@ def layout_problems(cfg: TrainConfig) -> list[str]:
     """The configured layout as training checks it, before :func:`shrink` (whose sizes follow from
     it): the messages name the keys the user gave, not the shrunk run's."""
     p = cfg.parallel
-    return parallel_problems(cfg, p.dp * p.cp * p.tp) + model_problems(cfg)
+    return parallel_problems(cfg, p.dp * p.cp * p.tp) + dynamic_cp_problems(cfg) + model_problems(cfg)
 
 
 def compare(layout: list[dict], reference: list[dict], rel: float) -> tuple[list[str], int | None]:

@@ -40,6 +40,9 @@ class DataConfig:
     reset_positions: bool = True
     # kind=mixture: {<name>: {path, weight, valid_fraction, max_epochs}} (megaring.data.mixture)
     sources: dict[str, Any] = field(default_factory=dict)
+    # A run in stages: [{steps, seq_len, global_batch_size, sources: {<name>: weight}, rope_theta,
+    # rope_scaling}, ...] whose steps add up to trainer.max_steps (megaring.train.stages).
+    stages: list[Any] = field(default_factory=list)
     # Where sample indices are cached; None: ``<path>/index`` (kind=files), memory only (mock).
     index_dir: str | None = None
     # Also check the .bin checksum when opening (reads the whole file once).

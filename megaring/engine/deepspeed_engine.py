@@ -108,6 +108,11 @@ class TrainEngine:
         applied = self.ds.was_step_applied() and (own_norm is None or math.isfinite(own_norm))
         return StepOutcome(norm, applied)
 
+    def set_batch(self, cfg: TrainConfig) -> None:
+        """DeepSpeed's batch sizes for ``cfg`` (a new stage of ``data.stages``), between two steps."""
+        ds = deepspeed_config(cfg, torch.float32)
+        internals.restart_accumulation(self.ds, ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"])
+
     def save(self, directory: Path, tag: str) -> None:
         """This rank's model, optimizer and ZeRO shards under ``directory/tag`` (collective)."""
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)

@@ -256,3 +256,15 @@ def use_safe_loading(ds_engine) -> None:
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     ds_engine.checkpoint_engine = SafeTorchCheckpointEngine(ds_engine._config)
+
+
+def restart_accumulation(engine, micro_batch_size: int, global_batch_size: int) -> None:
+    """A new batch shape between two steps (a stage of ``data.stages``): DeepSpeed's micro-batch and
+    global batch through its public setters, which derive the accumulation steps, and the internal
+    ``micro_steps`` counter set back to 0. DeepSpeed finds its accumulation boundary from that
+    counter modulo the accumulation steps, so a counter left at a multiple of the old steps would
+    put the first boundary of the new shape in the wrong micro-batch. The counter feeds nothing
+    else in the versions of TESTED_RANGE (and is not saved: a resumed engine starts it at 0 too)."""
+    engine.set_train_micro_batch_size(micro_batch_size)
+    engine.set_train_batch_size(global_batch_size)
+    engine.micro_steps = 0

@@ -54,6 +54,15 @@ class ParallelContext:
         """One process: no tp, no cp."""
         return cls(Axis.single("tp"), Axis.single("cp"), **options)
 
+    def rebind_cp(self, cp: Axis) -> None:
+        """Run attention on ``cp`` from the next forward on: the one change after construction, at a
+        stage boundary of ``data.stages`` under ``parallel.dynamic_cp`` (the cp' of each stage's
+        sequence length). Every module holds this object, so all of them see the new axis; ``cp``
+        is all ring (dynamic cp requires ``parallel.ulysses=1``)."""
+        object.__setattr__(self, "cp", cp)
+        object.__setattr__(self, "cp_ring", cp)
+        object.__setattr__(self, "cp_ulysses", Axis.single("cp_ulysses"))
+
     @classmethod
     def from_mesh(cls, mesh: ParallelMesh, *, cp: Axis | None = None, **options) -> ParallelContext:
         """The context of ``mesh``; ``cp``: a ring-only sub-axis of its cp to run attention on

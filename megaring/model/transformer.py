@@ -54,6 +54,11 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_embeddings else OutputLayer(cfg.dim, self.head_settings)
         self.block_runner = BlockRunner(compile_backend) if cfg.compile else None
 
+    def set_rope(self, cfg: ModelConfig) -> None:
+        """Use ``cfg``'s RoPE (``rope_theta``, ``rope_scaling``) from the next forward on: a stage of
+        ``data.stages`` that changes them. The weights do not depend on RoPE."""
+        self.cfg, self.rope = cfg, RopeSettings.from_config(cfg)
+
     def check_inputs(self, tokens, positions, segment_ids) -> None:
         """Raise one error naming every problem, before any communication."""
         cp, tp = self.ctx.cp.size, self.ctx.tp.size

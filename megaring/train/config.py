@@ -114,6 +114,8 @@ class OptimConfig:
 class TrainerConfig:
     seq_len: int = 128
     global_batch_size: int = 8  # samples per optimizer step, over dp (cp ranks share samples)
+    # > 0: the global batch is tokens_per_step / seq_len (constant tokens across data.stages)
+    tokens_per_step: int = 0
     micro_batch_size: int = 1  # samples per forward on one rank
     max_steps: int = 100
     seed: int = 1234

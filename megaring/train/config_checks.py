@@ -6,6 +6,7 @@ all of them, so a user fixes a broken command in one go instead of one failed la
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,7 @@ from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 from megaring.train.profile import profile_steps_problems
+from megaring.train.stages import Stage, build_stages, stage_seed, structure_problems
 
 # DeepSpeed keys the trainer derives from its own config; parallel.deepspeed may not set them.
 OWNED_DEEPSPEED_KEYS = (
@@ -65,7 +67,6 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     except ValueError as err:
         out.append(str(err))
     out += [f"parallel.ring_settings.{problem}" for problem in p.ring().problems()]
-    out += dynamic_cp_problems(cfg)
     if p.timeout_s <= 0:
         out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
     out += backend_problems(p.backend)
@@ -291,10 +292,41 @@ def convertible_hint(ckpt_dir: Path) -> str:
     return f", or write {kept[-1]} into {ckpt_dir / 'latest'} to resume from that older checkpoint, which has it"
 
 
+def stage_check_problems(cfg: TrainConfig) -> list[str]:
+    """What depends on the sequence length and batch (a stage's own, :mod:`megaring.train.stages`)."""
+    return batch_problems(cfg) + dynamic_cp_problems(cfg) + model_problems(cfg) + data_problems(cfg) + \
+        eval_problems(cfg)
+
+
+def stages_problems(cfg: TrainConfig) -> list[str]:
+    """``data.stages`` / ``trainer.tokens_per_step``, then every stage checked as a run of its own
+    (its seq_len against the layout, its batch, its data): a problem of a later stage is found
+    before the run starts, not when it gets there. Lines of ``data.stages[i]`` name the stage."""
+    structure = structure_problems(cfg)
+    if structure:
+        return structure + stage_check_problems(cfg)
+    stages, out, seen = build_stages(cfg), [], set()
+    for stage in stages:
+        for problem in stage_check_problems(_checked_config(stage)):
+            if problem in seen:
+                continue  # the same in every stage (a data.path that does not exist): once
+            seen.add(problem)
+            out.append(f"data.stages[{stage.index}] (seq_len {stage.seq_len}, global batch "
+                       f"{stage.global_batch_size}): {problem}" if cfg.data.stages else problem)
+    return out
+
+
+def _checked_config(stage: Stage) -> TrainConfig:
+    """The stage's config as the data checks read it: its steps and its sample-order seed."""
+    t = stage.cfg.trainer
+    steps = stage.last - stage.first + 1
+    return dataclasses.replace(stage.cfg, trainer=dataclasses.replace(t, max_steps=steps,
+                                                                      seed=stage_seed(t.seed, stage.index)))
+
+
 def collect_problems(cfg: TrainConfig, world_size: int, ckpt_dir: Path | None = None) -> list[str]:
-    out = finite_problems(cfg) + parallel_problems(cfg, world_size) + batch_problems(cfg) + optim_problems(cfg)
-    out += operations_problems(cfg)
-    out += model_problems(cfg) + data_problems(cfg) + eval_problems(cfg) + logging_problems(cfg)
+    out = finite_problems(cfg) + parallel_problems(cfg, world_size) + optim_problems(cfg)
+    out += operations_problems(cfg) + stages_problems(cfg) + logging_problems(cfg)
     if ckpt_dir is not None:
         out += resume_problems(cfg, ckpt_dir, world_size)
     return out

@@ -69,6 +69,7 @@ from megaring.train.metrics import (
 )
 from megaring.train.profile import StepProfiler
 from megaring.train.schedule import learning_rate
+from megaring.train.stages import Stage, build_stages, stage_at, stage_seed
 from megaring.train.step import train_step
 from megaring.train.tracking import Tracker, mesh_record
 
@@ -96,7 +97,11 @@ class Run:
     mesh: ParallelMesh
     device: torch.device
     engine: TrainEngine
-    reader: BatchReader
+    stages: list[Stage]  # data.stages (one stage of the trainer's values without)
+    stage: Stage  # the stage of the next step; its config is what the step reads (seq_len, batch, weights)
+    ctx: ParallelContext  # the model's (its cp axis changes between stages under parallel.dynamic_cp)
+    cp_axes: dict[int, Axis]  # the attention cp axis of every stage, by size, built at start-up
+    reader: BatchReader  # the stage's
     eval_readers: dict[str, EvalReader] | None  # by source ({"": reader} for one store); None: eval.every = 0
     resume: Resume | None
     data_identity: dict | None  # megaring.data.store_identity, recorded in every checkpoint
@@ -192,19 +197,49 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
     traffic = Traffic()
-    attention_cp = build_cp_subaxis(mesh, cfg.attention_cp(), p.timeout_s)  # mesh.cp unless parallel.dynamic_cp
-    ctx = ParallelContext.from_mesh(mesh, cp=attention_cp, sequence_parallel=p.sequence_parallel, layout=p.layout,
-                                    attn_kernel=p.attn_kernel, ring_backward=p.ring_backward, ring_settings=p.ring(),
-                                    traffic=traffic)
     resume = find_resume(cfg, checkpoint_dir(cfg, run_dir))
-    model = build_weights(cfg, ctx, resume, mesh, device)
-    engine = build_engine(model, cfg, mesh, device)
-    shard = rank_shard(mesh, p.layout, attention_cp)
-    reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=t.seed, window=cfg.model.sliding_window)
-    eval_readers = build_eval_readers(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
+    stages = build_stages(cfg)
+    stage = stage_at(stages, (resume.state.step if resume else 0) + 1)
+    # every stage's attention cp (mesh.cp unless parallel.dynamic_cp), in one order on every rank
+    sizes = sorted({s.cfg.attention_cp() for s in stages})
+    cp_axes = {size: build_cp_subaxis(mesh, size, p.timeout_s) for size in sizes}
+    ctx = ParallelContext.from_mesh(mesh, cp=cp_axes[stage.cfg.attention_cp()],
+                                    sequence_parallel=p.sequence_parallel, layout=p.layout, attn_kernel=p.attn_kernel,
+                                    ring_backward=p.ring_backward, ring_settings=p.ring(), traffic=traffic)
+    model = build_weights(stage.cfg, ctx, resume, mesh, device)
+    engine = build_engine(model, stage.cfg, mesh, device)
+    reader, eval_readers = stage_readers(stage, mesh, ctx.cp)
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
-    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, reader, eval_readers, resume,
-               store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env())
+    return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, stages, stage, ctx, cp_axes, reader,
+               eval_readers, resume, store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env())
+
+
+def stage_readers(stage: Stage, mesh: ParallelMesh, attention_cp: Axis
+                  ) -> tuple[BatchReader, dict[str, EvalReader] | None]:
+    """The training reader (the stage's sample order, :func:`stage_seed`) and the eval readers of ``stage``."""
+    cfg = stage.cfg
+    t, shard = cfg.trainer, rank_shard(mesh, cfg.parallel.layout, attention_cp)
+    reader = build_batch_reader(cfg.data, t.batch_shape(), shard, seed=stage_seed(t.seed, stage.index),
+                                window=cfg.model.sliding_window)
+    eval_readers = build_eval_readers(cfg.data, t.batch_shape(), shard) if cfg.eval.every > 0 else None
+    return reader, eval_readers
+
+
+def enter_stage(run: Run, stage: Stage) -> str:
+    """Switch ``run`` to ``stage`` between two steps: attention's cp axis, the model's RoPE,
+    DeepSpeed's batch, the readers. The same on every rank (collective-free: the axes exist)."""
+    cfg = stage.cfg
+    axis = run.cp_axes[cfg.attention_cp()]
+    if axis is not run.ctx.cp:
+        run.ctx.rebind_cp(axis)
+    run.engine.module.set_rope(cfg.model)
+    run.engine.set_batch(cfg)
+    run.reader, run.eval_readers = stage_readers(stage, run.mesh, axis)
+    run.stage = stage
+    return (f"{stage.describe()} begins: rope_theta {cfg.model.rope_theta:g}"
+            + (f", rope_scaling {cfg.model.rope_scaling}" if cfg.model.rope_scaling else "")
+            + (f", sources {cfg.data.sources and {k: v['weight'] for k, v in cfg.data.sources.items()}}"
+               if cfg.data.kind == "mixture" else "") + f", attention cp {axis.size}")
 
 
 def rank_shard(mesh: ParallelMesh, layout: str, attention_cp: Axis | None = None) -> RankShard:
@@ -232,9 +267,11 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
     progress = ProgressBar(is_logger, cfg.logging.progress_bar, start, t.max_steps)
     if is_logger:
         log_to_run_dir(run.run_dir)
+    st = run.stage.cfg.trainer
     started = (f"run {run.run_dir}: model {cfg.model.name} ({cfg.model.init_from or 'seed ' + str(t.seed)}), "
-               f"{run.mesh.describe()}, ZeRO {cfg.parallel.zero_stage}, seq_len {t.seq_len}, "
-               f"global batch {t.global_batch_size}, steps {start + 1}-{t.max_steps}")
+               f"{run.mesh.describe()}, ZeRO {cfg.parallel.zero_stage}, seq_len {st.seq_len}, "
+               f"global batch {st.global_batch_size}, steps {start + 1}-{t.max_steps}"
+               + (f", {len(run.stages)} stages, now {run.stage.describe()}" if len(run.stages) > 1 else ""))
     for line in (started, run.resume and run.resume.note, note, run.lr_note, finished_note(start, t.max_steps)):
         if line:
             progress.note(line)
@@ -260,6 +297,8 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
         if run.eval_readers is not None and t.max_steps <= start:  # nothing to train: evaluate the model as it is
             log_eval(start)
         for step in range(start + 1, t.max_steps + 1):
+            if step > run.stage.last:
+                progress.note(enter_stage(run, stage_at(run.stages, step)))
             metrics, guard_note = measured_step(run, step, meters)
             progress.update(metrics)
             if guard_note:
@@ -303,13 +342,13 @@ class StepMeters:
 
 def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | None]:
     """Train ``step``; its metrics record and the numeric guard's note (None when the step was healthy)."""
-    cfg, t = run.cfg, run.cfg.trainer
+    cfg, t, stage = run.cfg, run.stage.cfg.trainer, run.stage
     FLIGHT.at(step=step, phase="data")
     run.fault.at_step(run.mesh.rank, step, run.engine.module)
     meters.memory.start()
     began = time.perf_counter()
     lr = learning_rate(step - 1, cfg.optim, run.lr_horizon)
-    batches = run.reader.micro_batches(step - 1)
+    batches = run.reader.micro_batches(stage.local_step(step))
     with meters.profiler.around(step):
         mixture = run.reader.mixture
         result = train_step(run.engine, batches, run.mesh, run.device, lr,
@@ -323,11 +362,14 @@ def measured_step(run: Run, step: int, meters: StepMeters) -> tuple[dict, str | 
     flops_per_token = model_flops_per_token(cfg.model, t.seq_len, work.pairs_total / tokens_per_step)
     metrics = step_metrics(step, result, step_time_s=step_time_s, tokens_per_step=tokens_per_step,
                            flops_per_token=flops_per_token, world_size=run.mesh.dims.world_size,
-                           peak_tflops=meters.peak_tflops, tokens_seen=step * tokens_per_step, memory=meters.memory)
-    dp_work = {"work_dp_imbalance": run.reader.step_plan(run.reader.consumed_samples(step - 1)).dp_imbalance,
+                           peak_tflops=meters.peak_tflops, tokens_seen=stage.tokens_after(step), memory=meters.memory)
+    consumed = run.reader.consumed_samples(stage.local_step(step))  # in the stage's own order
+    dp_work = {"work_dp_imbalance": run.reader.step_plan(consumed).dp_imbalance,
                "effective_cp": run.reader.shard.cp_size}
+    if len(run.stages) > 1:
+        dp_work |= {"stage": stage.index, "seq_len": t.seq_len, "global_batch_size": t.global_batch_size}
     if run.reader.mixture is not None:
-        dp_work["source_samples"] = run.reader.mixture.step_counts(run.reader.consumed_samples(step - 1))
+        dp_work["source_samples"] = run.reader.mixture.step_counts(consumed)
         for name, (loss, tokens) in zip(run.reader.mixture.names, result.source_losses or ()):
             dp_work[f"loss/{name}"] = loss if tokens else None  # None: no trained token of it this step
     return metrics | work.metrics() | dp_work | guarded, note
@@ -374,10 +416,10 @@ def resume_state(run: Run) -> tuple[int, str | None]:
 
 def save(run: Run, step: int) -> None:
     t = run.cfg.trainer
-    state = TrainerState(step=step, consumed_samples=run.reader.consumed_samples(step),
-                         tokens_seen=step * t.global_batch_size * t.seq_len, layout=run.cfg.parallel.layout_key(),
+    state = TrainerState(step=step, consumed_samples=run.stage.samples_after(step),
+                         tokens_seen=run.stage.tokens_after(step), layout=run.cfg.parallel.layout_key(),
                          lr_horizon=run.lr_horizon, config=result_config(run.cfg), data=run.data_identity)
-    universal = {"model_cfg": run.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
+    universal = {"model_cfg": run.stage.cfg.model, "dtype": resolve_dtype(t.dtype, run.device),
                  "tokenizer_files": tokenizer_files(run.cfg)} if t.universal_at(step) else None
     if not run.engine.has_optimizer_state():  # every step so far was skipped (e.g. empty)
         run.engine.prime_optimizer_states(0)  # Adam's fresh state, so that the checkpoint has moments to save
