@@ -40,4 +40,19 @@ def pytest_sessionstart(session):
         from deepspeed.comm.torch import build_shm_op
     except ImportError:  # DeepSpeed is not installed: the tests that need it say so
         return
+    remove_stale_build_lock()
     build_shm_op()
+
+
+def remove_stale_build_lock(older_than_s: float = 300.0) -> None:
+    """The lock of an earlier session that was killed during the build (the build takes ~35 s; a
+    lock this old belongs to no build in progress). torch's lock is a bare file, without a pid."""
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    if lock.is_file() and time.time() - lock.stat().st_mtime > older_than_s:
+        print(f"removing {lock}: a stale build lock, {time.time() - lock.stat().st_mtime:.0f} s old")
+        lock.unlink(missing_ok=True)
