@@ -1,7 +1,8 @@
 """``data.stages`` in the trainer: a curriculum of 512 then 2048 tokens (constant tokens per step,
 ``trainer.tokens_per_step``; a new ``rope_theta`` in stage 1) at cp=2, and with ``parallel.dynamic_cp``
 (cp'=1 on the short stage, the whole cp ring on the long one), gives the single-process run's losses
-and gradient norms; a resume inside stage 1 is bit-identical."""
+and gradient norms; a resume inside stage 1 is bit-identical on the same layout and continues the
+single-process run on another."""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def test_stages_with_dynamic_cp_switch_the_attention_ring(pools, reference, tmp_
     got = pools(4).run(_train, cfg, str(tmp_path))[0]
     assert_matches(reference, got)
     assert [m["effective_cp"] for m in got] == [1, 1, 2, 2, 2]  # 512 tokens fit one rank of 1024; 2048 need two
+    ckpts = tmp_path / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000005")
+    (ckpts / "latest").write_text("step_00000003")
+    moved = pools(2).run(_train, staged_cfg(1, 2), str(tmp_path))[0]  # inside stage 1, on another layout
+    assert_matches(reference[3:], moved)
 
 
 def test_stage_weights_change_the_sources_a_step_reads(pools, tmp_path):
