@@ -151,6 +151,20 @@ class EvalConfig:
 
     every: int = 0  # steps between evaluations (and at the final step); 0: off
     batches: int = 0  # eval batches of trainer.global_batch_size samples per evaluation; 0: the whole split
+    # Tasks beside the loss: "position_loss" (mean loss per position bucket, eval/position_loss/<a>-<b>)
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PositionLossConfig:
+    buckets: list[int] | None = None  # bucket edges from 0 (the last bucket ends at seq_len); None: powers of two
+
+
+@dataclass
+class EvalTasksConfig:
+    """Settings of each task of ``eval.tasks``."""
+
+    position_loss: PositionLossConfig = field(default_factory=PositionLossConfig)
 
 
 @dataclass
@@ -180,6 +194,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    eval_tasks: EvalTasksConfig = field(default_factory=EvalTasksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def attention_cp(self) -> int:

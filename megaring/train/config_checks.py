@@ -41,6 +41,7 @@ from megaring.layout import LAYOUTS
 from megaring.model import validate_model_config
 from megaring.ring.backward import BACKWARDS
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
+from megaring.train.eval_loss import EVAL_TASKS, position_edges_problems
 from megaring.train.profile import profile_steps_problems
 from megaring.train.stages import Stage, build_stages, stage_seed, structure_problems
 
@@ -210,6 +211,16 @@ def eval_problems(cfg: TrainConfig) -> list[str]:
     """Evaluation settings, and validation data that exists and fits the training data."""
     e = cfg.eval
     out = [f"eval.{n}={getattr(e, n)} must be >= 0" for n in ("every", "batches") if getattr(e, n) < 0]
+    unknown = [t for t in e.tasks if t not in EVAL_TASKS]
+    if unknown:
+        out.append(f"eval.tasks names {unknown}: the tasks are {list(EVAL_TASKS)}")
+    if e.tasks and e.every <= 0:
+        out.append(f"eval.tasks={list(e.tasks)} run at each evaluation: set eval.every > 0")
+    out += position_edges_problems(cfg.eval_tasks.position_loss.buckets)
+    edges = cfg.eval_tasks.position_loss.buckets or [0]
+    if edges[-1] >= cfg.trainer.seq_len >= 1:
+        out.append(f"eval_tasks.position_loss.buckets: the last edge {edges[-1]} must be below "
+                   f"trainer.seq_len={cfg.trainer.seq_len}")
     if e.every > 0 and cfg.data.kind == "mixture":  # per source (eval_loss/<name>)
         if not cfg.data.problems() and cfg.trainer.seq_len >= 1 and cfg.trainer.global_batch_size >= 1:
             out += _eval_batch_problems(cfg)

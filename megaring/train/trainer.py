@@ -57,7 +57,7 @@ from megaring.ops.preempt import Preempted, PreemptWatch
 from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.config import TrainConfig
 from megaring.train.config_checks import validate
-from megaring.train.eval_loss import evaluate_sources
+from megaring.train.eval_loss import evaluate_sources, position_edges
 from megaring.train.guards import NumericGuard
 from megaring.train.metrics import (
     MetricsFile,
@@ -287,7 +287,9 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
             tracker.log(record)
 
     def log_eval(step: int) -> None:
-        measured = evaluate_sources(run.engine, run.eval_readers, cfg.eval.batches, run.mesh, run.device)
+        edges = (position_edges(run.stage.seq_len, cfg.eval_tasks.position_loss.buckets)
+                 if "position_loss" in cfg.eval.tasks else None)
+        measured = evaluate_sources(run.engine, run.eval_readers, cfg.eval.batches, run.mesh, run.device, edges)
         record = {"step": step, **measured}
         progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
                       f"({record['eval_tokens']:,} tokens)")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.hf_models import llama_dir
+from tests.helpers.hf_models import llama_dir, transformers_token_losses
 from tests.helpers.train_cfg import compose_cfg, make_cfg
 
 pytestmark = pytest.mark.slow
@@ -39,25 +39,8 @@ def pretrained_cfg(hf: Path, *, dp=1, cp=1, tp=1, zero_stage=1, extra=()):
 
 def transformers_eval_loss(hf: Path, cfg) -> float:
     """transformers' mean next-token loss on the run's first eval batch, each packed document on its own."""
-    import transformers
-
-    from megaring.data import RankShard, build_eval_reader
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
-    reader = build_eval_reader(cfg.data, cfg.trainer.batch_shape(), RankShard())
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for mb in reader.micro_batches(0):
-            for row in range(mb["tokens"].shape[0]):
-                seg = mb["segment_ids"][row]
-                for s in seg.unique():
-                    keep = seg == s
-                    logits = model(input_ids=mb["tokens"][row][keep][None],
-                                   position_ids=mb["positions"][row][keep][None]).logits[0]
-                    total += torch.nn.functional.cross_entropy(logits.double(), mb["labels"][row][keep],
-                                                               reduction="sum").item()
-                    count += int(keep.sum())
-    return total / count
+    losses = torch.cat([loss for loss, _ in transformers_token_losses(hf, cfg)])
+    return losses.sum().item() / losses.numel()
 
 
 def test_eval_of_a_pretrained_checkpoint_at_1_2_2_equals_transformers(pools, hf_dir, tmp_path):

@@ -67,3 +67,25 @@ def hf_loss_and_logits(directory: Path, tokens: torch.Tensor) -> tuple[torch.Ten
     with torch.no_grad():
         out = model(input_ids=tokens, labels=tokens)
     return out.loss, out.logits
+
+
+def transformers_token_losses(directory: Path, cfg):
+    """transformers' float64 next-token losses on the first eval batch of ``cfg`` (one process),
+    each packed document run on its own: yields ``(losses, positions)`` per document."""
+    import transformers
+
+    from megaring.data import RankShard, build_eval_reader
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    reader = build_eval_reader(cfg.data, cfg.trainer.batch_shape(), RankShard())
+    with torch.no_grad():
+        for mb in reader.micro_batches(0):
+            for row in range(mb["tokens"].shape[0]):
+                seg = mb["segment_ids"][row]
+                for s in seg.unique():
+                    keep = seg == s
+                    pos = mb["positions"][row][keep]
+                    logits = model(input_ids=mb["tokens"][row][keep][None], position_ids=pos[None]).logits[0]
+                    yield torch.nn.functional.cross_entropy(logits.double(), mb["labels"][row][keep],
+                                                            reduction="none"), pos
