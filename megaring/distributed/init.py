@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megaring.distributed.env import LaunchEnv, read_launch_env
+from megaring.distributed.net_iface import choose_interface
 
 BACKENDS = ("nccl", "gloo")  # parallel.backend: null picks nccl on CUDA, gloo on CPU
 
@@ -38,12 +39,14 @@ def backend_problems(backend: str | None) -> list[str]:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
-                     single_process_group: bool = False) -> LaunchEnv:
+                     single_process_group: bool = False, net_iface: str | None = None) -> LaunchEnv:
     """Initialise the default process group if the launcher started several processes.
 
     A single process without a launcher stays undistributed, unless ``single_process_group``
     asks for a one-rank group (DeepSpeed needs one). ``timeout_s`` bounds every collective, so a
     dead rank ends the job with an error instead of a hang. A group already up is left as it is.
+    The network interface is ``net_iface`` or the route to the master address
+    (:func:`~megaring.distributed.net_iface.choose_interface`, logged by each host's local rank 0).
     """
     env = read_launch_env()
     if dist.is_initialized():
@@ -52,6 +55,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size > 1 or env.launcher != "none":
         env.export()
+        choose_interface(env.master_addr, net_iface, announce=env.local_rank == 0)
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)

@@ -60,6 +60,9 @@ class ParallelConfig:
     dynamic_cp: bool = False
     dynamic_cp_tokens: int = 0  # tokens per rank; 0: trainer.seq_len / cp
     timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job
+    # The network interface of gloo / NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); None: the one the
+    # kernel routes MASTER_ADDR through. Variables exported by the user win.
+    net_iface: str | None = None
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     # Extra DeepSpeed config merged into the generated one (e.g. ZeRO bucket sizes). Keys the
     # trainer owns (batch sizes, gradient_clipping, precision, zero stage) are rejected.
@@ -249,7 +252,7 @@ RUN_NEUTRAL_KEYS = (
     "trainer.keep_last", "trainer.preempt_exit_code", "trainer.preempt_grace_s", "trainer.max_bad_steps",
     "trainer.loss_spike_factor", "trainer.resume_allow_changes", "trainer.universal_every",
     "model.allow_unused_weights", "parallel.nproc_per_node", "parallel.timeout_s", "parallel.backend",
-    "parallel.allow_untested_deepspeed",
+    "parallel.allow_untested_deepspeed", "parallel.net_iface",
     "logging.wandb.mode", "logging.wandb.tags", "logging.progress_bar", "hydra/launcher",
 )
 

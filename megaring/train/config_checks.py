@@ -31,6 +31,7 @@ from megaring.data import describe_data, eval_data_problems, store_identity, tok
 from megaring.data.eval_reader import eval_batch_problems
 from megaring.data.reader import mixture_problems
 from megaring.distributed.init import backend_problems
+from megaring.distributed.net_iface import net_iface_problems
 from megaring.engine.deepspeed_internals import installed_version
 from megaring.engine.deepspeed_internals import version_problem as deepspeed_version_problem
 from megaring.errors import ConfigError
@@ -70,7 +71,7 @@ def parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     out += [f"parallel.ring_settings.{problem}" for problem in p.ring().problems()]
     if p.timeout_s <= 0:
         out.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
-    out += backend_problems(p.backend)
+    out += backend_problems(p.backend) + net_iface_problems(p.net_iface)
     owned = sorted(set(p.deepspeed) & set(OWNED_DEEPSPEED_KEYS))
     if owned:
         out.append(f"parallel.deepspeed may not set {owned}: they come from trainer.* and optim.*")

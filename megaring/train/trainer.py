@@ -141,7 +141,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, hydra_files: dict[str, str] | N
             if hydra_files:
                 write_hydra_files(run_dir, hydra_files)
         p = cfg.parallel
-        device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True), p.backend)
+        device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True,
+                                                  net_iface=p.net_iface), p.backend)
         run = build_run(cfg, run_dir, device)
         hang.start()
         return run_steps(run, watch)
