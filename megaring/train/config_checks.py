@@ -331,8 +331,7 @@ def stages_problems(cfg: TrainConfig) -> list[str]:
 def _checked_config(stage: Stage) -> TrainConfig:
     """The stage's config as the data checks read it: its steps and its sample-order seed."""
     t = stage.cfg.trainer
-    steps = stage.last - stage.first + 1
-    return dataclasses.replace(stage.cfg, trainer=dataclasses.replace(t, max_steps=steps,
+    return dataclasses.replace(stage.cfg, trainer=dataclasses.replace(t, max_steps=stage.steps,
                                                                       seed=stage_seed(t.seed, stage.index)))
 
 

@@ -51,6 +51,10 @@ class Stage:
     def seq_len(self) -> int:
         return self.cfg.trainer.seq_len
 
+    @property
+    def steps(self) -> int:
+        return self.last - self.first + 1
+
     def local_step(self, step: int) -> int:
         """The 0-based index of ``step`` inside this stage (what the stage's reader counts)."""
         return step - self.first
@@ -152,10 +156,15 @@ def _source_weight_problems(cfg: TrainConfig, weights, where: str) -> list[str]:
     for name, w in weights.items():
         if name not in names:
             out.append(f"{where}.sources.{name}: not a source of data.sources ({sorted(names)})")
-        w = w.get("weight") if isinstance(w, dict) else w
+        w = _weight(w)
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
             out.append(f"{where}.sources.{name} must be a weight >= 0 (0: not read in this stage), got {w!r}")
     return out
+
+
+def _weight(value):
+    """A stage's weight of a source: a number, or ``{weight: number}``."""
+    return value.get("weight") if isinstance(value, dict) else value
 
 
 def stage_config(cfg: TrainConfig, stage: dict[str, Any]) -> TrainConfig:
@@ -179,8 +188,7 @@ def _stage_sources(sources: dict, weights: dict | None) -> dict:
         return sources
     out = {}
     for name, spec in sources.items():
-        w = weights.get(name, spec.get("weight"))
-        w = w.get("weight") if isinstance(w, dict) else w
+        w = _weight(weights.get(name, spec.get("weight")))
         if w:
             out[name] = {**spec, "weight": w}
     return out

@@ -237,10 +237,12 @@ def enter_stage(run: Run, stage: Stage) -> str:
     run.engine.set_batch(cfg)
     run.reader, run.eval_readers = stage_readers(stage, run.mesh, axis)
     run.stage = stage
-    return (f"{stage.describe()} begins: rope_theta {cfg.model.rope_theta:g}"
-            + (f", rope_scaling {cfg.model.rope_scaling}" if cfg.model.rope_scaling else "")
-            + (f", sources {cfg.data.sources and {k: v['weight'] for k, v in cfg.data.sources.items()}}"
-               if cfg.data.kind == "mixture" else "") + f", attention cp {axis.size}")
+    parts = [f"rope_theta {cfg.model.rope_theta:g}"]
+    if cfg.model.rope_scaling:
+        parts.append(f"rope_scaling {cfg.model.rope_scaling}")
+    if cfg.data.kind == "mixture":
+        parts.append(f"sources { {name: spec['weight'] for name, spec in cfg.data.sources.items()} }")
+    return f"{stage.describe()} begins: {', '.join(parts)}, attention cp {axis.size}"
 
 
 def rank_shard(mesh: ParallelMesh, layout: str, attention_cp: Axis | None = None) -> RankShard:
