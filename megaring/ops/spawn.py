@@ -17,6 +17,7 @@ prints its own reason (a config error: rank 0 only, it is every rank's).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -171,7 +172,25 @@ def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, r
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    sys.exit(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank), hydra_files))
+    exit_now(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank), hydra_files))
+
+
+def exit_now(code: int) -> None:
+    """End this worker process with ``code`` once its output is flushed, skipping the interpreter's teardown.
+
+    The run is over (checkpoint written, process group destroyed), but DeepSpeed's module globals still
+    hold the gloo process groups; when the interpreter frees them at exit, a gloo worker thread can be
+    destroyed while joinable and abort the process (``terminate called without an active exception``,
+    SIGABRT), turning a finished run into a failed one about once in a few hundred runs. A spawned worker
+    is a process of its own, so nothing after this point is ours to run. (An exception escaping the
+    training still takes torch's path, which records its traceback for the parent.)"""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more to say
+            pass
+    os._exit(code)
 
 
 def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | None = None,
