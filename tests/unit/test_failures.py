@@ -315,3 +315,23 @@ def test_no_wandb_run_when_there_is_nothing_to_log(tmp_path):
     tracker.log({"step": 1, "loss": 1.0})
     tracker.finish()
     assert tracker.run is None and not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_run_id").exists()
+
+
+def test_spawned_worker_exit_keeps_its_output_and_skips_the_teardown(tmp_path):
+    """exit_now: the status and the buffered output survive; atexit (the interpreter's teardown) never runs."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "teardown-ran"
+    script = ("import atexit, logging, sys, pathlib\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).touch)\n"
+              "from megaring.ops.spawn import exit_now\n"
+              "print('printed, still buffered', end='')\n"
+              "print('on stderr', end='', file=sys.stderr)\n"
+              "exit_now(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": ""})
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "printed, still buffered"
+    assert done.stderr.endswith("on stderr")
+    assert not marker.exists()
