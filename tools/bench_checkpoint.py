@@ -88,7 +88,7 @@ def _save_worker(rank: int, world: int, port: int, work: str, model_args: list[s
                       "trainer.dtype=float32", "trainer.seq_len=64", f"trainer.global_batch_size={world}",
                       "logging.wandb.mode=disabled")
     mesh = build_mesh(cfg.parallel.dims())
-    engine = build_engine(build_weights(cfg, ParallelContext.from_mesh(mesh), None, mesh, torch.device("cpu")),
+    engine = build_engine(build_weights(cfg, ParallelContext.from_mesh(mesh), mesh, torch.device("cpu")),
                           cfg, mesh, torch.device("cpu"))
     engine.prime_optimizer_states(1)
     walls = {"before": [], "after": []}

@@ -99,13 +99,19 @@ def hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:  # the user's to fix: the message, not a traceback
         print(f"megaring-train: {err}", file=sys.stderr)
         sys.exit(2)
+    launch_or_exit("megaring-train", train_cfg, Path(hydra_cfg.runtime.output_dir), hydra_files(cfg))
+
+
+def launch_or_exit(prog: str, cfg, run_dir: Path, files, job=None) -> None:
+    """Start the workers (:func:`megaring.ops.spawn.launch`); a config problem found there exits with
+    status 2, a failed worker with 1, and a worker's own exit status (preemption, guards) is passed on."""
     try:
-        status = launch(train_cfg, Path(hydra_cfg.runtime.output_dir), hydra_files(cfg))
+        status = launch(cfg, run_dir, files, job=job)
     except ConfigError as err:
-        print(f"megaring-train: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(2)
     except WorkerFailed as err:
-        print(f"megaring-train: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(1)
     if status:
         sys.exit(status)

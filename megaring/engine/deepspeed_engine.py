@@ -73,8 +73,11 @@ class TrainEngine:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
 
-    def forward(self, tokens, positions, segment_ids, labels=None):
-        """The model's logits, or with ``labels`` its float32 token losses (see ``Transformer``)."""
+    def forward(self, tokens, positions, segment_ids, labels=None, predict: bool = False):
+        """The model's logits, or with ``labels`` its float32 token losses, or with ``predict`` its greedy
+        next tokens at the labelled positions (see ``Transformer``)."""
+        if predict:
+            return self.ds(tokens, positions, segment_ids, labels=labels, predict=True)
         return self.ds(tokens, positions, segment_ids, labels=labels)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -153,7 +153,7 @@ def _ulysses_problems(cfg: ModelConfig, tp: int, ulysses: int) -> list[str]:
         f"model.n_kv_heads={cfg.kv_heads}") for p in problems]
 
 
-def _seq_problems(seq_len: int, *, tp: int, cp: int, sequence_parallel: bool, layout: str) -> list[str]:
+def seq_len_problems(seq_len: int, *, tp: int, cp: int, sequence_parallel: bool, layout: str) -> list[str]:
     if (problem := length_problem(seq_len, cp, layout)) is not None:
         return [problem]
     if sequence_parallel and (seq_len // cp) % tp:
@@ -179,7 +179,7 @@ def validate_model_config(
         out += _tp_problems(cfg, tp) + _ulysses_problems(cfg, tp, ulysses)
     out += _variant_problems(cfg)
     if seq_len is not None:
-        out += _seq_problems(seq_len, tp=tp, cp=cp, sequence_parallel=sequence_parallel, layout=layout)
+        out += seq_len_problems(seq_len, tp=tp, cp=cp, sequence_parallel=sequence_parallel, layout=layout)
         if cfg.sliding_window is not None and cfg.sliding_window < 1:
             out.append(f"model.sliding_window={cfg.sliding_window} must be >= 1 (or null: no window)")
     if ulysses > 1 and (layout == "balanced" or cfg.sliding_window is not None):

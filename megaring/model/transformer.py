@@ -84,7 +84,11 @@ class Transformer(nn.Module):
             dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.ctx.cp.group)
         return int(longest.item())
 
-    def forward(self, tokens, positions, segment_ids=None, *, labels=None, rope_seq_len: int | None = None):
+    def forward(self, tokens, positions, segment_ids=None, *, labels=None, predict: bool = False,
+                rope_seq_len: int | None = None):
+        """Logits; with ``labels``, the per-token losses; with ``labels`` and ``predict=True``, the greedy
+        next token at every labelled position (-1 elsewhere; the argmax over the whole vocabulary, across
+        tp ranks), which the retrieval tasks score (megaring.model.head.lm_predictions)."""
         self.check_inputs(tokens, positions, segment_ids)
         h = self.tok_embeddings(tokens)  # (B, S[/tp], dim)
         seq_len = self._rope_seq_len(positions, rope_seq_len)
@@ -95,8 +99,8 @@ class Transformer(nn.Module):
             h = self._run_layer(layer, h, cos, sin, segment_ids, mask_positions)
         h = self.norm(h)
         if self.output is not None:
-            return self.output(h, labels)  # (B, S, V_pad / tp) logits, or (B, S) losses
-        return lm_head(h, self.tok_embeddings.weight, labels, self.head_settings)
+            return self.output(h, labels, predict)  # (B, S, V_pad / tp) logits, or (B, S) losses / predictions
+        return lm_head(h, self.tok_embeddings.weight, labels, self.head_settings, predict)
 
     def _run_layer(self, layer, h, cos, sin, segment_ids, mask_positions):
         run = self.block_runner or _call

@@ -50,11 +50,13 @@ class WorkerFailed(RuntimeError):
     """A spawned worker exited with an error; the others were stopped."""
 
 
-def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None = None) -> int:
+def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None = None, job=None) -> int:
     """Run (or spawn) the training; returns the exit status (see docs/training.md, "When things go wrong").
 
     ``hydra_files``: Hydra's record of the command, written into the run directory by rank 0 once it
-    holds the locks (:func:`megaring.checkpoint.rundir.write_hydra_files`)."""
+    holds the locks (:func:`megaring.checkpoint.rundir.write_hydra_files`). ``job``: what each worker
+    runs instead of :func:`train`, called the same way (a picklable callable; its ``prog`` attribute
+    names the command in messages), e.g. ``megaring-eval``'s."""
     try:
         n = cfg.parallel.local_workers()
     except ValueError as err:
@@ -62,20 +64,21 @@ def launch(cfg: TrainConfig, run_dir: Path, hydra_files: dict[str, str] | None =
     if n > 0 and read_launch_env().launcher == "none":
         validate(cfg, n)  # fail fast in the parent; the workers check again
         check_free(run_dir, checkpoint_dir(cfg, run_dir), cfg.trainer.max_steps > 0)
-        return spawn_workers(cfg, run_dir, n, hydra_files)
-    return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files=hydra_files)
+        return spawn_workers(cfg, run_dir, n, hydra_files, job)
+    return run_and_report(cfg, run_dir, read_launch_env().rank, hydra_files=hydra_files, job=job)
 
 
-def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int, hydra_files: dict[str, str] | None = None) -> int:
+def spawn_workers(cfg: TrainConfig, run_dir: Path, nprocs: int, hydra_files: dict[str, str] | None = None,
+                  job=None) -> int:
     with tempfile.TemporaryDirectory(prefix="megaring-reasons-") as reasons:
-        return _spawn_and_join(cfg, run_dir, nprocs, Path(reasons), hydra_files)
+        return _spawn_and_join(cfg, run_dir, nprocs, Path(reasons), hydra_files, job)
 
 
 def _spawn_and_join(cfg: TrainConfig, run_dir: Path, nprocs: int, reasons: Path,
-                    hydra_files: dict[str, str] | None) -> int:
+                    hydra_files: dict[str, str] | None, job=None) -> int:
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nprocs)
-    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir, reasons, hydra_files),
+    context = mp.start_processes(_worker, args=(nprocs, port, threads, cfg, run_dir, reasons, hydra_files, job),
                                  nprocs=nprocs, join=False, start_method="spawn")
     signalled: list[int] = []
 
@@ -100,7 +103,8 @@ def _spawn_and_join(cfg: TrainConfig, run_dir: Path, nprocs: int, reasons: Path,
         print("\n".join(said), file=sys.stderr, flush=True)
     if code in (CONFIG_EXIT_CODE, DIVERGED_EXIT_CODE, HANG_EXIT_CODE, cfg.trainer.preempt_exit_code) or signalled:
         return code if code > 0 else 128 - code  # the worker said why; -N: killed by signal N
-    raise WorkerFailed(f"training worker rank {rank} failed ({describe_exit(code)}) and the other workers were "
+    what = "training" if job is None else prog_of(job)
+    raise WorkerFailed(f"{what} worker rank {rank} failed ({describe_exit(code)}) and the other workers were "
                        f"stopped{worker_traceback(context.error_files[rank])}")
 
 
@@ -165,14 +169,14 @@ def worker_traceback(error_file: str) -> str:
 
 
 def _worker(rank: int, nprocs: int, port: int, threads: int, cfg: TrainConfig, run_dir: Path,
-            reasons: Path, hydra_files: dict[str, str] | None) -> None:
+            reasons: Path, hydra_files: dict[str, str] | None, job=None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    exit_now(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank), hydra_files))
+    exit_now(run_and_report(cfg, run_dir, rank, reason_file(reasons, rank), hydra_files, job))
 
 
 def exit_now(code: int) -> None:
@@ -194,10 +198,16 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def prog_of(job) -> str:
+    return getattr(job, "prog", "megaring-train")
+
+
 def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | None = None,
-                   hydra_files: dict[str, str] | None = None) -> int:
-    """Train; a deliberate stop becomes its exit status and one message, written to ``reason`` (a
-    spawned worker: the parent prints it) or printed (rank 0's, or every rank's when it may differ)."""
+                   hydra_files: dict[str, str] | None = None, job=None) -> int:
+    """Train (or run ``job``); a deliberate stop becomes its exit status and one message, written to
+    ``reason`` (a spawned worker: the parent prints it) or printed (rank 0's, or every rank's when it
+    may differ)."""
+    prog = prog_of(job)
 
     def say(message: str, every_rank: bool) -> None:
         if reason is not None:
@@ -206,15 +216,15 @@ def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | No
             print(message, file=sys.stderr, flush=True)
 
     try:
-        train(cfg, run_dir, hydra_files)
+        (job or train)(cfg, run_dir, hydra_files)
         return 0
     except Preempted as err:
         return err.exit_code  # rank 0 has said where it saved
     except (BadInput, CheckpointError, StoreError, UniversalError) as err:  # the user's to fix: the message only
-        say(f"megaring-train: {err}", every_rank=not isinstance(err, ConfigError))  # (config errors: every rank's)
+        say(f"{prog}: {err}", every_rank=not isinstance(err, ConfigError))  # (config errors: every rank's)
         return CONFIG_EXIT_CODE
     except Diverged as err:
-        say(f"megaring-train: training diverged: {err}", every_rank=False)
+        say(f"{prog}: training diverged: {err}", every_rank=False)
         return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
         return 128 + signal.SIGINT
@@ -223,7 +233,7 @@ def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | No
             raise
         report = write_hang_line(run_dir, rank, read_launch_env().world_size, "a collective timed out")
         stalled = report["stalled_ranks"] or "not identified"
-        print(f"megaring-train: rank {rank}: a collective timed out after parallel.timeout_s="
+        print(f"{prog}: rank {rank}: a collective timed out after parallel.timeout_s="
               f"{cfg.parallel.timeout_s:g} s; stalled rank(s): {stalled} (see {run_dir / REPORT_NAME})",
               file=sys.stderr, flush=True)
         return HANG_EXIT_CODE

@@ -154,7 +154,8 @@ class EvalConfig:
 
     every: int = 0  # steps between evaluations (and at the final step); 0: off
     batches: int = 0  # eval batches of trainer.global_batch_size samples per evaluation; 0: the whole split
-    # Tasks beside the loss: "position_loss" (mean loss per position bucket, eval/position_loss/<a>-<b>)
+    # Tasks beside the loss: "position_loss" (mean loss per position bucket, eval/position_loss/<a>-<b>),
+    # "passkey" and "needle" (retrieval score per length and depth, eval/<task>/<length>/<depth>)
     tasks: list[str] = field(default_factory=list)
 
 
@@ -164,10 +165,33 @@ class PositionLossConfig:
 
 
 @dataclass
+class PasskeyConfig:
+    """``passkey``: a seeded random number hidden at each depth of filler text (megaring.retrieval.cases)."""
+
+    lengths: list[int] | None = None  # case lengths in tokens; None: [trainer.seq_len]
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # fractions of the context
+    samples: int = 2  # cases per (length, depth), each with its own key
+    seed: int = 0  # the keys' seed (the same cases at every layout and run)
+    batch_size: int = 1  # cases per forward pass on each data-parallel rank
+    chat: bool = False  # the question as the user message of the checkpoint's chat template
+    save_cases: bool = False  # write every case's ids and score to <run dir>/cases/passkey.jsonl
+    key_digits: int = 5
+
+
+@dataclass
+class NeedleConfig(PasskeyConfig):
+    """``needle``: a fact inside the text of data.path, among ``distractors`` others of its form."""
+
+    distractors: int = 2
+
+
+@dataclass
 class EvalTasksConfig:
     """Settings of each task of ``eval.tasks``."""
 
     position_loss: PositionLossConfig = field(default_factory=PositionLossConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    needle: NeedleConfig = field(default_factory=NeedleConfig)
 
 
 @dataclass
@@ -412,14 +436,16 @@ def to_train_config(cfg: DictConfig | TrainConfig, overrides: Sequence[str] = ()
     return cfg
 
 
-def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
-    """The model of ``model.init_from`` with the command line's other ``model.*`` values on top."""
+def pretrained_model_config(model: ModelConfig, overrides: Sequence[str], base: ModelConfig | None = None
+                            ) -> ModelConfig:
+    """The model of ``model.init_from`` (or ``base``, a training checkpoint's) with the command line's
+    other ``model.*`` values on top."""
     from megaring.hf import model_config_from_hf, override_problems  # reads config.json only
 
     named = {_override_key(o).removeprefix("model.") for o in overrides if _override_key(o).startswith("model.")}
     named.discard("init_from")
     try:
-        checkpoint = model_config_from_hf(model.init_from)
+        checkpoint = base if base is not None else model_config_from_hf(model.init_from)
     except (ValueError, OSError) as err:
         nested = str(err).replace("\n  - ", "\n      - ")  # its own list, under this problem
         raise ConfigError.listing([f"model.init_from={model.init_from}: {nested}"]) from None
@@ -430,7 +456,7 @@ def pretrained_model_config(model: ModelConfig, overrides: Sequence[str]) -> Mod
     problems = override_problems(checkpoint, given)
     if problems:
         raise ConfigError.listing(problems)
-    return dataclasses.replace(checkpoint, **given, init_from=model.init_from)
+    return dataclasses.replace(checkpoint, **given, init_from=model.init_from if base is None else None)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from megaring.hf.weights import checkpoint_problems
 from megaring.kernels import KERNELS
 from megaring.layout import LAYOUTS
 from megaring.model import validate_model_config
+from megaring.retrieval import retrieval_problems
 from megaring.ring.backward import BACKWARDS
 from megaring.train.config import DTYPES, SCHEDULES, WANDB_MODES, TrainConfig
 from megaring.train.eval_loss import EVAL_TASKS, position_edges_problems
@@ -218,6 +219,7 @@ def eval_problems(cfg: TrainConfig) -> list[str]:
     if e.tasks and e.every <= 0:
         out.append(f"eval.tasks={list(e.tasks)} run at each evaluation: set eval.every > 0")
     out += position_edges_problems(cfg.eval_tasks.position_loss.buckets)
+    out += retrieval_problems(cfg, e.tasks)
     edges = cfg.eval_tasks.position_loss.buckets or [0]
     if edges[-1] >= cfg.trainer.seq_len >= 1:
         out.append(f"eval_tasks.position_loss.buckets: the last edge {edges[-1]} must be below "

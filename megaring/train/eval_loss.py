@@ -24,7 +24,7 @@ from megaring.distributed.mesh import ParallelMesh
 from megaring.engine.deepspeed_engine import TrainEngine
 from megaring.model import IGNORE_INDEX
 
-EVAL_TASKS = ("position_loss",)  # eval.tasks= (retrieval tasks: not built yet)
+EVAL_TASKS = ("position_loss", "passkey", "needle")  # eval.tasks= (megaring.retrieval: the last two)
 
 
 def position_edges(seq_len: int, edges: list[int] | None = None) -> list[int]:

@@ -54,6 +54,7 @@ from megaring.model import ParallelContext, Transformer, model_flops_per_token
 from megaring.model.init import init_weights
 from megaring.ops.faults import Fault
 from megaring.ops.preempt import Preempted, PreemptWatch
+from megaring.retrieval import RetrievalTasks, retrieval_metrics
 from megaring.train.attention_work import attention_work, visible_pairs
 from megaring.train.config import TrainConfig
 from megaring.train.config_checks import validate
@@ -109,6 +110,7 @@ class Run:
     lr_horizon: int  # the schedule's decay horizon (the checkpoint's unless changed explicitly)
     lr_note: str | None  # said when the horizon is not the checkpoint's
     fault: Fault  # the test-only MEGARING_TEST_FAULT, parsed once (no fault for users)
+    retrieval: RetrievalTasks | None = None  # the cases of eval.tasks' passkey / needle (built once)
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -176,17 +178,18 @@ def find_resume(cfg: TrainConfig, ckpt_dir: Path) -> Resume | None:
     return Resume(ckpt_dir / tag, state, state.layout == cfg.parallel.layout_key(), latest.note if latest else None)
 
 
-def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None, mesh: ParallelMesh,
-                  device: torch.device) -> Transformer:
+def build_weights(cfg: TrainConfig, ctx: ParallelContext, mesh: ParallelMesh, device: torch.device, *,
+                  universal: Path | None = None, pretrained: bool = True) -> Transformer:
     """This rank's model shards, built under :func:`partitioned_construction` (ZeRO-3 partitions
-    every module as it is built: the one ZeRO-3 path) and filled parameter by parameter from a
-    checkpoint of another layout, a Hugging Face checkpoint (``model.init_from``), or the seed
-    (also when the engine's own files will overwrite them)."""
+    every module as it is built: the one ZeRO-3 path) and filled parameter by parameter from the
+    layout-independent state of the step directory ``universal`` (a checkpoint of any layout), a
+    Hugging Face checkpoint (``model.init_from``, when ``pretrained``), or the seed (also when the
+    engine's own files will overwrite them)."""
     with partitioned_construction(cfg, mesh, device) as writer:
         model = Transformer(cfg.model, ctx)
-    if resume is not None and not resume.same_layout:
-        load_weights(model, UniversalState(resume.path), ctx.tp, writer)
-    elif cfg.model.init_from and resume is None:
+    if universal is not None:
+        load_weights(model, UniversalState(universal), ctx.tp, writer)
+    elif cfg.model.init_from and pretrained:
         load_hf_weights(model, ctx, cfg.model.init_from, writer)
     else:
         init_weights(model, cfg.model, ctx, seed=cfg.trainer.seed, writer=writer)
@@ -195,6 +198,7 @@ def build_weights(cfg: TrainConfig, ctx: ParallelContext, resume: Resume | None,
 
 def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     p, t = cfg.parallel, cfg.trainer
+    retrieval = RetrievalTasks.build(cfg, cfg.eval.tasks) if cfg.eval.every > 0 else None  # before any collective
     mesh = build_mesh(p.dims(), device.type, timeout_s=p.timeout_s)
     seed_everything(t.seed)
     traffic = Traffic()
@@ -207,12 +211,13 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Run:
     ctx = ParallelContext.from_mesh(mesh, cp=cp_axes[stage.cfg.attention_cp()],
                                     sequence_parallel=p.sequence_parallel, layout=p.layout, attn_kernel=p.attn_kernel,
                                     ring_backward=p.ring_backward, ring_settings=p.ring(), traffic=traffic)
-    model = build_weights(stage.cfg, ctx, resume, mesh, device)
+    model = build_weights(stage.cfg, ctx, mesh, device, universal=resume.path if resume and not resume.same_layout
+                          else None, pretrained=resume is None)
     engine = build_engine(model, stage.cfg, mesh, device)
     reader, eval_readers = stage_readers(stage, mesh, ctx.cp)
     horizon, lr_note = lr_horizon(cfg, resume.state if resume else None)
     return Run(cfg, run_dir, checkpoint_dir(cfg, run_dir), mesh, device, engine, stages, stage, ctx, cp_axes, reader,
-               eval_readers, resume, store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env())
+               eval_readers, resume, store_identity(cfg.data), traffic, horizon, lr_note, Fault.from_env(), retrieval)
 
 
 def stage_readers(stage: Stage, mesh: ParallelMesh, attention_cp: Axis
@@ -293,9 +298,14 @@ def run_steps(run: Run, watch: PreemptWatch | None = None) -> list[dict]:
         edges = (position_edges(run.stage.seq_len, cfg.eval_tasks.position_loss.buckets)
                  if "position_loss" in cfg.eval.tasks else None)
         measured = evaluate_sources(run.engine, run.eval_readers, cfg.eval.batches, run.mesh, run.device, edges)
+        if run.retrieval is not None:
+            shard = rank_shard(run.mesh, cfg.parallel.layout, run.ctx.cp)
+            measured |= retrieval_metrics(run.retrieval.evaluate(run.engine, run.mesh, shard, run.device,
+                                                                 run.run_dir / "cases"))
         record = {"step": step, **measured}
+        scores = "".join(f", {t} {record['eval/' + t]:.3f}" for t in ("passkey", "needle") if f"eval/{t}" in record)
         progress.note(f"step {step}: eval_loss {record['eval_loss']:.4f}, eval_ppl {record['eval_ppl']:.4g} "
-                      f"({record['eval_tokens']:,} tokens)")
+                      f"({record['eval_tokens']:,} tokens){scores}")
         log_record(record)
 
     try:

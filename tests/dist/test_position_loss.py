@@ -64,7 +64,7 @@ def test_bad_position_loss_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=1)
     msg = str(err.value)
-    for line in ("eval.tasks names ['passkey_typo']: the tasks are ['position_loss']",
+    for line in ("eval.tasks names ['passkey_typo']: the tasks are ['position_loss', 'passkey', 'needle']",
                  "eval.tasks=['position_loss', 'passkey_typo'] run at each evaluation: set eval.every > 0",
                  "eval_tasks.position_loss.buckets=[1, 4, 2] must be increasing integers from 0"):
         assert line in msg, msg

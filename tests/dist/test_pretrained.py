@@ -61,7 +61,7 @@ def _zero3_load(rank: int, world_size: int, cfg, hf: str) -> dict:
 
     mesh, device = build_mesh(cfg.parallel.dims()), torch.device("cpu")
     ctx = ParallelContext.from_mesh(mesh)
-    model = build_weights(cfg, ctx, None, mesh, device)
+    model = build_weights(cfg, ctx, mesh, device)
     held = sum(p.numel() for p in model.parameters())  # ZeRO-3 freed every parameter's data
     stored = sum(p.ds_tensor.numel() for p in model.parameters())
     report = load_hf_weights(model, ctx, hf, ZeroPartitionWriter())  # again, for what it reads: same values
