@@ -1,0 +1,3 @@
+"""The multi-node tests' fixtures: hosts made as network namespaces (tests/helpers/netns_hosts.py)."""
+
+from tests.helpers.netns_hosts import netns_hosts  # noqa: F401  (a fixture)
