@@ -1,0 +1,58 @@
+"""``launch/deepspeed.sh`` with a hostfile of two test hosts (network namespaces with sshd,
+tests/helpers/ssh_hosts.py), started on the first: DeepSpeed's launcher reaches both over pdsh and
+ssh, one process each at dp=1 cp=2, so every ring step crosses the link; compared bit for bit with the
+spawner's run of the same layout on one host.
+
+The launcher runs with ``HOME`` a directory of the test's: its ``.deepspeed_env`` (which DeepSpeed's
+runner reads from ``~`` and exports on every host) holds the venv's ``PATH`` and one thread per
+process, and the ``ssh`` first on its ``PATH`` uses the test's key and known hosts. The processes on
+the hosts get root's own ``HOME`` from sshd, as on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.cli import ROOT, clean_env, losses, ok
+from tests.helpers.ssh_hosts import SshHosts
+from tests.multinode.launch import RUN, VENV_BIN, output, spawner_run, wait_all
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(240)]
+PORT = "29512"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("spawner")
+    ok(spawner_run(run_dir))
+    return losses(run_dir)
+
+
+def start_deepspeed(hosts: SshHosts, out: Path, hostfile: str, **extra: str) -> subprocess.Popen:
+    """``launch/deepspeed.sh`` on the first host with ``hostfile`` (its text), the run directory
+    ``out/run``; everything it and the hosts' processes print (pdsh brings it back) in ``out/node1/``."""
+    home = out / "home"
+    home.mkdir(parents=True)
+    (home / ".deepspeed_env").write_text(f"PATH={VENV_BIN}:/usr/bin:/bin\nOMP_NUM_THREADS=1\nWANDB_SILENT=true\n")
+    (out / "hostfile").write_text(hostfile)
+    env = clean_env(HOME=str(home), HOSTFILE=str(out / "hostfile"), MASTER_PORT=PORT, OMP_NUM_THREADS="1",
+                    DEEPSPEED=f"{VENV_BIN}/deepspeed", PATH=f"{hosts.bin}:{VENV_BIN}:{os.environ['PATH']}") | extra
+    script = ["bash", str(ROOT / "launch" / "deepspeed.sh"), *RUN, f"hydra.run.dir={out / 'run'}"]
+    return hosts[0].popen(script, env, out / hosts[0].name, cwd=ROOT)
+
+
+def test_deepspeed_launcher_on_two_hosts_matches_the_one_host_run(reference, ssh_hosts, tmp_path):
+    hosts = ssh_hosts(2)
+    proc = start_deepspeed(hosts, tmp_path, "node1 slots=1\nnode2 slots=1\n")
+    wait_all([proc], timeout=180)
+    said = output(tmp_path, "node1")
+    assert proc.returncode == 0, said
+    assert losses(tmp_path / "run") == reference  # bit for bit on CPU
+    assert len(reference) == 4
+    # Each host's local rank 0 logs its interface once; MASTER_ADDR is node1's `hostname -I`.
+    assert said.count("node1: network interface eth0 (the route to MASTER_ADDR 198.18.0.1)") == 1, said
+    assert said.count("node2: network interface eth0 (the route to MASTER_ADDR 198.18.0.1)") == 1, said
