@@ -56,3 +56,18 @@ def test_deepspeed_launcher_on_two_hosts_matches_the_one_host_run(reference, ssh
     # Each host's local rank 0 logs its interface once; MASTER_ADDR is node1's `hostname -I`.
     assert said.count("node1: network interface eth0 (the route to MASTER_ADDR 198.18.0.1)") == 1, said
     assert said.count("node2: network interface eth0 (the route to MASTER_ADDR 198.18.0.1)") == 1, said
+
+
+def test_a_host_that_does_not_resolve_stops_the_launch_naming_it(netns_hosts, tmp_path):
+    """node3 is not a host of this set (nor in its hosts file, and there is no DNS): launch/deepspeed.sh
+    exits 2 naming it, before the launcher starts; so does a HOSTFILE that is not a file."""
+    hosts = netns_hosts(2)
+    (tmp_path / "hostfile").write_text("# two hosts\nnode1 slots=1\n\nnode3 slots=1\n")
+    script = ["bash", str(ROOT / "launch" / "deepspeed.sh"), *RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    env = clean_env(DEEPSPEED=f"{VENV_BIN}/deepspeed")
+    for hostfile, said in [("hostfile", "host node3 of HOSTFILE="), ("absent", "absent is not a file")]:
+        proc = hosts[0].run(script, timeout=30, env=env | {"HOSTFILE": str(tmp_path / hostfile)}, cwd=ROOT)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        # One line, the problem (node1 resolves), and nothing from the launcher: it never started.
+        assert said in proc.stderr and len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc.stderr
+    assert not (tmp_path / "run").exists()
