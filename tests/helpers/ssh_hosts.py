@@ -10,11 +10,13 @@ Layout of the directory::
     bin/ssh                      ``ssh -F ssh_config "$@"``: first on PATH, for pdsh and the launcher
     <host>/sshd_config, <host>/ssh_host_ed25519_key, <host>/sshd.pid
 
-Each sshd listens on its host's 198.18 address only, takes keys only (no passwords), and lets root log
-in with a key (``PermitRootLogin prohibit-password``). ``StrictModes no``: the files lie under /tmp,
-which is world-writable, and sshd would refuse them. ssh sessions run in the sshd's namespaces (its
-network, its /etc/hosts, its host name), each in a session of its own that killing the sshd's process
-group misses: :meth:`SshHosts.close` kills every process in the hosts' network namespaces.
+Each sshd listens on its host's 198.18 address, and on the loopback address that the host's own
+name has with ``own_name_on_loopback`` (Debian's sshd listens everywhere); it takes keys only (no
+passwords) and lets root log in with a key (``PermitRootLogin prohibit-password``). ``StrictModes
+no``: the files lie under /tmp, which is world-writable, and sshd would refuse them. ssh sessions run
+in the sshd's namespaces (its network, its /etc/hosts, its host name), each in a session of its own
+that killing the sshd's process group misses: :meth:`SshHosts.close` kills every process in the
+hosts' network namespaces.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tests.helpers.netns_hosts import HostSet, make_hosts
 PACKAGES = ("openssh-server", "openssh-client", "pdsh")
 PROGRAMS = {"/usr/sbin/sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client",
             "pdsh": "pdsh"}
+OWN_NAME_LOOPBACK = "127.0.1.1"  # a host's own name with own_name_on_loopback (netns_hosts.py)
 PRIVSEP_DIR = Path("/run/sshd")  # sshd's privilege separation directory (the Debian service makes it)
 
 
@@ -66,7 +69,8 @@ def keygen(path: Path) -> str:
 def sshd_config(root: Path, address: str, port: int) -> str:
     here = root / "sshd"
     return "\n".join([
-        f"ListenAddress {address}:{port}", f"HostKey {here}/ssh_host_ed25519_key", f"PidFile {here}/sshd.pid",
+        f"ListenAddress {address}:{port}", f"ListenAddress {OWN_NAME_LOOPBACK}:{port}",
+        f"HostKey {here}/ssh_host_ed25519_key", f"PidFile {here}/sshd.pid",
         f"AuthorizedKeysFile {root.parent}/authorized_keys", "PubkeyAuthentication yes",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
         "StrictModes no", "UsePAM no", "PrintMotd no", "LogLevel ERROR", "",

@@ -12,6 +12,7 @@ the hosts get root's own ``HOME`` from sshd, as on a cluster.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,17 +46,31 @@ def start_deepspeed(hosts: SshHosts, out: Path, hostfile: str, **extra: str) -> 
     return hosts[0].popen(script, env, out / hosts[0].name, cwd=ROOT)
 
 
-def test_deepspeed_launcher_on_two_hosts_matches_the_one_host_run(reference, ssh_hosts, tmp_path):
-    hosts = ssh_hosts(2)
-    proc = start_deepspeed(hosts, tmp_path, "node1 slots=1\nnode2 slots=1\n")
+def iface_lines(said: str, host: str) -> list[str]:
+    """Why ``host`` took eth0, from each of its lines ``<host>: ... <host>: network interface eth0 (<why>)``."""
+    return re.findall(rf"^{host}: .*- {host}: network interface eth0 \((.*)\)$", said, re.MULTILINE)
+
+
+# MASTER_ADDR unset: the launcher takes the first address of `ssh node1 hostname -I`; or node1's name,
+# which is 127.0.1.1 on node1 itself (its hosts file as Debian installs it): there the interface is
+# the one the other host reaches it on, not loopback.
+@pytest.mark.parametrize("master_addr, node1_iface", [
+    (None, "the route to MASTER_ADDR 198.18.0.1"),
+    ("node1", "MASTER_ADDR node1 is this host, on loopback here: the interface the other hosts reach"),
+], ids=["hostname-I", "name"])
+def test_deepspeed_launcher_on_two_hosts_matches_the_one_host_run(master_addr, node1_iface, reference, ssh_hosts,
+                                                                  tmp_path):
+    hosts = ssh_hosts(2, own_name_on_loopback=True)
+    extra = {"MASTER_ADDR": master_addr} if master_addr else {}
+    proc = start_deepspeed(hosts, tmp_path, "node1 slots=1\nnode2 slots=1\n", **extra)
     wait_all([proc], timeout=180)
     said = output(tmp_path, "node1")
     assert proc.returncode == 0, said
     assert losses(tmp_path / "run") == reference  # bit for bit on CPU
     assert len(reference) == 4
-    # Each host's local rank 0 logs its interface once; MASTER_ADDR is node1's `hostname -I`.
-    assert said.count("node1: network interface eth0 (the route to MASTER_ADDR 198.18.0.1)") == 1, said
-    assert said.count("node2: network interface eth0 (the route to MASTER_ADDR 198.18.0.1)") == 1, said
+    # Each host's local rank 0 logs its interface once, and pdsh says which host the line came from.
+    assert iface_lines(said, "node1") == [node1_iface], said
+    assert iface_lines(said, "node2") == [f"the route to MASTER_ADDR {master_addr or '198.18.0.1'}"], said
 
 
 def test_a_host_that_does_not_resolve_stops_the_launch_naming_it(netns_hosts, tmp_path):
