@@ -2,7 +2,7 @@
 # Launch megaring-train with the DeepSpeed launcher.
 #
 #   launch/deepspeed.sh parallel.cp=4 parallel.dp=2 model=1b                  # all GPUs of this node
-#   HOSTFILE=launch/hostfile.example launch/deepspeed.sh parallel.cp=8 ...   # several nodes over ssh
+#   HOSTFILE=launch/hostfile.example MASTER_ADDR=node01 launch/deepspeed.sh parallel.cp=8 ...  # nodes over ssh
 #   NUM_ACCELERATORS=2 launch/deepspeed.sh parallel.cp=2 model=tiny          # 2 CPU processes (gloo)
 #
 # With HOSTFILE (lines of `<host> slots=<processes>`, docs/training.md) the launcher reaches every host
