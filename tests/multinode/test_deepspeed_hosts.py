@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ def reference(tmp_path_factory):
     return losses(run_dir)
 
 
-def start_deepspeed(hosts: SshHosts, out: Path, hostfile: str, **extra: str) -> subprocess.Popen:
+def start_deepspeed(hosts: SshHosts, out: Path, hostfile: str, overrides: tuple[str, ...] = (),
+                    **extra: str) -> subprocess.Popen:
     """``launch/deepspeed.sh`` on the first host with ``hostfile`` (its text), the run directory
     ``out/run``; everything it and the hosts' processes print (pdsh brings it back) in ``out/node1/``."""
     home = out / "home"
@@ -42,7 +44,7 @@ def start_deepspeed(hosts: SshHosts, out: Path, hostfile: str, **extra: str) -> 
     (out / "hostfile").write_text(hostfile)
     env = clean_env(HOME=str(home), HOSTFILE=str(out / "hostfile"), MASTER_PORT=PORT, OMP_NUM_THREADS="1",
                     DEEPSPEED=f"{VENV_BIN}/deepspeed", PATH=f"{hosts.bin}:{VENV_BIN}:{os.environ['PATH']}") | extra
-    script = ["bash", str(ROOT / "launch" / "deepspeed.sh"), *RUN, f"hydra.run.dir={out / 'run'}"]
+    script = ["bash", str(ROOT / "launch" / "deepspeed.sh"), *RUN, *overrides, f"hydra.run.dir={out / 'run'}"]
     return hosts[0].popen(script, env, out / hosts[0].name, cwd=ROOT)
 
 
@@ -72,6 +74,23 @@ def test_deepspeed_launcher_on_two_hosts_matches_the_one_host_run(master_addr, n
     assert iface_lines(said, "node1") == [node1_iface], said
     assert iface_lines(said, "node2") == [f"the route to MASTER_ADDR {master_addr or '198.18.0.1'}"], said
 
+
+
+@pytest.mark.slow  # about a minute more: its own reference, four processes on the test machine's cores
+def test_two_processes_per_host_at_dp2_cp2_match_the_one_host_run(ssh_hosts, tmp_path):
+    """slots=2: ranks 0-1 on node1, 2-3 on node2, so some pairs talk within a host and some across;
+    each host's interface line still comes once (its local rank 0 only)."""
+    cmd = [sys.executable, "-m", "megaring.train", *RUN, "parallel.dp=2", "parallel.nproc_per_node=4",
+           f"hydra.run.dir={tmp_path / 'spawner'}"]
+    ok(subprocess.run(cmd, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240))
+    hosts = ssh_hosts(2, own_name_on_loopback=True)
+    proc = start_deepspeed(hosts, tmp_path, "node1 slots=2\nnode2 slots=2\n", ("parallel.dp=2",), MASTER_ADDR="node1")
+    wait_all([proc], timeout=180)
+    said = output(tmp_path, "node1")
+    assert proc.returncode == 0, said
+    assert losses(tmp_path / "run") == losses(tmp_path / "spawner")  # bit for bit on CPU
+    assert len(losses(tmp_path / "run")) == 4
+    assert len(iface_lines(said, "node1")) == 1 and iface_lines(said, "node2") == ["the route to MASTER_ADDR node1"]
 
 def test_a_host_that_does_not_resolve_stops_the_launch_naming_it(netns_hosts, tmp_path):
     """node3 is not a host of this set (nor in its hosts file, and there is no DNS): launch/deepspeed.sh
