@@ -1,7 +1,7 @@
 """``launch/deepspeed.sh`` with a hostfile of two test hosts (network namespaces with sshd,
 tests/helpers/ssh_hosts.py), started on the first: DeepSpeed's launcher reaches both over pdsh and
 ssh, one process each at dp=1 cp=2, so every ring step crosses the link; compared bit for bit with the
-spawner's run of the same layout on one host.
+spawner's run of the same layout on one host; and two processes per host at dp=2 cp=2 (marked slow).
 
 The launcher runs with ``HOME`` a directory of the test's: its ``.deepspeed_env`` (which DeepSpeed's
 runner reads from ``~`` and exports on every host) holds the venv's ``PATH`` and one thread per
@@ -75,7 +75,6 @@ def test_deepspeed_launcher_on_two_hosts_matches_the_one_host_run(master_addr, n
     assert iface_lines(said, "node2") == [f"the route to MASTER_ADDR {master_addr or '198.18.0.1'}"], said
 
 
-
 @pytest.mark.slow  # about a minute more: its own reference, four processes on the test machine's cores
 def test_two_processes_per_host_at_dp2_cp2_match_the_one_host_run(ssh_hosts, tmp_path):
     """slots=2: ranks 0-1 on node1, 2-3 on node2, so some pairs talk within a host and some across;
@@ -91,6 +90,7 @@ def test_two_processes_per_host_at_dp2_cp2_match_the_one_host_run(ssh_hosts, tmp
     assert losses(tmp_path / "run") == losses(tmp_path / "spawner")  # bit for bit on CPU
     assert len(losses(tmp_path / "run")) == 4
     assert len(iface_lines(said, "node1")) == 1 and iface_lines(said, "node2") == ["the route to MASTER_ADDR node1"]
+
 
 def test_a_host_that_does_not_resolve_stops_the_launch_naming_it(netns_hosts, tmp_path):
     """node3 is not a host of this set (nor in its hosts file, and there is no DNS): launch/deepspeed.sh
