@@ -34,8 +34,7 @@ import pytest
 from tests.helpers.netns_hosts import HostSet, make_hosts
 
 PACKAGES = ("openssh-server", "openssh-client", "pdsh")
-PROGRAMS = {"/usr/sbin/sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client",
-            "pdsh": "pdsh"}
+PROGRAMS = ("/usr/sbin/sshd", "ssh", "ssh-keygen", "pdsh")
 OWN_NAME_LOOPBACK = "127.0.1.1"  # a host's own name with own_name_on_loopback (netns_hosts.py)
 PRIVSEP_DIR = Path("/run/sshd")  # sshd's privilege separation directory (the Debian service makes it)
 
@@ -63,7 +62,7 @@ def keygen(path: Path) -> str:
     """A new ed25519 key at ``path``; returns its public half."""
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
                    check=True, capture_output=True, timeout=30)
-    return path.with_suffix(".pub").read_text().strip()
+    return Path(f"{path}.pub").read_text().strip()
 
 
 def sshd_config(root: Path, address: str, port: int) -> str:
