@@ -4,11 +4,16 @@
 #   NPROC=8 launch/torchrun.sh parallel.dp=2 parallel.cp=4 model=1b trainer.seq_len=131072
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node01 NPROC=8 launch/torchrun.sh ...   # on every node
 #
+# MASTER_ADDR is the first host's name or IP address; NODE_RANK 0 there, any other on the rest (under
+# slurm: SLURM_NODEID). Before torchrun starts, this host checks that MASTER_ADDR resolves and, on the
+# master host, that MASTER_PORT is free (exit 2 naming the problem), and says whether it starts the
+# c10d store (megaring/distributed/rendezvous.py: torchrun's own guess fails for an IP address).
+#
 # Everything after the script name is a Hydra override for megaring-train.
 set -euo pipefail
 NPROC=${NPROC:-$( (command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l) || echo 2)}
 NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 # The project's interpreter (its .venv, made by make install) unless PYTHON says otherwise; its tools
@@ -27,10 +32,13 @@ PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 # passed. For the signals it does handle, the workers get TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to save.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGHUP,SIGQUIT}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+RDZV_CONF=$("$PYTHON" -c 'import sys; from megaring.distributed.rendezvous import main; sys.exit(main())' \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --node-rank "$NODE_RANK") || exit 2
 trap '' TERM INT USR1  # inherited by torchrun as ignored; the workers install their own handlers
 "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-megaring}" \
+  --rdzv_conf="$RDZV_CONF" \
   --signals-to-handle="$TORCHELASTIC_SIGNALS_TO_HANDLE" \
   -m megaring.train "$@" &
 TORCHRUN=$!

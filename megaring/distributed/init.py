@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from megaring.distributed.env import LaunchEnv, read_launch_env
 from megaring.distributed.net_iface import choose_interface
+from megaring.distributed.rendezvous import rendezvous_problems
+from megaring.errors import BadInput, problem_list
 
 BACKENDS = ("nccl", "gloo")  # parallel.backend: null picks nccl on CUDA, gloo on CPU
 
@@ -47,6 +49,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
     dead rank ends the job with an error instead of a hang. A group already up is left as it is.
     The network interface is ``net_iface`` or the route to the master address
     (:func:`~megaring.distributed.net_iface.choose_interface`, logged by each host's local rank 0).
+    A master address that does not resolve, or (on the rank that starts the store) a busy master
+    port, is a :class:`~megaring.errors.BadInput` naming it, before any rank waits on the rendezvous.
     """
     env = read_launch_env()
     if dist.is_initialized():
@@ -55,6 +59,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size > 1 or env.launcher != "none":
         env.export()
+        check_rendezvous(env)
         choose_interface(env.master_addr, net_iface, announce=env.local_rank == 0)
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
@@ -63,6 +68,24 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return env
+
+
+def rank_hosts() -> list[str]:
+    """Every rank's host name, by global rank: one all-gather over the world at start-up (hang reports)."""
+    me = os.uname().nodename
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [me]
+    hosts: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, me)
+    return [str(h) for h in hosts]
+
+
+def check_rendezvous(env: LaunchEnv) -> None:
+    """Rank 0 starts the store on ``MASTER_PORT``, except under torchrun, whose agent already listens there."""
+    starts_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    problems = rendezvous_problems(env.master_addr, env.master_port, starts_store=starts_store)
+    if problems:
+        raise BadInput(problem_list(f"rank {env.rank}: the process group cannot start", problems))
 
 
 def device_for(env: LaunchEnv, backend: str | None = None) -> torch.device:
