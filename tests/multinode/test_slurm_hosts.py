@@ -7,10 +7,18 @@ so both cp rings cross the link at every ring step; torchrun mode places them by
 node1), so the cp rings stay on a host and the dp (ZeRO) reductions cross. Each host's own name is
 ``127.0.1.1`` in its hosts file, as Debian installs it; ``MASTER_ADDR`` is the script's first host
 of the allocation, node1.
+
+A Hydra sweep through the slurm launcher (``hydra/launcher=slurm_cpu``, nodes of two ranks) sizes each
+of its two jobs 2 nodes x 2 tasks; they run there and match the same one-host run.
+
+Which host each rank ran on is read from the running processes (their slurm job and rank in their
+environment, their network namespace: the host), not from the jobs' own logs.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,8 +42,9 @@ BIN = str(Path(sys.executable).parent)
 # Two ranks per node: two tasks of one CPU, or one task running torchrun for both.
 SBATCH_SIZES = {"task": ["--ntasks-per-node=2", "--cpus-per-task=1", "--distribution=cyclic"],
                 "torchrun": ["--ntasks-per-node=1", "--cpus-per-task=2"]}
-PLACEMENT = {"task": {0: "node1", 1: "node2", 2: "node1", 3: "node2"},
-             "torchrun": {0: "node1", 1: "node1", 2: "node2", 3: "node2"}}
+CYCLIC = {0: "node1", 1: "node2", 2: "node1", 3: "node2"}  # rank -> host
+BY_NODE = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}  # slurm's default distribution, and torchrun's
+PLACEMENT = {"task": CYCLIC, "torchrun": BY_NODE}
 
 
 @pytest.fixture(scope="module")
@@ -69,32 +78,53 @@ def job_env(cluster: HostsSlurmCluster, mode: str) -> dict[str, str]:
                      OMP_NUM_THREADS="1", MODE=mode, **({"GPUS_PER_NODE": "2"} if mode == "torchrun" else {}))
 
 
-def job_ranks(job_id: str) -> dict[int, int]:
-    """Global rank -> pid of this job's training processes now running (torchrun's workers have RANK,
-    slurm's tasks SLURM_PROCID; torchrun itself, which names megaring.train too, is left out)."""
-    ranks = {}
+def rank_processes(slurm_conf: Path) -> dict[str, dict[int, int]]:
+    """slurm job id -> global rank -> pid of every training process of this cluster running now (job ids
+    repeat across test clusters, its SLURM_CONF does not): Python running
+    ``-m megaring.train`` (slurm's task, rank SLURM_PROCID, or torchrun's worker, rank RANK) or
+    ``-m submitit.core._submit`` (a sweep's task). srun and torchrun's agent, which name megaring.train
+    in their arguments too, run other programs."""
+    found: dict[str, dict[int, int]] = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-            if b"megaring.train" not in cmdline or b"torch.distributed.run" in cmdline:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"python" not in Path(argv[0].decode()).name.encode() or b"-m" not in argv[:-1]:
+                continue
+            if argv[argv.index(b"-m") + 1] not in (b"megaring.train", b"submitit.core._submit"):
                 continue
             env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
         except OSError:  # ended meanwhile
             continue
-        if env.get(b"SLURM_JOB_ID") == job_id.encode():
-            ranks[int(env.get(b"RANK", env.get(b"SLURM_PROCID", b"-1")))] = int(proc.name)
-    return ranks
+        if env.get(b"SLURM_CONF") == str(slurm_conf).encode() and b"SLURM_JOB_ID" in env:
+            rank = int(env.get(b"RANK", env.get(b"SLURM_PROCID", b"-1")))
+            found.setdefault(env[b"SLURM_JOB_ID"].decode(), {})[rank] = int(proc.name)
+    return found
+
+
+class PlacementWatch:
+    """Which host each rank of each job ran on, from repeated looks at the running processes."""
+
+    def __init__(self, cluster: HostsSlurmCluster) -> None:
+        self.cluster = cluster
+        self.hosts: dict[str, dict[int, str | None]] = {}  # job id -> rank -> host
+
+    def look(self) -> None:
+        for job_id, ranks in rank_processes(self.cluster.conf).items():
+            for rank, pid in ranks.items():
+                self.hosts.setdefault(job_id, {}).setdefault(rank, self.cluster.host_of(pid))
+
+    def of(self, job_id: str) -> dict[int, str | None]:
+        return dict(sorted(self.hosts.get(job_id, {}).items()))
 
 
 def watch_job(cluster: HostsSlurmCluster, job_id: str, timeout_s: float) -> tuple[str, dict[int, str]]:
     """Wait for the job to end, meanwhile noting which host each rank runs on; (final state, rank -> host)."""
-    deadline, placement = time.monotonic() + timeout_s, {}
+    deadline, watch = time.monotonic() + timeout_s, PlacementWatch(cluster)
     while (state := cluster.job_state(job_id)) in NOT_ENDED:
         assert time.monotonic() < deadline, f"slurm job {job_id} still {state} after {timeout_s} s"
-        for rank, pid in job_ranks(job_id).items():
-            placement.setdefault(rank, cluster.host_of(pid))
+        watch.look()
         time.sleep(0.2)
-    return state, dict(sorted(placement.items()))
+    return state, watch.of(job_id)
 
 
 @pytest.mark.parametrize("mode", ["task", "torchrun"])
@@ -116,3 +146,37 @@ def test_sbatch_on_two_nodes_matches_the_one_host_run(mode, cluster, reference, 
     assert placement == PLACEMENT[mode], placement
     assert losses(tmp_path / "run") == reference  # (step, loss, grad norm), bit for bit on CPU
     assert [step for step, _, _ in reference] == list(range(1, STEPS + 1))
+
+
+def test_a_hydra_sweep_through_the_slurm_launcher_runs_each_job_on_two_nodes(cluster, reference, tmp_path):
+    """``hydra/launcher=slurm_cpu`` with nodes of two ranks: both jobs (ZeRO 1 and 2) of dp=2 cp=2 get
+    2 nodes x 2 tasks, run there (rank by rank, as slurm places block-wise), and the ZeRO-2 one
+    matches the one-host run bit for bit."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "megaring.train", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.ranks_per_node=2",
+           *[o for o in RUN if not o.startswith("parallel.zero_stage")], "parallel.zero_stage=1,2",
+           f"hydra.sweep.dir={sweep_dir}"]
+    env = clean_env(PATH=f"{BIN}:{cluster.env['PATH']}", SLURM_CONF=cluster.env["SLURM_CONF"], OMP_NUM_THREADS="1")
+    watch = PlacementWatch(cluster)
+    with open(tmp_path / "sweep.out", "w") as out:
+        sweep = subprocess.Popen(cluster.on_node(cluster.node, cmd), cwd=ROOT, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 200
+            while sweep.poll() is None:
+                assert time.monotonic() < deadline, "the sweep still runs after 200 s"
+                watch.look()
+                time.sleep(0.2)
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait(timeout=30)
+    said = (tmp_path / "sweep.out").read_text(errors="replace")
+    assert sweep.returncode == 0, f"{said[-6000:]}\n{cluster.logs()}"
+    assert said.count("2 node(s) x 2 task(s)") == 2, said
+    assert [watch.of(job) for job in sorted(watch.hosts)] == [BY_NODE] * 2, watch.hosts
+    # Each run's directory is named by its overrides (megaring_run_name): ...,parallel.zero_stage=N,...
+    runs = {d.parent.name.split("zero_stage=")[1][0]: d.parent for d in sweep_dir.glob("*/metrics.jsonl")}
+    assert sorted(runs) == ["1", "2"], list(sweep_dir.iterdir())
+    assert losses(runs["2"]) == reference
+    assert [step for step, _, _ in losses(runs["1"])] == list(range(1, STEPS + 1))
