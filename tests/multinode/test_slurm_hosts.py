@@ -88,7 +88,7 @@ def rank_processes(slurm_conf: Path) -> dict[str, dict[int, int]]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"python" not in Path(argv[0].decode()).name.encode() or b"-m" not in argv[:-1]:
+            if b"python" not in argv[0].rsplit(b"/", 1)[-1] or b"-m" not in argv[:-1]:
                 continue
             if argv[argv.index(b"-m") + 1] not in (b"megaring.train", b"submitit.core._submit"):
                 continue
