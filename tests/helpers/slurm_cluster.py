@@ -97,19 +97,34 @@ class SlurmCluster:
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.env = os.environ | {"SLURM_CONF": str(self.conf),
                                  "PATH": f"{os.environ.get('PATH', '')}:{PATH_EXTRA}"}
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[tuple[str, subprocess.Popen]] = []
+
+    def controller(self) -> str:
+        """slurmctld's ``SlurmctldHost``: a node name and the address the others reach it at."""
+        return f"{self.node}(127.0.0.1)"
+
+    def nodes(self) -> dict[str, str]:
+        """Every node's name and ``NodeAddr``."""
+        return {self.node: "127.0.0.1"}
+
+    def on_node(self, node: str, cmd: list[str]) -> list[str]:
+        """``cmd`` as run on ``node``: here every node is this machine."""
+        return cmd
 
     def write_config(self) -> None:
-        for d in ("munge", "state", "spool", "log", "run"):
+        for d in ("munge", "state", "log", "run", *(f"spool/{node}" for node in self.nodes())):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
         r = self.root
+        # %n: each slurmd's node name, so the slurmds of several nodes on one machine keep apart.
+        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} RealMemory={real_memory_mb()} "
+                          "State=UNKNOWN" for name, addr in self.nodes().items())
         self.conf.write_text(f"""\
 ClusterName=megaring-test
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.controller()}
 SlurmUser={_user()}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
@@ -117,11 +132,11 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
 CredType=cred/munge
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
+SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -140,7 +155,7 @@ KillWait=5
 MinJobAge=600
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={real_memory_mb()} State=UNKNOWN
+{nodes}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -151,32 +166,36 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                      f"--key-file={r}/munge/munge.key", f"--pid-file={r}/run/munged.pid",
                      f"--seed-file={r}/munge/munged.seed", f"--log-file={r}/log/munged.log"], "munged")
         self._wait(lambda: self.munge_socket.exists(), timeout_s, "munged to open its socket")
-        self._spawn([_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld")
+        self._spawn(self.on_node(self.node, [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)]), "slurmctld")
         self._wait(lambda: self.run("scontrol", "ping").returncode == 0, timeout_s, "slurmctld to answer")
-        self._spawn([_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)], "slurmd")
-        self._wait(self.idle, timeout_s, f"node {self.node} to be idle in sinfo")
+        for node in self.nodes():
+            self._spawn(self.on_node(node, [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)]),
+                        f"slurmd-{node}")
+        self._wait(self.idle, timeout_s, f"nodes {', '.join(self.nodes())} to be idle in sinfo")
 
     def _spawn(self, cmd: list[str | None], name: str) -> None:
         out = open(self.root / "log" / f"{name}.console", "wb")  # noqa: SIM115 - lives as long as the daemon
-        self._procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True))
+        self._procs.append((name, subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                                   start_new_session=True)))
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
-            dead = [p.args[0] for p in self._procs if p.poll() is not None]
+            dead = [name for name, p in self._procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 self.stop()
-                why = f"{', '.join(map(str, dead))} exited" if dead else f"timed out after {timeout_s:.0f} s"
+                why = f"{', '.join(dead)} exited" if dead else f"timed out after {timeout_s:.0f} s"
                 raise RuntimeError(f"slurm test cluster: waiting for {what}: {why}\n{self.logs()}")
             time.sleep(0.25)
 
-    def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """A client command (sinfo, sbatch, ...) on slurmctld's node, in ``env`` (default :attr:`env`)."""
+        return subprocess.run(self.on_node(self.node, list(cmd)), env=self.env if env is None else env,
+                              capture_output=True, text=True, timeout=timeout)
 
     def idle(self) -> bool:
         proc = self.run("sinfo", "-h", "-N", "-o", "%N %t")
-        return proc.returncode == 0 and f"{self.node} idle" in proc.stdout
+        return proc.returncode == 0 and all(f"{node} idle" in proc.stdout.splitlines() for node in self.nodes())
 
     def job_state(self, job_id: str) -> str:
         """PENDING, RUNNING, ..., COMPLETED, FAILED (finished jobs stay listed for MinJobAge)."""
@@ -199,9 +218,9 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return "\n".join(parts)
 
     def stop(self) -> None:
-        if any(p.poll() is None for p in self._procs[1:]):
+        if any(p.poll() is None for _, p in self._procs[1:]):
             self.run("scancel", "--full", "-u", _user(), timeout=30)
-        for proc in reversed(self._procs):  # slurmd, slurmctld, then munged
+        for _, proc in reversed(self._procs):  # the slurmds, slurmctld, then munged
             if proc.poll() is None:
                 proc.terminate()
                 try:
