@@ -46,8 +46,51 @@ forward() { pkill "-$1" -P "$TORCHRUN" || true; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 trap 'forward USR1' USR1
+
+# torchrun reaps its workers from a loop that also asks the rendezvous store for news. On a host cut
+# off from the store (its link, or the master host's, down) that call never returns (torch 2.13 retries
+# it; seen for minutes in tests/multinode/test_lost_host.py), so the workers, which have ended (exit 4,
+# naming the lost host), stay zombies and torchrun never ends. Once every worker has ended, torchrun gets
+# WORKERS_ENDED_GRACE_S (default 60) s to end by itself; then this script stops it and exits as torchrun
+# would: 0 when every worker exited 0, else 1.
+GRACE=${WORKERS_ENDED_GRACE_S:-60}
+# The workers' worst exit status once every one of them has ended (zombies, /proc/<pid>/stat field 52:
+# the waitpid status); fails while one runs, or when torchrun has none (not started yet, or reaped).
+ended_workers_status() {
+  local pid f worst=0 any="" code
+  for pid in $(pgrep -P "$TORCHRUN"); do
+    read -ra f <<<"$(cut -d')' -f2- "/proc/$pid/stat" 2>/dev/null)" || continue
+    [[ ${f[0]:-} == Z ]] || return 1
+    any=1
+    code=$(( (f[49] >> 8) & 255 )); (( f[49] & 127 )) && code=$(( 128 + (f[49] & 127) ))
+    (( code > worst )) && worst=$code
+  done
+  [[ -n $any ]] && echo "$worst"
+}
+ENDED=$(mktemp)
+watch_workers() {
+  local since="" status
+  while sleep 1; do
+    status=$(ended_workers_status) || { since=""; continue; }
+    since=${since:-$SECONDS}
+    if (( SECONDS - since >= GRACE )); then
+      echo "$status" >"$ENDED"
+      kill -KILL "$TORCHRUN" 2>/dev/null
+      return
+    fi
+  done
+}
+watch_workers &
+WATCHER=$!
+trap 'kill "$WATCHER" 2>/dev/null; rm -f "$ENDED"' EXIT
 while :; do
   wait "$TORCHRUN" && status=0 || status=$?
   kill -0 "$TORCHRUN" 2>/dev/null || break  # still running: a trap interrupted the wait
 done
+if [[ -s $ENDED ]]; then
+  worst=$(<"$ENDED")
+  echo "megaring: $(hostname): every worker ended (worst exit status $worst) and torchrun did not within" \
+       "${GRACE} s (its rendezvous store $MASTER_ADDR:$MASTER_PORT unreachable?): stopped it" >&2
+  (( worst == 0 )) && status=0 || status=1
+fi
 exit "$status"

@@ -7,6 +7,12 @@ line to ``<run dir>/hang/rank_NNNNN.json`` and merges every rank's line found th
 ``<run dir>/hang_report.json``: who waits on whom, and which ranks are silent or not waiting
 (the stalled ones). No collective is involved, so it works while the collectives are stuck.
 
+Across hosts (the trainer records every rank's host once the group is up, :meth:`FlightRecorder.joined`)
+each line also says whether its rank still reaches the master's store (a TCP connect, nothing sent),
+and the report names the lost hosts with their ranks: a host whose ranks cannot reach the master
+(its link, or the master's, is cut), else a host whose ranks are all silent while ranks of other hosts
+wait on them. A partition leaves every rank waiting on a peer, so "stalled" alone names no one.
+
 ``FLIGHT`` is one process-wide object on purpose, like a logger: it only records, and nothing
 reads it to decide what to compute. The one exception is :attr:`FlightRecorder.before_wait`, a
 hook that only the test suite sets (``MEGARING_TEST_FAULT=ringsleep:...``).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -42,6 +49,12 @@ class FlightRecorder:
         self.waits: list[Wait] = []  # innermost last
         self.failed: Wait | None = None  # the wait that last ended in an error (a timeout)
         self.before_wait: Callable[[str], None] | None = None  # test hook: called before a wait begins
+        self.hosts: list[str] = []  # every rank's host, by global rank (joined)
+        self.master: tuple[str, int] | None = None  # the store every rank reaches (MASTER_ADDR, MASTER_PORT)
+
+    def joined(self, hosts: list[str], master: tuple[str, int]) -> None:
+        """The process group is up: every rank's host, and the master's store."""
+        self.hosts, self.master = list(hosts), master
 
     def at(self, *, step: int | None = None, micro_batch: int | None = None, phase: str | None = None) -> None:
         if step is not None:
@@ -84,12 +97,25 @@ def write_hang_line(run_dir: Path, rank: int, world_size: int, reason: str) -> d
     """This rank's line into ``run_dir/hang/``, then the merged report; returns the report."""
     out = Path(run_dir) / HANG_DIR
     out.mkdir(parents=True, exist_ok=True)
-    line = FLIGHT.line(rank) | {"reason": reason}
+    line = FLIGHT.line(rank) | {"reason": reason, "rank_hosts": FLIGHT.hosts, "master": probe_master()}
     _atomic_json(out / f"rank_{rank:05d}.json", line)
     report = merge_hang_report(Path(run_dir), world_size)
     print(f"megaring-train: rank {rank}: {reason}; {describe_line(line)}\n{report_table(report)}",
           file=sys.stderr, flush=True)
     return report
+
+
+def probe_master(timeout_s: float = 3.0) -> dict | None:
+    """Whether this rank still reaches the master's store (None on one host: nothing to tell apart)."""
+    if FLIGHT.master is None or len(set(FLIGHT.hosts)) < 2:
+        return None
+    addr, port = FLIGHT.master
+    try:
+        with socket.create_connection((addr, port), timeout=timeout_s):
+            reachable = True
+    except OSError:
+        reachable = False
+    return {"addr": f"{addr}:{port}", "reachable": reachable}
 
 
 def merge_hang_report(run_dir: Path, world_size: int) -> dict:
@@ -104,9 +130,50 @@ def merge_hang_report(run_dir: Path, world_size: int) -> dict:
     waited_on = sorted({p for line in lines if line["waiting_on"] for p in line["peers"]})
     # A rank others wait on that is silent, or that reported and is not itself waiting, holds the rest up.
     stalled = [p for p in waited_on if p not in reported or not reported[p]["waiting_on"]]
-    report = {"world_size": world_size, "stalled_ranks": stalled, "silent_ranks": silent, "ranks": lines}
+    hosts = next((line["rank_hosts"] for line in lines if line.get("rank_hosts")), [])
+    report = {"world_size": world_size, "stalled_ranks": stalled, "silent_ranks": silent,
+              "lost_hosts": lost_hosts(lines, silent, hosts), "ranks": lines}
     _atomic_json(run_dir / REPORT_NAME, report)
     return report
+
+
+def lost_hosts(lines: list[dict], silent: list[int], hosts: list[str]) -> list[dict]:
+    """``[{"host", "ranks", "why"}]``: hosts whose ranks cannot reach the master; failing that (no
+    rank said so), hosts whose every rank is silent while ranks of other hosts wait on them."""
+    if len(set(hosts)) < 2:
+        return []
+    ranks_of: dict[str, list[int]] = {}
+    for r, h in enumerate(hosts):
+        ranks_of.setdefault(h, []).append(r)
+    cut = {line["host"]: f"it cannot reach the master's store {line['master']['addr']}"
+           for line in lines if line.get("master") and not line["master"]["reachable"]}
+    if not cut:
+        for h, ranks in ranks_of.items():
+            waiters = [line["rank"] for line in lines if line["host"] != h and set(line["peers"]) & set(ranks)]
+            if waiters and all(r in silent for r in ranks):
+                cut[h] = f"its ranks are silent and ranks {waiters} on other hosts wait on them"
+    return [{"host": h, "ranks": ranks_of.get(h, []), "why": why} for h, why in cut.items()]
+
+
+def describe_lost(report: dict) -> str | None:
+    """``lost host node2 (ranks [1]): it cannot reach ...`` for each lost host; None: none."""
+    lost = [f"lost host {h['host']} (ranks {h['ranks']}): {h['why']}" for h in report.get("lost_hosts", [])]
+    return "; ".join(lost) or None
+
+
+def describe_peers(line: dict) -> str:
+    """``rank 1 (node2), rank 2 (node3)``: the ranks this line waits on, with their hosts when known."""
+    hosts = line.get("rank_hosts") or []
+    return ", ".join(f"rank {p} ({hosts[p]})" if p < len(hosts) else f"rank {p}" for p in line["peers"])
+
+
+def timeout_message(report: dict, rank: int, timeout_s: float) -> str:
+    """What a rank whose collective timed out says: the lost hosts (or the stalled ranks) and its own wait."""
+    line = next((line for line in report["ranks"] if line["rank"] == rank), None)
+    head = f"rank {rank}" + (f" ({line['host']})" if line else "")
+    who = describe_lost(report) or f"stalled rank(s): {report['stalled_ranks'] or 'not identified'}"
+    waited = f"; it waited on {describe_peers(line)}: {line['waiting_on']}" if line and line["waiting_on"] else ""
+    return f"{head}: a collective timed out after parallel.timeout_s={timeout_s:g} s; {who}{waited}"
 
 
 def describe_line(line: dict) -> str:
@@ -117,11 +184,12 @@ def describe_line(line: dict) -> str:
 
 
 def report_table(report: dict) -> str:
-    rows = [f"  rank {line['rank']:>5}: {describe_line(line)}" for line in report["ranks"]]
+    rows = [f"  rank {line['rank']:>5} ({line['host']}): {describe_line(line)}" for line in report["ranks"]]
     stalled = ", ".join(map(str, report["stalled_ranks"])) or "none identified"
     silent = ", ".join(map(str, report["silent_ranks"])) or "none"
+    lost = [f"  {text}" for text in [describe_lost(report)] if text]
     return "\n".join(["hang report (hang_report.json):", *rows, f"  silent ranks: {silent}",
-                      f"  stalled rank(s), waited on and not waiting themselves: {stalled}"])
+                      f"  stalled rank(s), waited on and not waiting themselves: {stalled}", *lost])
 
 
 class HangWatch:

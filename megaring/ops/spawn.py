@@ -34,7 +34,7 @@ from megaring.checkpoint.steps import CheckpointError
 from megaring.checkpoint.universal import UniversalError
 from megaring.data.store import StoreError
 from megaring.distributed.env import read_launch_env
-from megaring.distributed.flight import REPORT_NAME, write_hang_line
+from megaring.distributed.flight import REPORT_NAME, timeout_message, write_hang_line
 from megaring.errors import BadInput
 from megaring.ops.preempt import SIGNALS, Preempted
 from megaring.train.config import TrainConfig
@@ -43,7 +43,7 @@ from megaring.train.guards import DIVERGED_EXIT_CODE, Diverged
 from megaring.train.trainer import checkpoint_dir, train
 
 CONFIG_EXIT_CODE = 2
-HANG_EXIT_CODE = 4  # a collective timed out (hang_report.json names the stalled rank)
+HANG_EXIT_CODE = 4  # a collective timed out (hang_report.json names the stalled rank or the lost host)
 
 
 class WorkerFailed(RuntimeError):
@@ -232,9 +232,7 @@ def run_and_report(cfg: TrainConfig, run_dir: Path, rank: int, reason: Path | No
         if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
             raise
         report = write_hang_line(run_dir, rank, read_launch_env().world_size, "a collective timed out")
-        stalled = report["stalled_ranks"] or "not identified"
-        print(f"{prog}: rank {rank}: a collective timed out after parallel.timeout_s="
-              f"{cfg.parallel.timeout_s:g} s; stalled rank(s): {stalled} (see {run_dir / REPORT_NAME})",
+        print(f"{prog}: {timeout_message(report, rank, cfg.parallel.timeout_s)} (see {run_dir / REPORT_NAME})",
               file=sys.stderr, flush=True)
         return HANG_EXIT_CODE
 

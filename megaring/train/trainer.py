@@ -46,7 +46,7 @@ from megaring.data.tokenizer.conventions import SIDE_FILES
 from megaring.distributed import ParallelMesh, build_mesh, init_distributed
 from megaring.distributed.env import read_launch_env
 from megaring.distributed.flight import FLIGHT, HANG_DIR, HangWatch
-from megaring.distributed.init import device_for
+from megaring.distributed.init import device_for, rank_hosts
 from megaring.distributed.mesh import Axis, Traffic, build_cp_subaxis
 from megaring.engine.deepspeed_engine import TrainEngine, build_engine, partitioned_construction, resolve_dtype
 from megaring.hf import load_hf_weights
@@ -145,6 +145,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, hydra_files: dict[str, str] | N
         p = cfg.parallel
         device = device_for(init_distributed(p.backend, p.timeout_s, single_process_group=True,
                                                   net_iface=p.net_iface), p.backend)
+        FLIGHT.joined(rank_hosts(), (env.master_addr, env.master_port))  # for hang reports across hosts
         run = build_run(cfg, run_dir, device)
         hang.start()
         return run_steps(run, watch)

@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from megaring.distributed.net_iface import IFNAME_VARS
 from tests.helpers.cli import ROOT, clean_env
-from tests.helpers.netns_hosts import HostSet
+from tests.helpers.netns_hosts import Host
 from tests.helpers.train_cfg import TINY_RUN
 
 # dp=1 cp=2: with one process per host the ring's every step crosses the link.
@@ -23,11 +25,12 @@ VENV_BIN = str(Path(sys.executable).parent)
 def host_env(node_rank: int, master_addr: str, **extra: str) -> dict[str, str]:
     """One process per host; one thread per process, as the spawner gives its 2 workers on 2 cores
     (the same threads, so the same float sums: the runs agree bit for bit)."""
-    return clean_env(NNODES="2", NODE_RANK=str(node_rank), NPROC="1", MASTER_ADDR=master_addr, MASTER_PORT=PORT,
-                     OMP_NUM_THREADS="1", PYTHON=sys.executable, PATH=f"{VENV_BIN}:{os.environ['PATH']}") | extra
+    env = {k: v for k, v in clean_env().items() if k not in IFNAME_VARS}  # each host chooses its own
+    return env | dict(NNODES="2", NODE_RANK=str(node_rank), NPROC="1", MASTER_ADDR=master_addr, MASTER_PORT=PORT,
+                      OMP_NUM_THREADS="1", PYTHON=sys.executable, PATH=f"{VENV_BIN}:{os.environ['PATH']}") | extra
 
 
-def start_torchrun(hosts: HostSet, out: Path, master_addr: str, overrides: tuple[str, ...] = (),
+def start_torchrun(hosts: Sequence[Host], out: Path, master_addr: str, overrides: tuple[str, ...] = (),
                    **extra: str) -> list[subprocess.Popen]:
     """``launch/torchrun.sh`` on every host (NODE_RANK = its index), the run directory ``out/run``,
     each host's output in ``out/<host name>/``."""

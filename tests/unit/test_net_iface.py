@@ -21,8 +21,9 @@ def test_the_route_to_loopback_is_lo_and_unknown_hosts_give_none():
 
 
 def test_the_choice_is_exported_unless_the_user_exported_one(monkeypatch):
-    for var in IFNAME_VARS:
-        monkeypatch.delenv(var, raising=False)
+    for var in IFNAME_VARS:  # set first, so that monkeypatch restores them (choose_interface exports them)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     assert choose_interface("127.0.0.1", None, announce=True) == "lo"
     assert [os.environ[v] for v in IFNAME_VARS] == ["lo", "lo"]
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")

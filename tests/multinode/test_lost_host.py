@@ -1,0 +1,69 @@
+"""A host lost mid-step: the link of the host of rank 1 goes down while rank 1 is inside a ring step
+(``ip link set eth0 down`` in its namespace; a test-only sleep holds it there), at dp=1 cp=2 with one
+rank per host under ``launch/torchrun.sh``.
+
+Every rank ends within ``parallel.timeout_s`` plus a margin (the hang line's connect probe, up to 3 s,
+and the report), with exit 4 and a message naming the lost host, its ranks and, for each rank (both
+wait in the ring), the peer and the ring step; ``hang_report.json`` says the same. The first host's
+torchrun then exits 1; the cut-off host's, which cannot reach its rendezvous store, is stopped by
+``launch/torchrun.sh`` ``WORKERS_ENDED_GRACE_S`` after its worker ended. The checkpoints of the
+steps before stay complete, and nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.multinode.launch import output, start_torchrun, wait_all
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(240)]
+
+TIMEOUT_S = 10
+MARGIN_S = 8  # the probe of the master's store (3 s at most) and writing the report, on a busy 2-core machine
+GRACE_S = 10  # launch/torchrun.sh's WORKERS_ENDED_GRACE_S (default 60)
+FAULT_LINE = "MEGARING_TEST_FAULT: ringsleep on rank 1 at step 3"
+
+
+def test_a_host_cut_off_mid_step_is_named_with_its_ranks_and_the_ring_peer(netns_hosts, tmp_path):
+    hosts = netns_hosts(2, own_name_on_loopback=True)
+    procs = start_torchrun(hosts, tmp_path, hosts[0].name,
+                           (f"parallel.timeout_s={TIMEOUT_S}", "trainer.max_steps=6", "trainer.checkpoint_every=1"),
+                           MEGARING_TEST_FAULT="ringsleep:rank=1:step=3:seconds=5",
+                           WORKERS_ENDED_GRACE_S=str(GRACE_S))
+    deadline = time.monotonic() + 150
+    while FAULT_LINE not in output(tmp_path, "node2"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), output(tmp_path, "node2")
+        time.sleep(0.05)
+    assert FAULT_LINE not in output(tmp_path, "node1")  # rank 1 is node2's (c10d orders the nodes by name)
+    hosts[1].cut()
+    ended = wait_all(procs, timeout=120)  # seconds after the cut
+    said = {h.name: output(tmp_path, h.name) for h in hosts}
+    lost = "lost host node2 (ranks [1]): "
+    # Rank 0 times out first (rank 1 entered the ring 5 s later): rank 1 is silent then, and waited on.
+    assert f"rank 0 (node1): a collective timed out after parallel.timeout_s={TIMEOUT_S} s; {lost}" in said["node1"]
+    assert "it waited on rank 1 (node2): ring K/V recv from rank 1, send to rank 1, at ring step 0" in said["node1"]
+    cut_off = f"{lost}it cannot reach the master's store node1:"
+    assert f"rank 1 (node2): a collective timed out after parallel.timeout_s={TIMEOUT_S} s; {cut_off}" in said["node2"]
+    assert "it waited on rank 0 (node1): ring K/V recv from rank 0, send to rank 0" in said["node2"]
+    # node1's torchrun reaps its worker (exit 4) at once and exits 1; node2's, cut off from its store,
+    # never would: launch/torchrun.sh stops it WORKERS_ENDED_GRACE_S after its worker ended.
+    assert [p.returncode for p in procs] == [1, 1], said
+    assert ended[0] < TIMEOUT_S + MARGIN_S, (ended, said["node1"][-2000:])
+    assert "every worker ended (worst exit status 4) and torchrun did not within 10 s" in said["node2"]
+    assert ended[1] < TIMEOUT_S + MARGIN_S + GRACE_S + 3, (ended, said["node2"][-2000:])
+
+    report = json.loads((tmp_path / "run" / "hang_report.json").read_text())
+    (lost,) = report["lost_hosts"]
+    assert lost["host"] == "node2" and lost["ranks"] == [1], report
+    line0 = next(line for line in report["ranks"] if line["rank"] == 0)
+    assert line0["host"] == "node1" and line0["step"] == 3 and line0["peers"] == [1]
+    assert line0["waiting_on"].startswith("ring K/V recv from rank 1, send to rank 1, at ring step 0"), line0
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001", "step_00000002"]  # no .partial
+    for tag in ("step_00000001", "step_00000002"):
+        assert json.loads((ckpt / tag / "trainer_state.json").read_text())["step"] == int(tag[-1])
