@@ -131,8 +131,9 @@ def merge_hang_report(run_dir: Path, world_size: int) -> dict:
     # A rank others wait on that is silent, or that reported and is not itself waiting, holds the rest up.
     stalled = [p for p in waited_on if p not in reported or not reported[p]["waiting_on"]]
     hosts = next((line["rank_hosts"] for line in lines if line.get("rank_hosts")), [])
+    lines = [{k: v for k, v in line.items() if k != "rank_hosts"} for line in lines]  # once, in the report
     report = {"world_size": world_size, "stalled_ranks": stalled, "silent_ranks": silent,
-              "lost_hosts": lost_hosts(lines, silent, hosts), "ranks": lines}
+              "lost_hosts": lost_hosts(lines, silent, hosts), "rank_hosts": hosts, "ranks": lines}
     _atomic_json(run_dir / REPORT_NAME, report)
     return report
 
@@ -161,9 +162,8 @@ def describe_lost(report: dict) -> str | None:
     return "; ".join(lost) or None
 
 
-def describe_peers(line: dict) -> str:
+def describe_peers(line: dict, hosts: list[str]) -> str:
     """``rank 1 (node2), rank 2 (node3)``: the ranks this line waits on, with their hosts when known."""
-    hosts = line.get("rank_hosts") or []
     return ", ".join(f"rank {p} ({hosts[p]})" if p < len(hosts) else f"rank {p}" for p in line["peers"])
 
 
@@ -172,7 +172,9 @@ def timeout_message(report: dict, rank: int, timeout_s: float) -> str:
     line = next((line for line in report["ranks"] if line["rank"] == rank), None)
     head = f"rank {rank}" + (f" ({line['host']})" if line else "")
     who = describe_lost(report) or f"stalled rank(s): {report['stalled_ranks'] or 'not identified'}"
-    waited = f"; it waited on {describe_peers(line)}: {line['waiting_on']}" if line and line["waiting_on"] else ""
+    waited = ""
+    if line and line["waiting_on"]:
+        waited = f"; it waited on {describe_peers(line, report.get('rank_hosts', []))}: {line['waiting_on']}"
     return f"{head}: a collective timed out after parallel.timeout_s={timeout_s:g} s; {who}{waited}"
 
 

@@ -56,6 +56,7 @@ def test_a_host_cut_off_mid_step_is_named_with_its_ranks_and_the_ring_peer(netns
     assert ended[1] < TIMEOUT_S + MARGIN_S + GRACE_S + 3, (ended, said["node2"][-2000:])
 
     report = json.loads((tmp_path / "run" / "hang_report.json").read_text())
+    assert report["rank_hosts"] == ["node1", "node2"]
     (lost,) = report["lost_hosts"]
     assert lost["host"] == "node2" and lost["ranks"] == [1], report
     line0 = next(line for line in report["ranks"] if line["rank"] == 0)

@@ -72,11 +72,11 @@ def test_a_silent_host_that_others_wait_on_is_lost():
 def test_the_timeout_message_names_the_lost_host_and_the_peer_or_else_the_stalled_rank():
     hosts = ["node1", "node2"]
     lines = [line(0, "node1", [1], hosts, True), line(1, "node2", [0], hosts, False)]
-    report = {"ranks": lines, "stalled_ranks": [], "lost_hosts": lost_hosts(lines, [], hosts)}
+    report = {"ranks": lines, "stalled_ranks": [], "lost_hosts": lost_hosts(lines, [], hosts), "rank_hosts": hosts}
     assert timeout_message(report, 0, 10) == (
         "rank 0 (node1): a collective timed out after parallel.timeout_s=10 s; lost host node2 (ranks [1]): "
         "it cannot reach the master's store node1:29500; it waited on rank 1 (node2): ring K/V recv")
-    one_host = {"ranks": [line(0, "vm", [1], [])], "stalled_ranks": [1], "lost_hosts": []}
+    one_host = {"ranks": [line(0, "vm", [1], [])], "stalled_ranks": [1], "lost_hosts": [], "rank_hosts": []}
     assert timeout_message(one_host, 0, 10) == (
         "rank 0 (vm): a collective timed out after parallel.timeout_s=10 s; stalled rank(s): [1]; "
         "it waited on rank 1: ring K/V recv")
