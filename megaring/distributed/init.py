@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megaring.distributed.env import LaunchEnv, read_launch_env
+from megaring.distributed.flight import FLIGHT
 from megaring.distributed.net_iface import choose_interface
 from megaring.distributed.rendezvous import rendezvous_problems
 from megaring.errors import BadInput, problem_list
@@ -63,7 +64,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
         choose_interface(env.master_addr, net_iface, announce=env.local_rank == 0)
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        others = tuple(r for r in range(env.world_size) if r != env.rank)
+        what = (f"the {backend} process group's connections to every rank (MASTER_ADDR={env.master_addr}; "
+                "each host logged its network interface, parallel.net_iface chooses another)")
+        FLIGHT.at(phase="process group start")
+        with FLIGHT.waiting(what, peers=others):
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
     elif single_process_group:
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

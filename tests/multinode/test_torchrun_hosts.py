@@ -10,7 +10,8 @@ loopback, and gloo there listened where the other host cannot connect.
 
 The launch-time checks, on the hosts: a ``MASTER_ADDR`` that does not resolve, and a ``MASTER_PORT``
 that another process holds on the master host, each end ``launch/torchrun.sh`` at once (exit 2) with
-one line naming the problem and the host.
+one line naming the problem and the host. An exported interface the other host cannot reach (loopback)
+makes the process group's start time out, and the message names that wait.
 """
 
 from __future__ import annotations
@@ -78,3 +79,20 @@ def test_a_busy_master_port_on_the_master_host_stops_its_launch(netns_hosts, tmp
     assert proc.returncode == 2, said
     assert (f"megaring: MASTER_PORT={PORT} is already in use on node1, the master host "
             f"(MASTER_ADDR={hosts[0].address})") in said, said
+
+
+def test_an_interface_the_other_host_cannot_reach_is_named_in_the_timeout(netns_hosts, tmp_path):
+    """Both hosts keep an exported ``GLOO_SOCKET_IFNAME=lo``: gloo on each listens on loopback, the
+    process group never connects, and each rank's timeout says it waited on the connections and where
+    the interface is chosen."""
+    hosts = netns_hosts(2)
+    procs = start_torchrun(hosts, tmp_path, hosts[0].name, ("parallel.timeout_s=5",), GLOO_SOCKET_IFNAME="lo")
+    wait_all(procs, timeout=120)
+    said = {h.name: output(tmp_path, h.name) for h in hosts}
+    assert [p.returncode for p in procs] == [1, 1], said
+    for h in hosts:
+        assert f"{h.name}: network interface eth0 (the route to MASTER_ADDR node1); kept as exported: " \
+               "{'GLOO_SOCKET_IFNAME': 'lo'}" in said[h.name], said[h.name][-3000:]
+    assert "rank 1 (node2): a collective timed out after parallel.timeout_s=5 s; " in said["node2"], said["node2"]
+    assert ("; it waited on rank 0: the gloo process group's connections to every rank (MASTER_ADDR=node1; each host "
+            "logged its network interface, parallel.net_iface chooses another)") in said["node2"], said["node2"][-3000:]
