@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.multinode.launch import output, start_torchrun, wait_all
+from tests.helpers.cli import losses, ok
+from tests.multinode.launch import output, spawner_run, start_torchrun, wait_all
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(240)]
 
@@ -68,3 +69,38 @@ def test_a_host_cut_off_mid_step_is_named_with_its_ranks_and_the_ring_peer(netns
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001", "step_00000002"]  # no .partial
     for tag in ("step_00000001", "step_00000002"):
         assert json.loads((ckpt / tag / "trainer_state.json").read_text())["step"] == int(tag[-1])
+
+
+def test_a_host_whose_processes_are_killed_is_named_and_the_same_command_resumes_bit_identical(
+        netns_hosts, tmp_path):
+    """node2's torchrun and worker killed (SIGKILL, as when a machine dies) while rank 1 is inside a
+    ring step of step 3: rank 0 ends within ``parallel.timeout_s`` plus the margin, naming node2 and
+    rank 1; the checkpoints of steps 1-2 are complete. With node2 back, the same command on both
+    hosts resumes from step 2 and ends with the uninterrupted run's losses, bit for bit."""
+    overrides = (f"parallel.timeout_s={TIMEOUT_S}", "trainer.max_steps=5", "trainer.checkpoint_every=1")
+    reference = tmp_path / "reference"
+    ok(spawner_run(reference, *overrides))
+    hosts = netns_hosts(2, own_name_on_loopback=True)
+    procs = start_torchrun(hosts, tmp_path, hosts[0].name, overrides,
+                           MEGARING_TEST_FAULT="ringsleep:rank=1:step=3:seconds=30",
+                           WORKERS_ENDED_GRACE_S=str(GRACE_S))
+    deadline = time.monotonic() + 150
+    while FAULT_LINE not in output(tmp_path, "node2"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), output(tmp_path, "node2")
+        time.sleep(0.05)
+    hosts[1].kill_all()
+    ended = wait_all(procs[:1], timeout=120)
+    said = output(tmp_path, "node1")
+    assert procs[0].returncode == 1, said[-3000:]
+    assert "lost host node2 (ranks [1])" in said, said[-3000:]
+    assert ended[0] < TIMEOUT_S + MARGIN_S, (ended, said[-2000:])
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001", "step_00000002"]  # no .partial
+
+    procs = start_torchrun(hosts, tmp_path, hosts[0].name, overrides)  # the same command, run dir and all
+    wait_all(procs, timeout=180)
+    assert [p.returncode for p in procs] == [0, 0], {h.name: output(tmp_path, h.name)[-2000:] for h in hosts}
+    want = losses(reference)
+    assert [m for m in losses(tmp_path / "run") if m[0] >= 3] == want[2:]  # steps 3-5, resumed from step 2
+    assert "resum" in output(tmp_path, "node1").lower()
