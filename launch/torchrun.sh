@@ -82,7 +82,9 @@ watch_workers() {
 }
 watch_workers &
 WATCHER=$!
-trap 'kill "$WATCHER" 2>/dev/null; rm -f "$ENDED"' EXIT
+# || true: under set -e a failed kill (the watcher already gone, e.g. slurm signalled the whole step)
+# would turn this script's exit status into 1 after torchrun ended 0
+trap 'kill "$WATCHER" 2>/dev/null || true; rm -f "$ENDED"' EXIT
 while :; do
   wait "$TORCHRUN" && status=0 || status=$?
   kill -0 "$TORCHRUN" 2>/dev/null || break  # still running: a trap interrupted the wait
