@@ -102,6 +102,18 @@ class HostSet:
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
 
 
+def kill_namespace_processes(hosts) -> None:
+    """SIGKILL every process in the hosts' network namespaces (daemons such as sshd or slurmd, and what
+    they started in sessions of their own, which killing the started process groups misses)."""
+    for host in hosts:
+        proc = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=10)
+        for pid in map(int, proc.stdout.split()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def hosts_file(hosts: list[Host], me: Host, own_name_on_loopback: bool) -> str:
     lines = ["127.0.0.1 localhost"]
     for h in hosts:

@@ -13,11 +13,9 @@ Settings, directory layout and logs are those of the one-node cluster (tests/hel
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 from pathlib import Path
 
-from tests.helpers.netns_hosts import NETNS_ETC, Host, HostSet
+from tests.helpers.netns_hosts import NETNS_ETC, Host, HostSet, kill_namespace_processes
 from tests.helpers.slurm_cluster import SlurmCluster
 
 NETNS_RUN = Path("/run/netns")  # where `ip netns add` keeps a namespace
@@ -62,10 +60,4 @@ class HostsSlurmCluster(SlurmCluster):
 
     def stop(self) -> None:
         super().stop()
-        for host in self.hosts.values():  # a task that outlived its job (slurmstepd ends the rest)
-            pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=10)
-            for pid in map(int, pids.stdout.split()):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_namespace_processes(self.hosts.values())  # a task that outlived its job (slurmstepd ends the rest)

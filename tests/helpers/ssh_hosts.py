@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.netns_hosts import HostSet, make_hosts
+from tests.helpers.netns_hosts import HostSet, kill_namespace_processes, make_hosts
 
 PACKAGES = ("openssh-server", "openssh-client", "pdsh")
 PROGRAMS = ("/usr/sbin/sshd", "ssh", "ssh-keygen", "pdsh")
@@ -82,17 +81,6 @@ def ssh_config(root: Path, port: int) -> str:
         f"  UserKnownHostsFile {root}/known_hosts", "  GlobalKnownHostsFile /dev/null",
         "  StrictHostKeyChecking yes", "  BatchMode yes", "  ConnectTimeout 5", "  LogLevel ERROR", "",
     ])
-
-
-def kill_namespace_processes(hosts: HostSet) -> None:
-    """SIGKILL every process in the hosts' network namespaces (sshd, and what ssh sessions started)."""
-    for host in hosts:
-        proc = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=10)
-        for pid in map(int, proc.stdout.split()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @dataclass

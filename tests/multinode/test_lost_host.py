@@ -28,16 +28,21 @@ GRACE_S = 10  # launch/torchrun.sh's WORKERS_ENDED_GRACE_S (default 60)
 FAULT_LINE = "MEGARING_TEST_FAULT: ringsleep on rank 1 at step 3"
 
 
+def wait_for_the_fault(procs, out, timeout: float = 150) -> None:
+    """Until rank 1 (node2's) says it sleeps inside the ring step; every host still running."""
+    deadline = time.monotonic() + timeout
+    while FAULT_LINE not in output(out, "node2"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), output(out, "node2")
+        time.sleep(0.05)
+
+
 def test_a_host_cut_off_mid_step_is_named_with_its_ranks_and_the_ring_peer(netns_hosts, tmp_path):
     hosts = netns_hosts(2, own_name_on_loopback=True)
     procs = start_torchrun(hosts, tmp_path, hosts[0].name,
                            (f"parallel.timeout_s={TIMEOUT_S}", "trainer.max_steps=6", "trainer.checkpoint_every=1"),
                            MEGARING_TEST_FAULT="ringsleep:rank=1:step=3:seconds=5",
                            WORKERS_ENDED_GRACE_S=str(GRACE_S))
-    deadline = time.monotonic() + 150
-    while FAULT_LINE not in output(tmp_path, "node2"):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), output(tmp_path, "node2")
-        time.sleep(0.05)
+    wait_for_the_fault(procs, tmp_path)
     assert FAULT_LINE not in output(tmp_path, "node1")  # rank 1 is node2's (c10d orders the nodes by name)
     hosts[1].cut()
     ended = wait_all(procs, timeout=120)  # seconds after the cut
@@ -84,10 +89,7 @@ def test_a_host_whose_processes_are_killed_is_named_and_the_same_command_resumes
     procs = start_torchrun(hosts, tmp_path, hosts[0].name, overrides,
                            MEGARING_TEST_FAULT="ringsleep:rank=1:step=3:seconds=30",
                            WORKERS_ENDED_GRACE_S=str(GRACE_S))
-    deadline = time.monotonic() + 150
-    while FAULT_LINE not in output(tmp_path, "node2"):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), output(tmp_path, "node2")
-        time.sleep(0.05)
+    wait_for_the_fault(procs, tmp_path)
     hosts[1].kill_all()
     ended = wait_all(procs[:1], timeout=120)
     said = output(tmp_path, "node1")
